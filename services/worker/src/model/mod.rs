@@ -1,0 +1,8 @@
+//! Candle modules mirroring the published checkpoints: one struct per module, fields named like the weight keys,
+//! `new(vb, cfg)` + `forward`. Nothing here knows about gRPC, Redis or jobs.
+
+pub mod clip;
+pub mod image_proj;
+pub mod unet;
+pub mod vae;
+pub mod weights;

@@ -1,0 +1,288 @@
+//! Strict weight loading: every tensor a module asks for must exist with the right shape, and every tensor in
+//! the checkpoint must be asked for. Stock candle ignores unused keys; this backend records which keys were read
+//! so that a checkpoint that does not match the code is an error naming the key and the file.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+
+use crate::error::{ModelError, Result};
+
+/// A named set of tensors read from one or more files, held on the CPU until a module asks for them.
+pub struct WeightSet {
+    tensors: HashMap<String, (Tensor, Arc<str>)>,
+    used: Mutex<BTreeSet<String>>,
+    first_error: Mutex<Option<ModelError>>,
+    label: String,
+}
+
+impl WeightSet {
+    /// An empty set; `label` names it in errors (usually the file path).
+    pub fn empty(label: impl Into<String>) -> Self {
+        Self {
+            tensors: HashMap::new(),
+            used: Mutex::new(BTreeSet::new()),
+            first_error: Mutex::new(None),
+            label: label.into(),
+        }
+    }
+
+    /// Reads every tensor of a `.safetensors` file (or of a sharded `.safetensors.index.json`).
+    pub fn from_safetensors(path: &Path) -> Result<Self> {
+        let mut set = Self::empty(path.display().to_string());
+        set.add_safetensors(path, "")?;
+        Ok(set)
+    }
+
+    /// Adds the tensors of a safetensors file (or shard index), each key prefixed with `prefix`.
+    pub fn add_safetensors(&mut self, path: &Path, prefix: &str) -> Result<()> {
+        let name = path.to_string_lossy();
+        if name.ends_with(".index.json") {
+            for shard in shard_files(path)? {
+                self.add_safetensors(&shard, prefix)?;
+            }
+            return Ok(());
+        }
+        let tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| load_err(path, e))?;
+        let origin: Arc<str> = Arc::from(name.as_ref());
+        for (k, t) in tensors {
+            self.tensors.insert(format!("{prefix}{k}"), (t, origin.clone()));
+        }
+        Ok(())
+    }
+
+    /// Adds the tensors of a torch pickle (`.bin`/`.pt`), optionally taking the sub-dict `key`, each key
+    /// prefixed with `prefix`.
+    pub fn add_pickle(&mut self, path: &Path, key: Option<&str>, prefix: &str) -> Result<()> {
+        let tensors = candle_core::pickle::read_all_with_key(path, key).map_err(|e| load_err(path, e))?;
+        if tensors.is_empty() {
+            return Err(ModelError::Load {
+                path: path.to_owned(),
+                message: format!("no tensors under key {key:?}"),
+            });
+        }
+        let origin: Arc<str> = Arc::from(path.to_string_lossy().as_ref());
+        for (k, t) in tensors {
+            self.tensors.insert(format!("{prefix}{k}"), (t, origin.clone()));
+        }
+        Ok(())
+    }
+
+    /// Inserts one tensor by hand (tests, generated models).
+    pub fn insert(&mut self, key: impl Into<String>, tensor: Tensor) {
+        let origin: Arc<str> = Arc::from(self.label.as_str());
+        self.tensors.insert(key.into(), (tensor, origin));
+    }
+
+    /// Removes one tensor (tests of strict loading).
+    pub fn remove(&mut self, key: &str) -> Option<Tensor> {
+        self.tensors.remove(key).map(|(t, _)| t)
+    }
+
+    /// The keys held, sorted.
+    pub fn keys(&self) -> Vec<String> {
+        let mut keys: Vec<_> = self.tensors.keys().cloned().collect();
+        keys.sort();
+        keys
+    }
+
+    /// Whether a key is present.
+    pub fn contains(&self, key: &str) -> bool {
+        self.tensors.contains_key(key)
+    }
+
+    /// A tensor by key, if present (does not mark it used).
+    pub fn peek(&self, key: &str) -> Option<&Tensor> {
+        self.tensors.get(key).map(|(t, _)| t)
+    }
+
+    /// A candle `VarBuilder` over this set that converts to `dtype` and moves to `device` on demand.
+    pub fn var_builder(self: &Arc<Self>, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        let backend: Box<dyn SimpleBackend> = Box::new(Strict(self.clone()));
+        VarBuilder::from_backend(backend, dtype, device.clone())
+    }
+
+    /// Builds a module with `f`, turning a missing or misshapen tensor into a typed error.
+    pub fn build<T>(
+        self: &Arc<Self>,
+        dtype: DType,
+        device: &Device,
+        f: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<T>,
+    ) -> Result<T> {
+        match f(self.var_builder(dtype, device)) {
+            Ok(v) => Ok(v),
+            Err(e) => Err(self.take_error().unwrap_or_else(|| ModelError::Load {
+                path: PathBuf::from(&self.label),
+                message: e.to_string(),
+            })),
+        }
+    }
+
+    /// Fails with the first (sorted) key that no module read.
+    pub fn ensure_all_used(&self) -> Result<()> {
+        let used = self.used.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut unused: Vec<_> = self.tensors.iter().filter(|(k, _)| !used.contains(*k)).collect();
+        unused.sort_by(|a, b| a.0.cmp(b.0));
+        match unused.first() {
+            None => Ok(()),
+            Some((k, (_, file))) => Err(ModelError::UnusedKey {
+                key: (*k).clone(),
+                file: file.to_string(),
+            }),
+        }
+    }
+
+    fn take_error(&self) -> Option<ModelError> {
+        self.first_error.lock().unwrap_or_else(PoisonError::into_inner).take()
+    }
+
+    fn record(&self, err: ModelError) -> candle_core::Error {
+        let msg = err.to_string();
+        let mut slot = self.first_error.lock().unwrap_or_else(PoisonError::into_inner);
+        if slot.is_none() {
+            *slot = Some(err);
+        }
+        candle_core::Error::Msg(msg)
+    }
+
+    fn fetch(&self, name: &str, shape: Option<&Shape>, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let Some((t, file)) = self.tensors.get(name) else {
+            return Err(self.record(ModelError::MissingKey {
+                key: name.to_owned(),
+                file: self.label.clone(),
+            }));
+        };
+        if let Some(shape) = shape {
+            if t.shape() != shape {
+                return Err(self.record(ModelError::ShapeMismatch {
+                    key: name.to_owned(),
+                    file: file.to_string(),
+                    expected: shape.dims().to_vec(),
+                    found: t.dims().to_vec(),
+                }));
+            }
+        }
+        self.used
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name.to_owned());
+        t.to_dtype(dtype)?.to_device(dev)
+    }
+}
+
+struct Strict(Arc<WeightSet>);
+
+impl SimpleBackend for Strict {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.0.fetch(name, Some(&s), dtype, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.0.fetch(name, None, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.tensors.contains_key(name)
+    }
+}
+
+fn load_err(path: &Path, e: impl std::fmt::Display) -> ModelError {
+    ModelError::Load {
+        path: path.to_owned(),
+        message: e.to_string(),
+    }
+}
+
+fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index).map_err(|e| load_err(index, e))?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| load_err(index, e))?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| load_err(index, "no `weight_map` object"))?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let files: BTreeSet<_> = map.values().filter_map(|v| v.as_str()).collect();
+    Ok(files.into_iter().map(|f| dir.join(f)).collect())
+}
+
+/// Finds the weights file of a diffusers/transformers component folder: `{stem}.safetensors`, then the
+/// `{stem}.fp16.safetensors` variant, then a sharded `{stem}.safetensors.index.json` (or its fp16 variant).
+pub fn find_weights(dir: &Path, stems: &[&str]) -> Result<PathBuf> {
+    let mut tried = Vec::new();
+    for stem in stems {
+        for name in [
+            format!("{stem}.safetensors"),
+            format!("{stem}.fp16.safetensors"),
+            format!("{stem}.safetensors.index.json"),
+            format!("{stem}.fp16.safetensors.index.json"),
+        ] {
+            let p = dir.join(&name);
+            if p.is_file() {
+                return Ok(p);
+            }
+            tried.push(name);
+        }
+    }
+    Err(ModelError::Load {
+        path: dir.to_owned(),
+        message: format!("no weights file found (tried {})", tried.join(", ")),
+    })
+}
+
+/// Reads and parses a JSON config file.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| load_err(path, e))?;
+    serde_json::from_str(&text).map_err(|e| ModelError::Config {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set() -> Arc<WeightSet> {
+        let mut ws = WeightSet::empty("mem");
+        ws.insert("a.weight", Tensor::zeros((2, 3), DType::F32, &Device::Cpu).expect("zeros"));
+        ws.insert("b.weight", Tensor::zeros(3, DType::F32, &Device::Cpu).expect("zeros"));
+        Arc::new(ws)
+    }
+
+    #[test]
+    fn missing_key_is_named() {
+        let ws = set();
+        let err = ws
+            .build(DType::F32, &Device::Cpu, |vb| vb.get((2, 3), "c.weight"))
+            .expect_err("missing");
+        assert!(matches!(err, ModelError::MissingKey { ref key, .. } if key == "c.weight"), "{err}");
+    }
+
+    #[test]
+    fn unused_key_is_named() {
+        let ws = set();
+        ws.build(DType::F32, &Device::Cpu, |vb| vb.get((2, 3), "a.weight")).expect("present");
+        let err = ws.ensure_all_used().expect_err("b unused");
+        assert!(matches!(err, ModelError::UnusedKey { ref key, .. } if key == "b.weight"), "{err}");
+    }
+
+    #[test]
+    fn wrong_shape_is_named() {
+        let ws = set();
+        let err = ws
+            .build(DType::F32, &Device::Cpu, |vb| vb.get((3, 2), "a.weight"))
+            .expect_err("shape");
+        assert!(matches!(err, ModelError::ShapeMismatch { .. }), "{err}");
+    }
+}

@@ -1,0 +1,7 @@
+//! The generation pipeline: tokenization, CLIP preprocessing, text and subject encoding, the denoising loop with
+//! guidance and the weighted merge, schedulers, VAE decode and PNG output.
+
+pub mod png;
+pub mod preprocess;
+pub mod scheduler;
+pub mod tokenizer;
