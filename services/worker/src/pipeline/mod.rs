@@ -2,6 +2,7 @@
 //! guidance and the weighted merge, schedulers, VAE decode and PNG output.
 
 pub mod png;
+pub mod request;
 pub mod preprocess;
 pub mod scheduler;
 pub mod tokenizer;
