@@ -1,8 +1,16 @@
 //! The generation pipeline: tokenization, CLIP preprocessing, text and subject encoding, the denoising loop with
 //! guidance and the weighted merge, schedulers, VAE decode and PNG output.
 
+pub mod generate;
+pub mod model;
 pub mod png;
 pub mod request;
 pub mod preprocess;
 pub mod scheduler;
+pub mod spec;
 pub mod tokenizer;
+
+pub use generate::{Conditioning, EncodedSubject, Generated, Progress, Timings};
+pub use model::{MipPipeline, TextEmbedding};
+pub use request::{GenerateRequest, SubjectRequest, ValidRequest};
+pub use spec::ModelSpec;

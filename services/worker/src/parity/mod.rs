@@ -1,6 +1,10 @@
 //! Comparison of computed tensors against the golden fixtures (`../shared/fixtures/mip-tiny-sdxl` layout), with
 //! the tolerances stated in the fixtures' README. Used by `mip parity` and by the tests.
 
+mod cases;
+
+pub use cases::{run_dir, CaseSpec, RunOptions};
+
 use std::path::PathBuf;
 
 use candle_core::{DType, Tensor};
@@ -66,6 +70,19 @@ impl Check {
             bound: 0.0,
             ok: false,
             note: Some(note.into()),
+        }
+    }
+
+    /// Exact equality of two values (token ids, timesteps): error 0 or 1.
+    pub fn equal<T: PartialEq + std::fmt::Debug>(name: impl Into<String>, got: &T, want: &T) -> Self {
+        let ok = got == want;
+        Self {
+            name: name.into(),
+            max_abs: if ok { 0.0 } else { 1.0 },
+            mean_abs: if ok { 0.0 } else { 1.0 },
+            bound: 0.0,
+            ok,
+            note: (!ok).then(|| format!("got {got:?}, expected {want:?}")),
         }
     }
 
