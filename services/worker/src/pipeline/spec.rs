@@ -26,6 +26,9 @@ pub struct ModelSpec {
     /// Resampler hyper-parameters for `sdxl_plus` checkpoints; `None` = the published ones.
     #[serde(default)]
     pub resampler: Option<ResamplerConfig>,
+    /// Default image size `[width, height]` when a request gives none (the demo model's is small).
+    #[serde(default)]
+    pub default_size: Option<[usize; 2]>,
 }
 
 impl ModelSpec {

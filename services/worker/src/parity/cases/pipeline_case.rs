@@ -30,6 +30,7 @@ fn run_inner(dir: &Path, name: &str, opts: &super::RunOptions, push: &mut dyn Fn
         image_encoder: dir.join(&case.image_encoder),
         adapter: dir.join(&case.adapter),
         resampler: case.resampler.clone(),
+        default_size: None,
     };
     let p = MipPipeline::load(&spec, &opts.device, DType::F32).map_err(|e| format!("load: {e}"))?;
     if let Some(bin) = &case.adapter_bin {

@@ -1,0 +1,172 @@
+//! `mip bench`: per-stage timings of the pipeline (text encode, image encode, one UNet step with CFG, VAE decode,
+//! the whole image), median and minimum over `--iters` runs after a warm-up, as a table or JSON.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use mip_worker::pipeline::generate::initial_noise;
+use mip_worker::pipeline::{EncodedSubject, GenerateRequest, MipPipeline, ModelSpec, SubjectRequest};
+use serde_json::json;
+
+use crate::device::{parse_device, parse_dtype};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// `demo`, a model bundle folder, or a fixture folder (with index.json; its sdxl/ image_encoder/ adapter/).
+    #[arg(long, default_value = "demo")]
+    model: String,
+    /// Image size WxH (default: the model's).
+    #[arg(long)]
+    size: Option<String>,
+    /// Subjects in the request.
+    #[arg(long, default_value_t = 2)]
+    subjects: usize,
+    /// Denoising steps of the whole-image run.
+    #[arg(long, default_value_t = 30)]
+    steps: usize,
+    /// Timed repetitions per stage (after one warm-up).
+    #[arg(long, default_value_t = 5)]
+    iters: usize,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+struct Stage {
+    name: &'static str,
+    times_ms: Vec<f64>,
+}
+
+impl Stage {
+    fn median(&self) -> f64 {
+        let mut t = self.times_ms.clone();
+        t.sort_by(f64::total_cmp);
+        t.get(t.len() / 2).copied().unwrap_or(f64::NAN)
+    }
+    fn min(&self) -> f64 {
+        self.times_ms.iter().copied().fold(f64::INFINITY, f64::min)
+    }
+}
+
+fn time(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+    f()?;
+    let mut out = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t = Instant::now();
+        f()?;
+        out.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(out)
+}
+
+fn spec_for(model: &str) -> Result<ModelSpec> {
+    let dir = PathBuf::from(model);
+    if model != "demo" && dir.join("index.json").is_file() && !dir.join("mip.json").is_file() {
+        return Ok(ModelSpec {
+            base: dir.join("sdxl"),
+            image_encoder: dir.join("image_encoder"),
+            adapter: dir.join("adapter").join("mip_sdxl_2obj.safetensors"),
+            resampler: None,
+            default_size: Some([128, 128]),
+        });
+    }
+    Ok(crate::model::resolve(model)?.0)
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let device = parse_device(&args.device)?;
+    let dtype = parse_dtype(&args.dtype)?;
+    let spec = spec_for(&args.model)?;
+    let (width, height) = match &args.size {
+        Some(s) => s
+            .split_once('x')
+            .and_then(|(w, h)| Some((w.parse().ok()?, h.parse().ok()?)))
+            .context("`--size` must look like WIDTHxHEIGHT")?,
+        None => spec.default_size.map(|[w, h]| (w, h)).unwrap_or((1024, 1024)),
+    };
+    let t_load = Instant::now();
+    let p = MipPipeline::load(&spec, &device, dtype)?;
+    let load_ms = t_load.elapsed().as_secs_f64() * 1e3;
+    let names = ["cat", "jacket", "dog", "hat", "car", "tree", "cup", "lamp"];
+    let image = mip_worker::demo::example_image(0);
+    let subjects: Vec<SubjectRequest> = (0..args.subjects)
+        .map(|i| SubjectRequest { name: names[i % names.len()].to_owned(), images: vec![image.clone()] })
+        .collect();
+    let prompt = format!("a photo of {}", subjects.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(" and "));
+    let req = GenerateRequest {
+        prompt: prompt.clone(),
+        negative_prompt: Some("low quality".into()),
+        subjects: subjects.clone(),
+        width,
+        height,
+        steps: args.steps,
+        seed: Some(1),
+        ..Default::default()
+    }
+    .validate(p.default_scale())?;
+
+    let mut stages = Vec::new();
+    let n_texts = 2 + args.subjects + 1;
+    stages.push(Stage {
+        name: "text encode (prompt, negative, names)",
+        times_ms: time(args.iters, || {
+            for _ in 0..n_texts {
+                p.encode_text(&prompt)?;
+            }
+            Ok(())
+        })?,
+    });
+    let prepared = p.prepare_image(&image, "bench")?;
+    stages.push(Stage {
+        name: "image encode (all subjects)",
+        times_ms: time(args.iters, || {
+            for _ in 0..args.subjects {
+                p.encode_subject(std::slice::from_ref(&prepared))?;
+            }
+            Ok(())
+        })?,
+    });
+    let text = p.encode_text(&prompt)?;
+    let neg = p.encode_text("low quality")?;
+    let empty = p.encode_text("")?;
+    let encoded: Vec<EncodedSubject> = subjects
+        .iter()
+        .map(|s| Ok(EncodedSubject { tokens: p.encode_subject(std::slice::from_ref(&prepared))?, name: p.encode_text(&s.name)?, name_token_len: p.name_token_len(&s.name, "name")? }))
+        .collect::<Result<_>>()?;
+    let cond = p.conditioning(&text, &neg, &empty, &encoded, width, height, req.scale)?;
+    let noise = initial_noise(1, p.latent_channels(), height, width)?;
+    let batch = candle_core::Tensor::cat(&[&noise, &noise], 0)?;
+    stages.push(Stage {
+        name: "unet step (CFG batch 2, weighted merge)",
+        times_ms: time(args.iters, || {
+            let out = p.unet_forward(&batch, 500.0, &cond)?;
+            out.device().synchronize()?;
+            Ok(())
+        })?,
+    });
+    stages.push(Stage { name: "vae decode", times_ms: time(args.iters, || Ok(drop(p.decode(&noise)?)))? });
+    let whole_iters = args.iters.min(3);
+    stages.push(Stage { name: "whole image", times_ms: time(whole_iters, || Ok(drop(p.generate(&req, &mut |_| true)?)))? });
+
+    if args.json {
+        let rows: Vec<_> = stages
+            .iter()
+            .map(|s| json!({"stage": s.name, "median_ms": s.median(), "min_ms": s.min(), "runs": s.times_ms.len()}))
+            .collect();
+        let out = json!({"model": args.model, "device": args.device, "dtype": args.dtype, "width": width, "height": height,
+            "subjects": args.subjects, "steps": args.steps, "load_ms": load_ms, "stages": rows});
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!("model {} on {} ({}), {width}x{height}, {} subjects, {} steps; load {load_ms:.0} ms", args.model, args.device, args.dtype, args.subjects, args.steps);
+        println!("{:<42} {:>12} {:>12}", "stage", "median ms", "min ms");
+        for s in &stages {
+            println!("{:<42} {:>12.2} {:>12.2}", s.name, s.median(), s.min());
+        }
+    }
+    Ok(())
+}
