@@ -111,7 +111,7 @@ impl ClipVisionConfig {
     pub fn from_file(path: &Path) -> ModelResult<Self> {
         let cfg: Self = read_sub_config(path, "vision_config")?;
         check_encoder(path, cfg.hidden_size, cfg.num_attention_heads, cfg.num_hidden_layers)?;
-        if cfg.patch_size == 0 || cfg.image_size % cfg.patch_size != 0 {
+        if cfg.image_size.checked_rem(cfg.patch_size) != Some(0) {
             return Err(config_err(path, "`image_size` must be a multiple of `patch_size`"));
         }
         Ok(cfg)
@@ -137,8 +137,11 @@ fn read_sub_config<T: serde::de::DeserializeOwned>(path: &Path, sub: &str) -> Mo
 }
 
 fn check_encoder(path: &Path, hidden: usize, heads: usize, layers: usize) -> ModelResult<()> {
-    if heads == 0 || hidden % heads != 0 {
-        return Err(config_err(path, "`hidden_size` must be a multiple of `num_attention_heads`"));
+    if hidden.checked_rem(heads) != Some(0) {
+        return Err(config_err(
+            path,
+            "`hidden_size` must be a multiple of `num_attention_heads`",
+        ));
     }
     if layers == 0 {
         return Err(config_err(path, "`num_hidden_layers` must be at least 1"));

@@ -144,7 +144,9 @@ mod tests {
         let cfg = ClipTextConfig::from_file(&dir.join("config.json")).expect("config");
         let ws = Arc::new(WeightSet::from_safetensors(&find_weights(dir, &["model"]).expect("weights")).expect("ws"));
         let m = ws
-            .build(DType::F32, &Device::Cpu, |vb| ClipTextModel::new(vb, &cfg, with_projection))
+            .build(DType::F32, &Device::Cpu, |vb| {
+                ClipTextModel::new(vb, &cfg, with_projection)
+            })
             .expect("build");
         (m, ws)
     }
@@ -180,9 +182,7 @@ mod tests {
             let root = fixtures_dir().expect("fixtures");
             let text = std::fs::read_to_string(root.join("tokenizer_cases.json")).expect("cases");
             let json: Vec<serde_json::Value> = serde_json::from_str(&text).expect("json");
-            let ids = |v: &serde_json::Value| -> Vec<u32> {
-                serde_json::from_value(v.clone()).expect("ids")
-            };
+            let ids = |v: &serde_json::Value| -> Vec<u32> { serde_json::from_value(v.clone()).expect("ids") };
             let cases: HashMap<_, _> = json
                 .iter()
                 .map(|e| {
@@ -218,12 +218,13 @@ mod tests {
                 return Some(v.clone());
             }
             let (t1, t2) = self.fallback.as_ref()?;
-            let enc = |t: &tokenizers::Tokenizer, pad| {
-                t.encode(text, true).ok().map(|e| pad77(e.get_ids().to_vec(), pad))
-            };
+            let enc =
+                |t: &tokenizers::Tokenizer, pad| t.encode(text, true).ok().map(|e| pad77(e.get_ids().to_vec(), pad));
             let out = Some((enc(t1, 49407)?, enc(t2, 0)?));
             if !self.cases.is_empty() {
-                println!("note: ids of {text:?} absent from tokenizer_cases.json; taken from the validated tokenizers crate");
+                println!(
+                    "note: ids of {text:?} absent from tokenizer_cases.json; taken from the validated tokenizers crate"
+                );
             }
             out
         }
@@ -269,7 +270,11 @@ mod tests {
             checks.push(c);
         };
         for (text, embeds, pooled) in [
-            (case["prompt"].as_str().expect("prompt"), "text.prompt_embeds", "text.pooled_prompt_embeds"),
+            (
+                case["prompt"].as_str().expect("prompt"),
+                "text.prompt_embeds",
+                "text.pooled_prompt_embeds",
+            ),
             (
                 case["negative_prompt"].as_str().expect("negative"),
                 "text.negative_prompt_embeds",
@@ -305,6 +310,54 @@ mod tests {
     #[test]
     fn text_embeds_sdxl_plus_multi_ref() {
         assert_all(&run_case("sdxl_plus_two_objects_multi_ref"));
+    }
+
+    #[test]
+    fn half_precision_stays_close() {
+        let dir = fixtures_dir().expect("fixtures").join("sdxl/text_encoder_2");
+        let cfg = ClipTextConfig::from_file(&dir.join("config.json")).expect("config");
+        let ws = Arc::new(WeightSet::from_safetensors(&find_weights(&dir, &["model"]).expect("w")).expect("ws"));
+        let (_, ids2) = Ids::load().get("a photo of a cat").expect("ids");
+        let ids = Tensor::from_vec(ids2, (1, 77), &Device::Cpu).expect("ids");
+        let build = |dt| {
+            ws.build(dt, &Device::Cpu, |vb| ClipTextModel::new(vb, &cfg, true))
+                .expect("build")
+        };
+        let want = build(DType::F32).forward(&ids).expect("f32");
+        for dt in [DType::F16, DType::BF16] {
+            let got = build(dt).forward(&ids).expect("half");
+            assert_eq!(got.penultimate.dtype(), dt);
+            let tol = Tolerance::Scaled(5e-2);
+            for (name, g, w) in [
+                ("penultimate", &got.penultimate, &want.penultimate),
+                ("last_hidden", &got.last_hidden, &want.last_hidden),
+                (
+                    "pooled",
+                    got.pooled.as_ref().expect("p"),
+                    want.pooled.as_ref().expect("p"),
+                ),
+            ] {
+                let c = compare(&format!("{dt:?} {name}"), g, w, tol);
+                println!("{}", c.line());
+                assert!(c.ok, "{}", c.line());
+            }
+        }
+    }
+
+    #[test]
+    fn position_ids_buffer_is_consumed() {
+        let dir = fixtures_dir().expect("fixtures").join("sdxl/text_encoder_2");
+        let cfg = ClipTextConfig::from_file(&dir.join("config.json")).expect("config");
+        let mut ws = WeightSet::from_safetensors(&find_weights(&dir, &["model"]).expect("w")).expect("ws");
+        let ids = Tensor::arange(0i64, 77, &Device::Cpu)
+            .expect("arange")
+            .unsqueeze(0)
+            .expect("unsqueeze");
+        ws.insert("text_model.embeddings.position_ids", ids);
+        let ws = Arc::new(ws);
+        ws.build(DType::F32, &Device::Cpu, |vb| ClipTextModel::new(vb, &cfg, true))
+            .expect("build");
+        ws.ensure_all_used().expect("position_ids consumed");
     }
 
     #[test]

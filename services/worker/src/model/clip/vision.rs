@@ -136,8 +136,15 @@ mod tests {
         };
         let mut checks = Vec::new();
         let want = t("sdxl_two_objects");
-        let out = load("image_encoder").forward(&want["ref.pixel_values"]).expect("forward");
-        checks.push(compare("ref.image_embeds", &out.image_embeds, &want["ref.image_embeds"], Tolerance::MODEL));
+        let out = load("image_encoder")
+            .forward(&want["ref.pixel_values"])
+            .expect("forward");
+        checks.push(compare(
+            "ref.image_embeds",
+            &out.image_embeds,
+            &want["ref.image_embeds"],
+            Tolerance::MODEL,
+        ));
 
         let want = t("sdxl_plus_two_objects_multi_ref");
         let enc = load("image_encoder_plus");
@@ -146,7 +153,12 @@ mod tests {
         let key = "ref.penultimate_hidden_states";
         checks.push(compare(key, &out.penultimate, &want[key], Tolerance::MODEL));
         let only = enc.penultimate_hidden_states(px).expect("penultimate");
-        checks.push(compare("penultimate_hidden_states (short path)", &only, &want[key], Tolerance::MODEL));
+        checks.push(compare(
+            "penultimate_hidden_states (short path)",
+            &only,
+            &want[key],
+            Tolerance::MODEL,
+        ));
         let zeros = px.zeros_like().expect("zeros").narrow(0, 0, 2).expect("narrow");
         let key = "ref.uncond_penultimate_hidden_states";
         let got = enc.penultimate_hidden_states(&zeros).expect("uncond");
