@@ -6,14 +6,19 @@
 //! weights and the call carries a [`PreparedMerge`], as the weighted merge of [`super::merge`].
 
 use candle_core::{DType, Module, Tensor, D};
-use candle_nn::{conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2d, GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_nn::{
+    conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2d, GroupNorm, LayerNorm, Linear,
+    VarBuilder,
+};
 
 use super::merge::{merged_cross_attention, MergeWeights, PreparedMerge};
 
 /// `(B, L, H*d)` -> `(B, H, L, d)`, contiguous.
 pub fn split_heads(xs: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
     let (b, l, c) = xs.dims3()?;
-    xs.reshape((b, l, heads, c / heads))?.transpose(1, 2)?.contiguous()
+    xs.reshape((b, l, heads, c / heads))?
+        .transpose(1, 2)?
+        .contiguous()
 }
 
 /// `(B, H, L, d)` -> `(B, L, H*d)`.
@@ -40,9 +45,16 @@ pub struct Attention {
 
 impl Attention {
     /// `query_dim` = inner dim = `heads * dim_head`; `context_dim` is the key/value input size.
-    pub fn new(vb: VarBuilder, query_dim: usize, context_dim: usize, heads: usize) -> candle_core::Result<Self> {
-        if heads == 0 || query_dim % heads != 0 {
-            candle_core::bail!("attention: {query_dim} channels cannot be split into {heads} heads");
+    pub fn new(
+        vb: VarBuilder,
+        query_dim: usize,
+        context_dim: usize,
+        heads: usize,
+    ) -> candle_core::Result<Self> {
+        if heads == 0 || !query_dim.is_multiple_of(heads) {
+            candle_core::bail!(
+                "attention: {query_dim} channels cannot be split into {heads} heads"
+            );
         }
         Ok(Self {
             to_q: linear_no_bias(query_dim, query_dim, vb.pp("to_q"))?,
@@ -61,7 +73,13 @@ impl Attention {
 
     /// Multi-head attention of the split queries `q` `(B, H, L, d)` over keys/values projected from `ctx` by
     /// `to_k`/`to_v`; returns `(B, L, H*d)` before `to_out`.
-    pub fn attend(&self, q: &Tensor, ctx: &Tensor, to_k: &Linear, to_v: &Linear) -> candle_core::Result<Tensor> {
+    pub fn attend(
+        &self,
+        q: &Tensor,
+        ctx: &Tensor,
+        to_k: &Linear,
+        to_v: &Linear,
+    ) -> candle_core::Result<Tensor> {
         let k = split_heads(&to_k.forward(ctx)?, self.heads)?;
         let v = split_heads(&to_v.forward(ctx)?, self.heads)?;
         let p = self.probs(q, &k)?.to_dtype(v.dtype())?;
@@ -154,8 +172,12 @@ impl BasicTransformerBlock {
         let h = self.norm2.forward(&xs)?;
         let a2 = match (&ctx.merge, &self.merge) {
             (None, _) => self.attn2.forward(&h, &ctx.encoder_hidden_states)?,
-            (Some(m), Some(w)) => merged_cross_attention(&self.attn2, w, &h, &ctx.encoder_hidden_states, m)?,
-            (Some(_), None) => candle_core::bail!("unet: a weighted merge was requested but no adapter weights are loaded"),
+            (Some(m), Some(w)) => {
+                merged_cross_attention(&self.attn2, w, &h, &ctx.encoder_hidden_states, m)?
+            }
+            (Some(_), None) => candle_core::bail!(
+                "unet: a weighted merge was requested but no adapter weights are loaded"
+            ),
         };
         let xs = (a2 + xs)?;
         let h = self.norm3.forward(&xs)?;
@@ -171,7 +193,12 @@ enum Proj {
 }
 
 impl Proj {
-    fn new(vb: VarBuilder, c_in: usize, c_out: usize, use_linear: bool) -> candle_core::Result<Self> {
+    fn new(
+        vb: VarBuilder,
+        c_in: usize,
+        c_out: usize,
+        use_linear: bool,
+    ) -> candle_core::Result<Self> {
         Ok(if use_linear {
             Self::Linear(linear(c_in, c_out, vb)?)
         } else {
@@ -202,7 +229,11 @@ pub struct TransformerConfig {
 
 impl Transformer2DModel {
     /// `merges` holds the adapter weights of each block's `attn2` (empty, or one per layer).
-    pub fn new(vb: VarBuilder, cfg: TransformerConfig, mut merges: Vec<Option<MergeWeights>>) -> candle_core::Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        cfg: TransformerConfig,
+        mut merges: Vec<Option<MergeWeights>>,
+    ) -> candle_core::Result<Self> {
         let c = cfg.channels;
         merges.resize(cfg.layers, None);
         let vbb = vb.pp("transformer_blocks");
@@ -234,8 +265,15 @@ impl Transformer2DModel {
             t = block.forward(&t, ctx)?;
         }
         let t = match &self.proj_out {
-            Proj::Linear(lin) => lin.forward(&t)?.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?,
-            Proj::Conv(conv) => conv.forward(&t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()?)?,
+            Proj::Linear(lin) => lin
+                .forward(&t)?
+                .reshape((b, h, w, c))?
+                .permute((0, 3, 1, 2))?,
+            Proj::Conv(conv) => conv.forward(
+                &t.reshape((b, h, w, c))?
+                    .permute((0, 3, 1, 2))?
+                    .contiguous()?,
+            )?,
         };
         t + xs
     }

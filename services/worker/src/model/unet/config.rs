@@ -21,7 +21,10 @@ impl<T: Clone> OneOrMany<T> {
         match self {
             Self::One(v) => Ok(vec![v.clone(); n]),
             Self::Many(v) if v.len() == n => Ok(v.clone()),
-            Self::Many(v) => candle_core::bail!("unet config `{field}` has {} entries, expected {n}", v.len()),
+            Self::Many(v) => candle_core::bail!(
+                "unet config `{field}` has {} entries, expected {n}",
+                v.len()
+            ),
         }
     }
 }
@@ -161,8 +164,12 @@ impl UNetConfig {
             None => self.attention_head_dim.per_block(n, "attention_head_dim")?,
         };
         let layers_per_block = self.layers_per_block.per_block(n, "layers_per_block")?;
-        let tlayers = self.transformer_layers_per_block.per_block(n, "transformer_layers_per_block")?;
-        let xdim = self.cross_attention_dim.per_block(n, "cross_attention_dim")?;
+        let tlayers = self
+            .transformer_layers_per_block
+            .per_block(n, "transformer_layers_per_block")?;
+        let xdim = self
+            .cross_attention_dim
+            .per_block(n, "cross_attention_dim")?;
         let ch = &self.block_out_channels;
 
         let mut down = Vec::with_capacity(n);
@@ -173,7 +180,11 @@ impl UNetConfig {
             let resnets = (0..layers_per_block[i])
                 .map(|j| (if j == 0 { prev } else { out }, out))
                 .collect();
-            let layers = if cross_attn { vec![tlayers[i]; layers_per_block[i]] } else { vec![] };
+            let layers = if cross_attn {
+                vec![tlayers[i]; layers_per_block[i]]
+            } else {
+                vec![]
+            };
             down.push(BlockPlan {
                 cross_attn,
                 resnets,
@@ -186,7 +197,10 @@ impl UNetConfig {
             prev = out;
         }
 
-        let mid_type = self.mid_block_type.as_deref().unwrap_or("UNetMidBlock2DCrossAttn");
+        let mid_type = self
+            .mid_block_type
+            .as_deref()
+            .unwrap_or("UNetMidBlock2DCrossAttn");
         if mid_type != "UNetMidBlock2DCrossAttn" {
             candle_core::bail!("unet config: unsupported mid_block_type `{mid_type}`");
         }
@@ -274,10 +288,18 @@ impl UNetConfig {
         if self.encoder_hid_dim_type.is_some() {
             return unsupported("encoder_hid_dim_type");
         }
-        if self.resnet_time_scale_shift.as_deref().is_some_and(|s| s != "default") {
+        if self
+            .resnet_time_scale_shift
+            .as_deref()
+            .is_some_and(|s| s != "default")
+        {
             return unsupported("resnet_time_scale_shift");
         }
-        if self.time_embedding_type.as_deref().is_some_and(|s| s != "positional") {
+        if self
+            .time_embedding_type
+            .as_deref()
+            .is_some_and(|s| s != "positional")
+        {
             return unsupported("time_embedding_type");
         }
         if self.time_embedding_act_fn.is_some() {
@@ -299,7 +321,9 @@ impl UNetConfig {
         }
         match self.addition_embed_type.as_deref() {
             None | Some("text_time") => Ok(()),
-            Some(other) => candle_core::bail!("unet config: unsupported addition_embed_type `{other}`"),
+            Some(other) => {
+                candle_core::bail!("unet config: unsupported addition_embed_type `{other}`")
+            }
         }
     }
 
@@ -319,8 +343,11 @@ impl UNetConfig {
 }
 
 fn get<T>(v: &[T], i: usize) -> candle_core::Result<&T> {
-    v.get(i)
-        .ok_or_else(|| candle_core::Error::Msg(format!("unet config: reverse_transformer_layers_per_block has no entry {i}")))
+    v.get(i).ok_or_else(|| {
+        candle_core::Error::Msg(format!(
+            "unet config: reverse_transformer_layers_per_block has no entry {i}"
+        ))
+    })
 }
 
 fn is_cross(block_type: &str, dir: &str) -> candle_core::Result<bool> {
@@ -362,12 +389,24 @@ mod tests {
         assert_eq!(plan.down[1].resnets, vec![(320, 640), (640, 640)]);
         assert_eq!(plan.mid.layers, vec![10]);
         assert_eq!(plan.up[0].layers, vec![10, 10, 10]);
-        assert_eq!(plan.up[0].resnets, vec![(2560, 1280), (2560, 1280), (1920, 1280)]);
-        assert_eq!(plan.up[1].resnets, vec![(1920, 640), (1280, 640), (960, 640)]);
+        assert_eq!(
+            plan.up[0].resnets,
+            vec![(2560, 1280), (2560, 1280), (1920, 1280)]
+        );
+        assert_eq!(
+            plan.up[1].resnets,
+            vec![(1920, 640), (1280, 640), (960, 640)]
+        );
         assert_eq!(plan.up[2].resnets, vec![(960, 320), (640, 320), (640, 320)]);
         assert!(!plan.up[2].cross_attn && plan.up[2].layers.is_empty());
         // SDXL base has 70 transformer blocks (140 attention processors in the IP-Adapter checkpoints).
-        let blocks: usize = plan.down.iter().chain(&plan.up).chain([&plan.mid]).flat_map(|b| &b.layers).sum();
+        let blocks: usize = plan
+            .down
+            .iter()
+            .chain(&plan.up)
+            .chain([&plan.mid])
+            .flat_map(|b| &b.layers)
+            .sum();
         assert_eq!(blocks, 70);
     }
 

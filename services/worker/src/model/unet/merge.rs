@@ -89,21 +89,35 @@ impl<'a> PreparedMerge<'a> {
         let (eb, n, se, ec) = cond.entity_text_embeds.dims4()?;
         let lens = &cond.entity_token_lens;
         if n == 0 || lens.len() != n {
-            candle_core::bail!("merge: entity_text_embeds has {n} subjects but entity_token_lens has {}", lens.len());
+            candle_core::bail!(
+                "merge: entity_text_embeds has {n} subjects but entity_token_lens has {}",
+                lens.len()
+            );
         }
         if eb != b || ec != c {
             candle_core::bail!("merge: entity_text_embeds ({eb}, {n}, {se}, {ec}) does not fit the context ({b}, {s}, {c})");
         }
         if cond.num_tokens == 0 || n * cond.num_tokens >= s {
-            candle_core::bail!("merge: {n} subjects x {} tokens do not fit a context of {s} tokens", cond.num_tokens);
+            candle_core::bail!(
+                "merge: {n} subjects x {} tokens do not fit a context of {s} tokens",
+                cond.num_tokens
+            );
         }
         if let Some((i, len)) = lens.iter().enumerate().find(|(_, &l)| l == 0 || l + 1 > se) {
-            candle_core::bail!("merge: entity_token_lens[{i}] = {len} must be in 1..={}", se.saturating_sub(1));
+            candle_core::bail!(
+                "merge: entity_token_lens[{i}] = {len} must be in 1..={}",
+                se.saturating_sub(1)
+            );
         }
         let rows = lens
             .iter()
             .enumerate()
-            .map(|(i, &len)| cond.entity_text_embeds.narrow(1, i, 1)?.squeeze(1)?.narrow(1, 1, len))
+            .map(|(i, &len)| {
+                cond.entity_text_embeds
+                    .narrow(1, i, 1)?
+                    .squeeze(1)?
+                    .narrow(1, 1, len)
+            })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
             name_embeds: Tensor::cat(&rows, 1)?.to_dtype(context.dtype())?,
@@ -135,7 +149,8 @@ fn object_weights(
     }
     let maps = Tensor::cat(&per_object, 1)?; // (B, N, L)
     let maps = maps.broadcast_div(&maps.sum_keepdim(1)?)?;
-    let tw = candle_nn::ops::sigmoid(&w.text_to_weight.forward(text_out)?.to_dtype(DType::F32)?)?.squeeze(D::Minus1)?;
+    let tw = candle_nn::ops::sigmoid(&w.text_to_weight.forward(text_out)?.to_dtype(DType::F32)?)?
+        .squeeze(D::Minus1)?;
     let tw = tw.broadcast_div(&tw.mean_keepdim(1)?)?; // (B, L)
     Ok((maps.broadcast_mul(&tw.unsqueeze(1)?)?, tw))
 }
@@ -166,7 +181,10 @@ pub fn merged_cross_attention(
     let scores = (q.matmul(&k.t()?)? * attn.scale)?.reshape((b, h, l, n, t))?;
     let p = softmax_f32(&scores)?;
     let coef = (weights.transpose(1, 2)? * m.scale)?.reshape((b, 1, l, n, 1))?;
-    let p = p.broadcast_mul(&coef)?.reshape((b, h, l, n * t))?.to_dtype(v.dtype())?;
+    let p = p
+        .broadcast_mul(&coef)?
+        .reshape((b, h, l, n * t))?
+        .to_dtype(v.dtype())?;
     let merged = merge_heads(&p.matmul(&v)?)?;
     let out = attn.project_out(&(text_out + merged)?)?;
 

@@ -20,7 +20,8 @@ fn load_tensors(path: &Path) -> HashMap<String, Tensor> {
 }
 
 fn get<'a>(t: &'a HashMap<String, Tensor>, key: &str) -> &'a Tensor {
-    t.get(key).unwrap_or_else(|| panic!("fixture tensor `{key}` missing"))
+    t.get(key)
+        .unwrap_or_else(|| panic!("fixture tensor `{key}` missing"))
 }
 
 /// The adapter's `ip_adapter.*` tensors alone (the `image_proj.*` ones belong to the projection model).
@@ -43,7 +44,11 @@ fn load_unet(adapter: Option<&Arc<WeightSet>>) -> UNet2DConditionModel {
     let avb = adapter.map(|a| a.var_builder(DType::F32, &Device::Cpu));
     let unet = ws
         .build(DType::F32, &Device::Cpu, |vb| {
-            UNet2DConditionModel::new(vb, &cfg, avb.map(|v| AdapterWeights::new(v.pp("ip_adapter"))))
+            UNet2DConditionModel::new(
+                vb,
+                &cfg,
+                avb.map(|v| AdapterWeights::new(v.pp("ip_adapter"))),
+            )
         })
         .expect("build unet");
     ws.ensure_all_used().expect("every unet tensor used");
@@ -54,7 +59,10 @@ fn load_unet(adapter: Option<&Arc<WeightSet>>) -> UNet2DConditionModel {
 }
 
 fn scalar(t: &Tensor) -> f64 {
-    t.flatten_all().expect("flat").to_vec1::<f32>().expect("vec")[0] as f64
+    t.flatten_all()
+        .expect("flat")
+        .to_vec1::<f32>()
+        .expect("vec")[0] as f64
 }
 
 #[test]
@@ -67,8 +75,15 @@ fn plain_unet_matches_fixture() {
         time_ids: get(&t, "time_ids").clone(),
         merge: None,
     };
-    let out = unet.forward(get(&t, "sample"), scalar(get(&t, "timestep")), &cond).expect("forward");
-    let check = compare("plain_unet.noise_pred", &out, get(&t, "noise_pred"), Tolerance::MODEL);
+    let out = unet
+        .forward(get(&t, "sample"), scalar(get(&t, "timestep")), &cond)
+        .expect("forward");
+    let check = compare(
+        "plain_unet.noise_pred",
+        &out,
+        get(&t, "noise_pred"),
+        Tolerance::MODEL,
+    );
     println!("{}", check.line());
     assert!(check.ok, "{}", check.line());
 }
@@ -101,14 +116,45 @@ fn run_case(case: &str, adapter_file: &str) {
             capture: Some(slot.clone()),
         }),
     };
-    let out = unet.forward(get(&t, "unet.sample"), scalar(get(&t, "unet.timestep")), &cond).expect("forward");
+    let out = unet
+        .forward(
+            get(&t, "unet.sample"),
+            scalar(get(&t, "unet.timestep")),
+            &cond,
+        )
+        .expect("forward");
     let cap = slot.lock().expect("lock").take().expect("capture filled");
     let checks = [
-        compare(&format!("{case}.unet.noise_pred"), &out, get(&t, "unet.noise_pred"), Tolerance::MODEL),
-        compare(&format!("{case}.layer0.hidden_states"), &cap.hidden_states, get(&t, "layer0.hidden_states"), Tolerance::MODEL),
-        compare(&format!("{case}.layer0.object_weights"), &cap.object_weights, get(&t, "layer0.object_weights"), Tolerance::MODEL),
-        compare(&format!("{case}.layer0.text_weight"), &cap.text_weight, get(&t, "layer0.text_weight"), Tolerance::MODEL),
-        compare(&format!("{case}.layer0.output"), &cap.output, get(&t, "layer0.output"), Tolerance::MODEL),
+        compare(
+            &format!("{case}.unet.noise_pred"),
+            &out,
+            get(&t, "unet.noise_pred"),
+            Tolerance::MODEL,
+        ),
+        compare(
+            &format!("{case}.layer0.hidden_states"),
+            &cap.hidden_states,
+            get(&t, "layer0.hidden_states"),
+            Tolerance::MODEL,
+        ),
+        compare(
+            &format!("{case}.layer0.object_weights"),
+            &cap.object_weights,
+            get(&t, "layer0.object_weights"),
+            Tolerance::MODEL,
+        ),
+        compare(
+            &format!("{case}.layer0.text_weight"),
+            &cap.text_weight,
+            get(&t, "layer0.text_weight"),
+            Tolerance::MODEL,
+        ),
+        compare(
+            &format!("{case}.layer0.output"),
+            &cap.output,
+            get(&t, "layer0.output"),
+            Tolerance::MODEL,
+        ),
     ];
     for c in &checks {
         println!("{}", c.line());
@@ -125,17 +171,28 @@ fn sdxl_two_objects_matches_fixture() {
 
 #[test]
 fn sdxl_plus_two_objects_multi_ref_matches_fixture() {
-    run_case("sdxl_plus_two_objects_multi_ref", "mip_sdxl_plus_2obj.safetensors");
+    run_case(
+        "sdxl_plus_two_objects_multi_ref",
+        "mip_sdxl_plus_2obj.safetensors",
+    );
 }
 
 /// A merge call with `n` subjects derived from the two-object case, on a latent of `h` x `w`.
-fn derived_call(unet: &UNet2DConditionModel, n: usize, h: usize, w: usize) -> (Tensor, MergeCapture) {
+fn derived_call(
+    unet: &UNet2DConditionModel,
+    n: usize,
+    h: usize,
+    w: usize,
+) -> (Tensor, MergeCapture) {
     let t = load_tensors(&dir().join("cases/sdxl_two_objects/tensors.safetensors"));
     let (tokens, lens) = (4, (0..n).map(|i| 1 + i % 3).collect::<Vec<_>>());
     let ctx = get(&t, "unet.encoder_hidden_states");
     let text = ctx.narrow(1, 0, 77).expect("text");
     let image: Vec<Tensor> = (0..n)
-        .map(|i| (ctx.narrow(1, 77 + (i % 2) * tokens, tokens).expect("img") * (1.0 + 0.1 * i as f64)).expect("mul"))
+        .map(|i| {
+            (ctx.narrow(1, 77 + (i % 2) * tokens, tokens).expect("img") * (1.0 + 0.1 * i as f64))
+                .expect("mul")
+        })
         .collect();
     let mut parts = vec![text];
     parts.extend(image);
@@ -163,8 +220,17 @@ fn derived_call(unet: &UNet2DConditionModel, n: usize, h: usize, w: usize) -> (T
 }
 
 fn assert_finite(name: &str, t: &Tensor) {
-    let v = t.flatten_all().expect("flat").to_dtype(DType::F64).expect("f64").to_vec1::<f64>().expect("vec");
-    assert!(v.iter().all(|x| x.is_finite()), "{name} has non-finite values");
+    let v = t
+        .flatten_all()
+        .expect("flat")
+        .to_dtype(DType::F64)
+        .expect("f64")
+        .to_vec1::<f64>()
+        .expect("vec");
+    assert!(
+        v.iter().all(|x| x.is_finite()),
+        "{name} has non-finite values"
+    );
 }
 
 #[test]
@@ -180,10 +246,20 @@ fn one_and_three_subjects() {
         // The maps are normalised across subjects, so the object weights always sum to the text weight
         // (with one subject, the object weight is the text weight alone).
         let sum = cap.object_weights.sum(1).expect("sum");
-        let check = compare(&format!("n={n} sum_i w_i == text_weight"), &sum, &cap.text_weight, Tolerance::MODEL);
+        let check = compare(
+            &format!("n={n} sum_i w_i == text_weight"),
+            &sum,
+            &cap.text_weight,
+            Tolerance::MODEL,
+        );
         println!("{}", check.line());
         assert!(check.ok, "{}", check.line());
-        let mean = cap.text_weight.mean_all().expect("mean").to_scalar::<f32>().expect("scalar");
+        let mean = cap
+            .text_weight
+            .mean_all()
+            .expect("mean")
+            .to_scalar::<f32>()
+            .expect("scalar");
         assert!((mean - 1.0).abs() < 1e-5, "text weight mean {mean}");
     }
 }
@@ -222,7 +298,8 @@ fn merge_without_adapter_is_an_error() {
 
 #[test]
 fn missing_adapter_key_is_named() {
-    let mut ws = WeightSet::from_safetensors(&dir().join("adapter/mip_sdxl_2obj.safetensors")).expect("adapter");
+    let mut ws = WeightSet::from_safetensors(&dir().join("adapter/mip_sdxl_2obj.safetensors"))
+        .expect("adapter");
     ws.remove("ip_adapter.33.to_v_ip.weight");
     let adapter = Arc::new(ws);
     let unet_dir = dir().join("sdxl/unet");
@@ -235,5 +312,8 @@ fn missing_adapter_key_is_named() {
             UNet2DConditionModel::new(vb, &cfg, Some(AdapterWeights::new(avb.pp("ip_adapter"))))
         })
         .expect_err("missing key");
-    assert!(err.to_string().contains("ip_adapter.33.to_v_ip.weight"), "{err}");
+    assert!(
+        err.to_string().contains("ip_adapter.33.to_v_ip.weight"),
+        "{err}"
+    );
 }
