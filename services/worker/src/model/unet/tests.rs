@@ -15,8 +15,13 @@ fn dir() -> PathBuf {
     fixtures_dir().expect("fixtures")
 }
 
+/// The device the tests run on: CUDA when built with `--features cuda` on a machine with a GPU, else the CPU.
+fn dev() -> Device {
+    Device::cuda_if_available(0).expect("device")
+}
+
 fn load_tensors(path: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu).expect("fixture tensors")
+    candle_core::safetensors::load(path, &dev()).expect("fixture tensors")
 }
 
 fn get<'a>(t: &'a HashMap<String, Tensor>, key: &str) -> &'a Tensor {
@@ -37,13 +42,17 @@ fn adapter_set(file: &str) -> Arc<WeightSet> {
 
 /// The fixture UNet, optionally with the weighted-merge weights of `adapter` (whose key usage is checked).
 fn load_unet(adapter: Option<&Arc<WeightSet>>) -> UNet2DConditionModel {
+    load_unet_as(adapter, DType::F32)
+}
+
+fn load_unet_as(adapter: Option<&Arc<WeightSet>>, dtype: DType) -> UNet2DConditionModel {
     let unet_dir = dir().join("sdxl/unet");
     let cfg: UNetConfig = read_json(&unet_dir.join("config.json")).expect("config");
     let path = find_weights(&unet_dir, &["diffusion_pytorch_model"]).expect("weights");
     let ws = Arc::new(WeightSet::from_safetensors(&path).expect("unet weights"));
-    let avb = adapter.map(|a| a.var_builder(DType::F32, &Device::Cpu));
+    let avb = adapter.map(|a| a.var_builder(dtype, &dev()));
     let unet = ws
-        .build(DType::F32, &Device::Cpu, |vb| {
+        .build(dtype, &dev(), |vb| {
             UNet2DConditionModel::new(
                 vb,
                 &cfg,
@@ -200,7 +209,7 @@ fn derived_call(
     let ents: Vec<Tensor> = (0..n)
         .map(|i| (ents.narrow(1, i % 2, 1).expect("e") - 0.05 * i as f64).expect("sub"))
         .collect();
-    let sample = Tensor::randn(0f32, 1.0, (2, 4, h, w), &Device::Cpu).expect("randn");
+    let sample = Tensor::randn(0f32, 1.0, (2, 4, h, w), &dev()).expect("randn");
     let slot: CaptureSlot = Arc::new(Mutex::new(None));
     let cond = UNetCond {
         encoder_hidden_states: Tensor::cat(&parts, 1).expect("ctx"),
@@ -316,4 +325,48 @@ fn missing_adapter_key_is_named() {
         err.to_string().contains("ip_adapter.33.to_v_ip.weight"),
         "{err}"
     );
+}
+
+#[test]
+fn half_precision_stays_close_to_f32() {
+    let t = load_tensors(&dir().join("cases/sdxl_two_objects/tensors.safetensors"));
+    let adapter = adapter_set("mip_sdxl_2obj.safetensors");
+    // candle's CPU matmul has no bf16 kernel; bf16 is checked on CUDA.
+    let dtypes: &[DType] = if dev().is_cuda() {
+        &[DType::BF16, DType::F16]
+    } else {
+        &[DType::F16]
+    };
+    for &dtype in dtypes {
+        let unet = load_unet_as(Some(&adapter), dtype);
+        let cast = |k: &str| get(&t, k).to_dtype(dtype).expect("cast");
+        let cond = UNetCond {
+            encoder_hidden_states: cast("unet.encoder_hidden_states"),
+            text_embeds: cast("unet.text_embeds"),
+            time_ids: get(&t, "unet.time_ids").clone(),
+            merge: Some(MergeCond {
+                entity_text_embeds: cast("unet.entity_text_embeds"),
+                entity_token_lens: vec![1, 1],
+                num_tokens: 4,
+                scale: 0.75,
+                capture: None,
+            }),
+        };
+        let out = unet
+            .forward(&cast("unet.sample"), 500.0, &cond)
+            .expect("forward");
+        assert_eq!(out.dtype(), dtype);
+        // Loose bounds (f16 ~1e-3, bf16 ~8e-3 relative per op): a check that the reduced-precision path
+        // computes the same function, not a parity bound.
+        let rel = if dtype == DType::F16 { 1e-2 } else { 5e-2 };
+        let name = format!("{dtype:?}.noise_pred vs f32 reference");
+        let check = compare(
+            &name,
+            &out,
+            get(&t, "unet.noise_pred"),
+            Tolerance::Scaled(rel),
+        );
+        println!("{}", check.line());
+        assert!(check.ok, "{}", check.line());
+    }
 }
