@@ -47,12 +47,10 @@ impl WeightSet {
             }
             return Ok(());
         }
-        let tensors =
-            candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| load_err(path, e))?;
+        let tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| load_err(path, e))?;
         let origin: Arc<str> = Arc::from(name.as_ref());
         for (k, t) in tensors {
-            self.tensors
-                .insert(format!("{prefix}{k}"), (t, origin.clone()));
+            self.tensors.insert(format!("{prefix}{k}"), (t, origin.clone()));
         }
         Ok(())
     }
@@ -60,8 +58,7 @@ impl WeightSet {
     /// Adds the tensors of a torch pickle (`.bin`/`.pt`), optionally taking the sub-dict `key`, each key
     /// prefixed with `prefix`.
     pub fn add_pickle(&mut self, path: &Path, key: Option<&str>, prefix: &str) -> Result<()> {
-        let tensors =
-            candle_core::pickle::read_all_with_key(path, key).map_err(|e| load_err(path, e))?;
+        let tensors = candle_core::pickle::read_all_with_key(path, key).map_err(|e| load_err(path, e))?;
         if tensors.is_empty() {
             return Err(ModelError::Load {
                 path: path.to_owned(),
@@ -70,8 +67,7 @@ impl WeightSet {
         }
         let origin: Arc<str> = Arc::from(path.to_string_lossy().as_ref());
         for (k, t) in tensors {
-            self.tensors
-                .insert(format!("{prefix}{k}"), (t, origin.clone()));
+            self.tensors.insert(format!("{prefix}{k}"), (t, origin.clone()));
         }
         Ok(())
     }
@@ -129,11 +125,7 @@ impl WeightSet {
     /// Fails with the first (sorted) key that no module read.
     pub fn ensure_all_used(&self) -> Result<()> {
         let used = self.used.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut unused: Vec<_> = self
-            .tensors
-            .iter()
-            .filter(|(k, _)| !used.contains(*k))
-            .collect();
+        let mut unused: Vec<_> = self.tensors.iter().filter(|(k, _)| !used.contains(*k)).collect();
         unused.sort_by(|a, b| a.0.cmp(b.0));
         match unused.first() {
             None => Ok(()),
@@ -145,31 +137,19 @@ impl WeightSet {
     }
 
     fn take_error(&self) -> Option<ModelError> {
-        self.first_error
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
+        self.first_error.lock().unwrap_or_else(PoisonError::into_inner).take()
     }
 
     fn record(&self, err: ModelError) -> candle_core::Error {
         let msg = err.to_string();
-        let mut slot = self
-            .first_error
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut slot = self.first_error.lock().unwrap_or_else(PoisonError::into_inner);
         if slot.is_none() {
             *slot = Some(err);
         }
         candle_core::Error::Msg(msg)
     }
 
-    fn fetch(
-        &self,
-        name: &str,
-        shape: Option<&Shape>,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
+    fn fetch(&self, name: &str, shape: Option<&Shape>, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let Some((t, file)) = self.tensors.get(name) else {
             return Err(self.record(ModelError::MissingKey {
                 key: name.to_owned(),
@@ -275,14 +255,8 @@ mod tests {
 
     fn set() -> Arc<WeightSet> {
         let mut ws = WeightSet::empty("mem");
-        ws.insert(
-            "a.weight",
-            Tensor::zeros((2, 3), DType::F32, &Device::Cpu).expect("zeros"),
-        );
-        ws.insert(
-            "b.weight",
-            Tensor::zeros(3, DType::F32, &Device::Cpu).expect("zeros"),
-        );
+        ws.insert("a.weight", Tensor::zeros((2, 3), DType::F32, &Device::Cpu).expect("zeros"));
+        ws.insert("b.weight", Tensor::zeros(3, DType::F32, &Device::Cpu).expect("zeros"));
         Arc::new(ws)
     }
 
@@ -292,22 +266,15 @@ mod tests {
         let err = ws
             .build(DType::F32, &Device::Cpu, |vb| vb.get((2, 3), "c.weight"))
             .expect_err("missing");
-        assert!(
-            matches!(err, ModelError::MissingKey { ref key, .. } if key == "c.weight"),
-            "{err}"
-        );
+        assert!(matches!(err, ModelError::MissingKey { ref key, .. } if key == "c.weight"), "{err}");
     }
 
     #[test]
     fn unused_key_is_named() {
         let ws = set();
-        ws.build(DType::F32, &Device::Cpu, |vb| vb.get((2, 3), "a.weight"))
-            .expect("present");
+        ws.build(DType::F32, &Device::Cpu, |vb| vb.get((2, 3), "a.weight")).expect("present");
         let err = ws.ensure_all_used().expect_err("b unused");
-        assert!(
-            matches!(err, ModelError::UnusedKey { ref key, .. } if key == "b.weight"),
-            "{err}"
-        );
+        assert!(matches!(err, ModelError::UnusedKey { ref key, .. } if key == "b.weight"), "{err}");
     }
 
     #[test]

@@ -15,13 +15,7 @@ pub const VAE_NORM_EPS: f64 = 1e-6;
 /// Most f32 attention scores materialised at once (2^26 elements = 256 MiB).
 const MAX_SCORE_ELEMENTS: usize = 1 << 26;
 
-fn conv3x3(
-    cin: usize,
-    cout: usize,
-    stride: usize,
-    padding: usize,
-    vb: VarBuilder,
-) -> Result<Conv2d> {
+fn conv3x3(cin: usize, cout: usize, stride: usize, padding: usize, vb: VarBuilder) -> Result<Conv2d> {
     let cfg = Conv2dConfig {
         padding,
         stride,
@@ -43,13 +37,7 @@ pub struct ResnetBlock2D {
 impl ResnetBlock2D {
     pub fn new(vb: VarBuilder, cin: usize, cout: usize, groups: usize) -> Result<Self> {
         let conv_shortcut = if cin != cout {
-            Some(conv2d(
-                cin,
-                cout,
-                1,
-                Conv2dConfig::default(),
-                vb.pp("conv_shortcut"),
-            )?)
+            Some(conv2d(cin, cout, 1, Conv2dConfig::default(), vb.pp("conv_shortcut"))?)
         } else {
             None
         };
@@ -93,9 +81,7 @@ impl Downsample2D {
 
 impl Module for Downsample2D {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = x
-            .pad_with_zeros(D::Minus1, 0, 1)?
-            .pad_with_zeros(D::Minus2, 0, 1)?;
+        let x = x.pad_with_zeros(D::Minus1, 0, 1)?.pad_with_zeros(D::Minus2, 0, 1)?;
         self.conv.forward(&x)
     }
 }
@@ -123,9 +109,7 @@ impl Module for Upsample2D {
 
 /// Linear layer named by the new diffusers key, or by the legacy one (`query`, `key`, `value`, `proj_attn`).
 fn linear_either(vb: &VarBuilder, channels: usize, new: &str, legacy: &str) -> Result<Linear> {
-    let name = if !vb.contains_tensor(&format!("{new}.weight"))
-        && vb.contains_tensor(&format!("{legacy}.weight"))
-    {
+    let name = if !vb.contains_tensor(&format!("{new}.weight")) && vb.contains_tensor(&format!("{legacy}.weight")) {
         legacy
     } else {
         new
@@ -172,11 +156,7 @@ impl VaeAttention {
         let dtype = x.dtype();
         let n = h * w;
         // (B, C, H, W) -> (B, N, C) after the norm.
-        let hs = self
-            .group_norm
-            .forward(x)?
-            .reshape((b, c, n))?
-            .transpose(1, 2)?;
+        let hs = self.group_norm.forward(x)?.reshape((b, c, n))?.transpose(1, 2)?;
         let q = self.to_q.forward(&hs)?.to_dtype(DType::F32)?;
         let k = self.to_k.forward(&hs)?.to_dtype(DType::F32)?;
         let v = self.to_v.forward(&hs)?.to_dtype(DType::F32)?;
@@ -208,12 +188,7 @@ pub struct MidBlock {
 }
 
 impl MidBlock {
-    pub fn new(
-        vb: VarBuilder,
-        channels: usize,
-        groups: usize,
-        add_attention: bool,
-    ) -> Result<Self> {
+    pub fn new(vb: VarBuilder, channels: usize, groups: usize, add_attention: bool) -> Result<Self> {
         let resnets = (0..2)
             .map(|i| ResnetBlock2D::new(vb.pp(format!("resnets.{i}")), channels, channels, groups))
             .collect::<Result<Vec<_>>>()?;

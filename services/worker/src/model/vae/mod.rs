@@ -88,11 +88,7 @@ impl VaeConfig {
         if self.norm_num_groups == 0 {
             return Err("`norm_num_groups` must be positive".into());
         }
-        if let Some(c) = self
-            .block_out_channels
-            .iter()
-            .find(|c| **c % self.norm_num_groups != 0)
-        {
+        if let Some(c) = self.block_out_channels.iter().find(|c| **c % self.norm_num_groups != 0) {
             return Err(format!(
                 "`block_out_channels` entry {c} is not a multiple of `norm_num_groups` {}",
                 self.norm_num_groups
@@ -101,22 +97,9 @@ impl VaeConfig {
         if self.act_fn != "silu" {
             return Err(format!("`act_fn` must be \"silu\", got {:?}", self.act_fn));
         }
-        check_blocks(
-            "down_block_types",
-            &self.down_block_types,
-            "DownEncoderBlock2D",
-            n,
-        )?;
-        check_blocks(
-            "up_block_types",
-            &self.up_block_types,
-            "UpDecoderBlock2D",
-            n,
-        )?;
-        for (field, v) in [
-            ("latents_mean", &self.latents_mean),
-            ("latents_std", &self.latents_std),
-        ] {
+        check_blocks("down_block_types", &self.down_block_types, "DownEncoderBlock2D", n)?;
+        check_blocks("up_block_types", &self.up_block_types, "UpDecoderBlock2D", n)?;
+        for (field, v) in [("latents_mean", &self.latents_mean), ("latents_std", &self.latents_std)] {
             if let Some(v) = v {
                 if v.len() != self.latent_channels {
                     return Err(format!(
@@ -131,23 +114,13 @@ impl VaeConfig {
     }
 }
 
-fn check_blocks(
-    field: &str,
-    types: &Option<Vec<String>>,
-    want: &str,
-    n: usize,
-) -> std::result::Result<(), String> {
+fn check_blocks(field: &str, types: &Option<Vec<String>>, want: &str, n: usize) -> std::result::Result<(), String> {
     let Some(types) = types else { return Ok(()) };
     if types.len() != n {
-        return Err(format!(
-            "`{field}` has {} entries, expected {n}",
-            types.len()
-        ));
+        return Err(format!("`{field}` has {} entries, expected {n}", types.len()));
     }
     match types.iter().find(|t| t.as_str() != want) {
-        Some(t) => Err(format!(
-            "`{field}` entry {t:?} is unsupported (only {want})"
-        )),
+        Some(t) => Err(format!("`{field}` entry {t:?} is unsupported (only {want})")),
         None => Ok(()),
     }
 }
@@ -184,22 +157,9 @@ impl<S: Module> Module for Stage<S> {
     }
 }
 
-fn resnets(
-    vb: &VarBuilder,
-    n: usize,
-    cin: usize,
-    cout: usize,
-    g: usize,
-) -> candle_core::Result<Vec<ResnetBlock2D>> {
+fn resnets(vb: &VarBuilder, n: usize, cin: usize, cout: usize, g: usize) -> candle_core::Result<Vec<ResnetBlock2D>> {
     (0..n)
-        .map(|j| {
-            ResnetBlock2D::new(
-                vb.pp(format!("resnets.{j}")),
-                if j == 0 { cin } else { cout },
-                cout,
-                g,
-            )
-        })
+        .map(|j| ResnetBlock2D::new(vb.pp(format!("resnets.{j}")), if j == 0 { cin } else { cout }, cout, g))
         .collect()
 }
 
@@ -410,8 +370,7 @@ impl AutoencoderKL {
                     let v: Vec<f32> = v.iter().map(|x| *x as f32).collect();
                     Tensor::from_vec(v, (1, cfg.latent_channels, 1, 1), x.device())
                 };
-                let std = (per_channel(std).stage("vae unscale")? / cfg.scaling_factor)
-                    .stage("vae unscale")?;
+                let std = (per_channel(std).stage("vae unscale")? / cfg.scaling_factor).stage("vae unscale")?;
                 let mean = per_channel(mean).stage("vae unscale")?;
                 x.broadcast_mul(&std).and_then(|x| x.broadcast_add(&mean))
             }
@@ -439,20 +398,12 @@ mod tests {
     fn decode_case(case: &str) {
         let vae = AutoencoderKL::load(&vae_dir(), DType::F32, &Device::Cpu).expect("strict load");
         let t = load(
-            fixtures_dir()
-                .expect("fixtures")
-                .join(case)
-                .join("tensors.safetensors"),
+            fixtures_dir().expect("fixtures").join(case).join("tensors.safetensors"),
             &Device::Cpu,
         )
         .expect("tensors");
         let got = vae.decode_scaled(&t["loop.final_latents"]).expect("decode");
-        let check = compare(
-            &format!("{case} vae.decoded"),
-            &got,
-            &t["vae.decoded"],
-            Tolerance::LOOP,
-        );
+        let check = compare(&format!("{case} vae.decoded"), &got, &t["vae.decoded"], Tolerance::LOOP);
         println!("{}", check.line());
         assert!(check.ok, "{}", check.line());
     }
@@ -481,12 +432,7 @@ mod tests {
         let vae = AutoencoderKL::load(&vae_dir(), DType::F16, &Device::Cpu).expect("load f16");
         let got = vae.decode_scaled(&t["loop.final_latents"]).expect("decode");
         assert_eq!(got.dtype(), DType::F16);
-        let check = compare(
-            "vae.decoded f16",
-            &got,
-            &t["vae.decoded"],
-            Tolerance::Scaled(2e-2),
-        );
+        let check = compare("vae.decoded f16", &got, &t["vae.decoded"], Tolerance::Scaled(2e-2));
         println!("{}", check.line());
         assert!(check.ok, "{}", check.line());
     }
@@ -498,10 +444,7 @@ mod tests {
         let (mean, logvar) = vae.encode(&img).expect("encode");
         assert_eq!(mean.dims(), &[2, 4, 8, 6]);
         assert_eq!(logvar.dims(), &[2, 4, 8, 6]);
-        let lv = logvar
-            .flatten_all()
-            .and_then(|l| l.to_vec1::<f32>())
-            .expect("vec");
+        let lv = logvar.flatten_all().and_then(|l| l.to_vec1::<f32>()).expect("vec");
         assert!(lv.iter().all(|v| (-30.0..=20.0).contains(v)));
         let back = vae.decode(&mean).expect("decode");
         assert_eq!(back.dims(), &[2, 3, 64, 48]);
@@ -543,11 +486,7 @@ mod tests {
         let cfg = VaeConfig::from_file(&vae_dir().join("config.json")).expect("cfg");
         let ws = fixture_set();
         let mut missing = WeightSet::empty("mem");
-        for key in ws
-            .keys()
-            .into_iter()
-            .filter(|k| k != "encoder.conv_in.bias")
-        {
+        for key in ws.keys().into_iter().filter(|k| k != "encoder.conv_in.bias") {
             missing.insert(key.clone(), ws.peek(&key).expect("key").clone());
         }
         missing.insert(
@@ -578,12 +517,7 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (2, 64, 9, 7), &Device::Cpu).expect("randn");
         let full = attn.forward(&x).expect("full");
         let chunked = attn.forward_chunked(&x, 2 * 63 * 5).expect("chunked");
-        let check = compare(
-            "attention chunked",
-            &chunked,
-            &full,
-            Tolerance::Scaled(1e-6),
-        );
+        let check = compare("attention chunked", &chunked, &full, Tolerance::Scaled(1e-6));
         println!("{}", check.line());
         assert!(check.ok, "{}", check.line());
     }
