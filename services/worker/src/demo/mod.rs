@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use crate::error::{ModelError, Result};
 use crate::model::clip::{ClipTextConfig, ClipTextModel, ClipVisionConfig, ClipVisionModel};
 use crate::model::image_proj::{ImageProjModel, ImageProjModelConfig};
-use crate::model::unet::{UNet2DConditionModel, UNetConfig};
+use crate::model::unet::{AdapterWeights, UNet2DConditionModel, UNetConfig};
 use crate::model::vae::{AutoencoderKL, VaeConfig};
 use weights::RandomWeights;
 
@@ -59,7 +59,7 @@ pub fn write_demo(out: &Path) -> Result<()> {
     let unet_w = RandomWeights::new(SEED ^ 3);
     let adapter_w = RandomWeights::new(SEED ^ 4);
     let adapter_vb = adapter_w.var_builder();
-    record(&unet_cfg_path, |vb| UNet2DConditionModel::new(vb, &unet_cfg, Some(adapter_vb.pp("ip_adapter"))).map(drop), &unet_w)?;
+    record(&unet_cfg_path, |vb| UNet2DConditionModel::new(vb, &unet_cfg, Some(AdapterWeights::new(adapter_vb.pp("ip_adapter")))).map(drop), &unet_w)?;
     let proj_cfg = ImageProjModelConfig {
         clip_embeddings_dim: configs::PROJECTION_DIM,
         cross_attention_dim: 2 * configs::TEXT_HIDDEN,

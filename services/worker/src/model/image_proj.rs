@@ -38,6 +38,15 @@ pub enum ImageProjVariant {
     Plus,
 }
 
+impl std::fmt::Display for ImageProjVariant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Plain => "sdxl",
+            Self::Plus => "sdxl_plus",
+        })
+    }
+}
+
 impl ImageProjVariant {
     /// Decides from the adapter's keys: `image_proj.latents` -> plus, `image_proj.proj.weight` -> plain.
     pub fn detect(ws: &WeightSet) -> ModelResult<Self> {
@@ -66,7 +75,7 @@ pub struct ImageProjModelConfig {
 }
 
 /// Hyper-parameters of the Resampler (`resampler` of a case.json).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 pub struct ResamplerConfig {
     pub dim: usize,
     pub depth: usize,

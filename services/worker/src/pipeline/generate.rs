@@ -11,7 +11,7 @@ use rand_distr::{Distribution, StandardNormal};
 use super::model::{MipPipeline, TextEmbedding};
 use super::png::{encode_png, tensor_to_rgb8};
 use super::request::ValidRequest;
-use super::scheduler::{Scheduler, SchedulerKind};
+use super::scheduler::{build_scheduler, SchedulerKind};
 use crate::error::{ForwardContext, ModelError, Result};
 use crate::model::unet::{MergeCond, UNetCond};
 
@@ -153,7 +153,7 @@ impl MipPipeline {
         on_step: &mut dyn FnMut(Progress, &Tensor) -> bool,
     ) -> Result<Tensor> {
         let s = "denoise";
-        let mut scheduler = Scheduler::new(kind, &self.scheduler, steps)?;
+        let mut scheduler = build_scheduler(kind, &self.scheduler, steps)?;
         let timesteps = scheduler.timesteps().to_vec();
         let mut latents = noise
             .to_device(&self.device)
@@ -162,12 +162,12 @@ impl MipPipeline {
             .stage(s)?;
         for (i, &t) in timesteps.iter().enumerate() {
             let batch = Tensor::cat(&[&latents, &latents], 0).stage(s)?;
-            let input = scheduler.scale_model_input(&batch, i).stage(s)?;
+            let input = scheduler.scale_model_input(&batch, i)?;
             let eps = self.unet_forward(&input, t, cond)?;
             let uncond = eps.narrow(0, 0, 1).stage(s)?;
             let text = eps.narrow(0, 1, 1).stage(s)?;
             let guided = (&uncond + ((text - &uncond).and_then(|d| d * guidance)).stage(s)?).stage(s)?;
-            latents = scheduler.step(&guided, i, &latents).stage(s)?;
+            latents = scheduler.step(&guided, i, &latents)?;
             let progress = Progress { step: i + 1, total: timesteps.len() };
             if !on_step(progress, &latents) && i + 1 < timesteps.len() {
                 return Err(ModelError::Cancelled { completed_steps: i + 1, total_steps: timesteps.len() });
@@ -254,7 +254,7 @@ impl MipPipeline {
         ];
         let png = encode_png(&rgb, width, height, &params)?;
         timings.png_ms = ms(t4);
-        Ok(Generated { png, width, height, seed: req.seed, timings })
+        Ok(Generated { png, width: width as usize, height: height as usize, seed: req.seed, timings })
     }
 }
 

@@ -14,8 +14,8 @@ use super::spec::ModelSpec;
 use super::tokenizer::ClipTokenizer;
 use crate::error::{ForwardContext, InvalidInput, ModelError, Result};
 use crate::model::clip::{ClipTextConfig, ClipTextModel, ClipVisionConfig, ClipVisionModel};
-use crate::model::image_proj::{load_adapter_weights, ImageProj, ResamplerConfig, Variant};
-use crate::model::unet::{UNet2DConditionModel, UNetConfig};
+use crate::model::image_proj::{load_adapter_weights, ImageProj, ImageProjConfig, ImageProjVariant as Variant};
+use crate::model::unet::{AdapterWeights, UNet2DConditionModel, UNetConfig};
 use crate::model::vae::AutoencoderKL;
 use crate::model::weights::{find_weights, read_json, WeightSet};
 
@@ -87,26 +87,14 @@ impl MipPipeline {
             &["diffusion_pytorch_model"],
         )?)?);
         let adapter_ws = Arc::new(load_adapter_weights(&spec.adapter)?);
-        let variant = Variant::detect(&adapter_ws).map_err(|message| ModelError::Load {
-            path: spec.adapter.clone(),
-            message,
-        })?;
-        let cross_dim = unet_config.cross_attention_dim_value();
-        let resampler = spec
-            .resampler
-            .clone()
-            .unwrap_or_else(|| ResamplerConfig::published(ie_cfg.hidden_size, cross_dim));
-        let image_proj = adapter_ws.build(dtype, device, |vb| {
-            ImageProj::new(vb.pp("image_proj"), variant, cross_dim, &resampler)
-        })?;
-        let num_tokens = image_proj.num_tokens();
+        let proj_cfg = ImageProjConfig::from_adapter(&adapter_ws, spec.resampler)?;
+        let image_proj = adapter_ws.build(dtype, device, |vb| ImageProj::new(vb.pp("image_proj"), &proj_cfg))?;
         let adapter_vb = adapter_ws.var_builder(dtype, device);
         let unet = unet_ws.build(dtype, device, |vb| {
-            UNet2DConditionModel::new(vb, &unet_config, Some(adapter_vb.pp("ip_adapter")))
+            UNet2DConditionModel::new(vb, &unet_config, Some(AdapterWeights::new(adapter_vb.pp("ip_adapter"))))
         })?;
         unet_ws.ensure_all_used()?;
         adapter_ws.ensure_all_used()?;
-        let _ = num_tokens;
 
         let vae_dtype = if dtype == DType::BF16 { DType::BF16 } else { DType::F32 };
         let vae = AutoencoderKL::load(&base.join("vae"), vae_dtype, device)?;
@@ -152,6 +140,11 @@ impl MipPipeline {
     /// Image tokens per subject.
     pub fn num_tokens(&self) -> usize {
         self.image_proj.num_tokens()
+    }
+
+    /// Channels of the latents (the UNet's `in_channels`).
+    pub fn latent_channels(&self) -> usize {
+        self.unet_config.in_channels
     }
 
     /// The image-prompt scale the published pipeline uses for this variant.

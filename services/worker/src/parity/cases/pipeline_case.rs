@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Tensor};
 
 use super::{CaseSpec, Golden};
-use crate::model::image_proj::{load_adapter_weights, Variant};
+use crate::model::image_proj::{load_adapter_weights, ImageProjVariant as Variant};
 use crate::model::unet::{MergeCapture, MergeCond, UNetCond};
 use crate::parity::{compare, Check, Tolerance};
 use crate::pipeline::png::tensor_to_rgb8;
@@ -222,7 +222,7 @@ fn loop_stage(
             let i = prog.step - 1;
             let key = format!("loop.latents_per_step[{i}]");
             checks.push(match per_step.get(i) {
-                Ok(want) => compare(&format!("{name}/{key}"), l, want, Tolerance::LOOP),
+                Ok(want) => compare(&format!("{name}/{key}"), l, &want, Tolerance::LOOP),
                 Err(e) => Check::failed(format!("{name}/{key}"), e.to_string()),
             });
             true

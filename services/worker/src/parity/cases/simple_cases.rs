@@ -12,7 +12,7 @@ use crate::model::unet::{UNet2DConditionModel, UNetConfig, UNetCond};
 use crate::model::weights::{find_weights, read_json, WeightSet};
 use crate::parity::{Check, Tolerance};
 use crate::pipeline::preprocess::ClipPreprocessor;
-use crate::pipeline::scheduler::{EulerDiscrete, SchedulerConfig};
+use crate::pipeline::scheduler::{EulerDiscrete, Scheduler, SchedulerConfig};
 use crate::pipeline::tokenizer::ClipTokenizer;
 
 #[derive(Deserialize)]
