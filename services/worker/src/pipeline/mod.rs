@@ -2,10 +2,12 @@
 //! guidance and the weighted merge, schedulers, VAE decode and PNG output.
 
 pub mod generate;
+pub mod image_decode;
 pub mod model;
 pub mod png;
-pub mod request;
 pub mod preprocess;
+pub mod request;
+pub mod resample;
 pub mod scheduler;
 pub mod spec;
 pub mod tokenizer;
