@@ -8,7 +8,8 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor, D};
 use serde::Deserialize;
 
-use super::preprocess::{PreparedImage, PreprocessConfig};
+use super::image_decode::DEFAULT_MAX_PIXELS;
+use super::preprocess::{ClipPreprocessor, PreparedImage, PreprocessConfig};
 use super::scheduler::SchedulerConfig;
 use super::spec::ModelSpec;
 use super::tokenizer::ClipTokenizer;
@@ -48,7 +49,7 @@ pub struct MipPipeline {
     pub(crate) text_encoder_2: ClipTextModel,
     pub(crate) image_encoder: ClipVisionModel,
     pub(crate) image_proj: ImageProj,
-    pub(crate) preprocess: PreprocessConfig,
+    pub(crate) preprocess: ClipPreprocessor,
     pub(crate) unet: UNet2DConditionModel,
     pub(crate) unet_config: UNetConfig,
     pub(crate) vae: AutoencoderKL,
@@ -75,9 +76,9 @@ impl MipPipeline {
         ie_ws.ensure_all_used()?;
         let pp_path = ie_dir.join("preprocessor_config.json");
         let preprocess = if pp_path.is_file() {
-            PreprocessConfig::from_file(&pp_path)?
+            ClipPreprocessor::from_config_file(&pp_path)?
         } else {
-            PreprocessConfig::default()
+            ClipPreprocessor::new(PreprocessConfig::default(), DEFAULT_MAX_PIXELS)
         };
 
         let unet_dir = base.join("unet");
@@ -204,6 +205,11 @@ impl MipPipeline {
         Ok(self.preprocess.prepare(bytes, field)?)
     }
 
+    /// Preprocessed pixel values (B, 3, H, W) of prepared images.
+    pub fn pixel_values(&self, images: &[PreparedImage]) -> Result<Tensor> {
+        self.preprocess.batch(images, &self.device)
+    }
+
     /// Image tokens (B, T, C) for preprocessed pixels (B, 3, 224, 224).
     pub fn encode_pixels(&self, pixel_values: &Tensor) -> Result<Tensor> {
         let pixels = pixel_values.to_device(&self.device).and_then(|t| t.to_dtype(self.dtype)).stage("image_encoder")?;
@@ -217,8 +223,7 @@ impl MipPipeline {
 
     /// A subject's tokens (T, C): each image projected, then averaged over the images.
     pub fn encode_subject(&self, images: &[PreparedImage]) -> Result<Tensor> {
-        let pixels: Vec<Tensor> = images.iter().map(|i| i.pixel_values.clone()).collect();
-        let pixels = Tensor::stack(&pixels, 0).stage("image_encoder")?;
+        let pixels = self.preprocess.batch(images, &self.device)?;
         let tokens = self.encode_pixels(&pixels)?;
         tokens.mean(0).and_then(|t| t.to_dtype(DType::F32)).stage("image_proj")
     }

@@ -105,8 +105,8 @@ fn reference_stage(
         }
         per_subject.push(images);
     }
-    let pixels: Vec<Tensor> = per_subject.iter().flatten().map(|im| im.pixel_values.clone()).collect();
-    let pixels = Tensor::stack(&pixels, 0).map_err(|e| e.to_string())?;
+    let all: Vec<_> = per_subject.iter().flatten().cloned().collect();
+    let pixels = p.pixel_values(&all).map_err(|e| e.to_string())?;
     push(g.check(name, "ref.pixel_values", &pixels, Tolerance::PIXELS));
 
     let ref_pixels = g.get("ref.pixel_values")?;

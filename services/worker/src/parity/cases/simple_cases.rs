@@ -11,7 +11,8 @@ use super::Golden;
 use crate::model::unet::{UNet2DConditionModel, UNetConfig, UNetCond};
 use crate::model::weights::{find_weights, read_json, WeightSet};
 use crate::parity::{Check, Tolerance};
-use crate::pipeline::preprocess::ClipPreprocessor;
+use crate::pipeline::image_decode::DEFAULT_MAX_PIXELS;
+use crate::pipeline::preprocess::{ClipPreprocessor, PreprocessConfig};
 use crate::pipeline::scheduler::{EulerDiscrete, Scheduler, SchedulerConfig};
 use crate::pipeline::tokenizer::ClipTokenizer;
 
@@ -106,11 +107,11 @@ pub(crate) fn preprocess(dir: &Path, name: &str, push: &mut dyn FnMut(Check)) {
     let run = |push: &mut dyn FnMut(Check)| -> Result<(), String> {
         let files: Vec<String> = read_json(&dir.join("images.json")).map_err(|e| e.to_string())?;
         let golden = Golden::load(&dir.join("pixel_values.safetensors"))?;
-        let pre = ClipPreprocessor::default();
+        let pre = ClipPreprocessor::new(PreprocessConfig::default(), DEFAULT_MAX_PIXELS);
         for f in files {
             let bytes = std::fs::read(dir.join(&f)).map_err(|e| format!("{f}: {e}"))?;
-            let check = match pre.prepare(&bytes, &f) {
-                Ok(img) => golden.check(name, &f, &img.pixel_values, Tolerance::PIXELS),
+            let check = match pre.preprocess(&bytes, &f, &candle_core::Device::Cpu) {
+                Ok(pixels) => golden.check(name, &f, &pixels, Tolerance::PIXELS),
                 Err(e) => Check::failed(format!("{name}/{f}"), e.to_string()),
             };
             push(check);
