@@ -2,6 +2,8 @@
 //! guidance and the weighted merge, schedulers, VAE decode and PNG output.
 
 pub mod image_decode;
+pub mod jpeg;
+pub mod jpeg_idct;
 pub mod png;
 pub mod preprocess;
 pub mod resample;
