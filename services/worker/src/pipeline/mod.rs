@@ -3,6 +3,8 @@
 
 pub mod generate;
 pub mod image_decode;
+pub mod jpeg;
+pub mod jpeg_idct;
 pub mod model;
 pub mod png;
 pub mod preprocess;

@@ -18,9 +18,17 @@ use super::resample::{resize_bicubic_window, Window};
 use crate::error::{ForwardContext, InvalidInput, ModelError, Result};
 
 /// CLIP's normalisation mean (OpenAI CLIP).
-pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+pub const CLIP_MEAN: [f32; 3] = [
+    0.481_454_66_f64 as f32,
+    0.457_827_5_f64 as f32,
+    0.408_210_73_f64 as f32,
+];
 /// CLIP's normalisation standard deviation (OpenAI CLIP).
-pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_1];
+pub const CLIP_STD: [f32; 3] = [
+    0.268_629_54_f64 as f32,
+    0.261_302_58_f64 as f32,
+    0.275_777_11_f64 as f32,
+];
 /// Largest resize / crop edge accepted from a config (guards against absurd configs).
 const MAX_EDGE: usize = 8192;
 
@@ -107,13 +115,20 @@ impl PreprocessConfig {
             None => (d.crop_height, d.crop_width),
             Some(v) => parse_crop(v)?,
         };
-        let image_std = raw.image_std.as_ref().map_or(Ok(d.image_std), |v| triple(v, "image_std"))?;
+        let image_std = raw
+            .image_std
+            .as_ref()
+            .map_or(Ok(d.image_std), |v| triple(v, "image_std"))?;
         if image_std.iter().any(|&s| s == 0.0 || !s.is_finite()) {
-            return Err(format!("image_std must be finite and non-zero, got {image_std:?}"));
+            return Err(format!(
+                "image_std must be finite and non-zero, got {image_std:?}"
+            ));
         }
         let rescale_factor = raw.rescale_factor.unwrap_or(d.rescale_factor);
         if !rescale_factor.is_finite() {
-            return Err(format!("rescale_factor must be finite, got {rescale_factor}"));
+            return Err(format!(
+                "rescale_factor must be finite, got {rescale_factor}"
+            ));
         }
         Ok(Self {
             do_resize: raw.do_resize.unwrap_or(true),
@@ -124,7 +139,10 @@ impl PreprocessConfig {
             do_rescale: raw.do_rescale.unwrap_or(true),
             rescale_factor,
             do_normalize: raw.do_normalize.unwrap_or(true),
-            image_mean: raw.image_mean.as_ref().map_or(Ok(d.image_mean), |v| triple(v, "image_mean"))?,
+            image_mean: raw
+                .image_mean
+                .as_ref()
+                .map_or(Ok(d.image_mean), |v| triple(v, "image_mean"))?,
             image_std,
         })
     }
@@ -133,7 +151,9 @@ impl PreprocessConfig {
 fn edge(v: &Value, what: &str) -> std::result::Result<usize, String> {
     match v.as_u64() {
         Some(n) if n >= 1 && n as usize <= MAX_EDGE => Ok(n as usize),
-        _ => Err(format!("{what} must be an integer in 1..={MAX_EDGE}, got {v}")),
+        _ => Err(format!(
+            "{what} must be an integer in 1..={MAX_EDGE}, got {v}"
+        )),
     }
 }
 
@@ -150,7 +170,9 @@ fn parse_size(v: &Value) -> std::result::Result<ResizeTarget, String> {
             height: edge(h, "size.height")?,
             width: edge(w, "size.width")?,
         }),
-        _ => Err(format!("size must be an int, {{shortest_edge}} or {{height, width}}, got {v}")),
+        _ => Err(format!(
+            "size must be an int, {{shortest_edge}} or {{height, width}}, got {v}"
+        )),
     }
 }
 
@@ -162,7 +184,9 @@ fn parse_crop(v: &Value) -> std::result::Result<(usize, usize), String> {
     }
     match (v.get("height"), v.get("width")) {
         (Some(h), Some(w)) => Ok((edge(h, "crop_size.height")?, edge(w, "crop_size.width")?)),
-        _ => Err(format!("crop_size must be an int or {{height, width}}, got {v}")),
+        _ => Err(format!(
+            "crop_size must be an int or {{height, width}}, got {v}"
+        )),
     }
 }
 
@@ -183,7 +207,11 @@ fn triple(v: &Value, what: &str) -> std::result::Result<[f32; 3], String> {
 /// transformers' `get_resize_output_image_size(..., default_to_square=False)`: `(height, width)` with the
 /// shortest edge at `short_target` and the long edge `int(short_target * long / short)`.
 pub fn shortest_edge_size(width: usize, height: usize, short_target: usize) -> (usize, usize) {
-    let (short, long) = if width <= height { (width, height) } else { (height, width) };
+    let (short, long) = if width <= height {
+        (width, height)
+    } else {
+        (height, width)
+    };
     let new_long = ((short_target as f64 * long as f64) / short as f64) as usize;
     if width <= height {
         (new_long, short_target)
@@ -219,7 +247,10 @@ impl ClipPreprocessor {
 
     /// Reads `preprocessor_config.json` with the default pixel limit.
     pub fn from_config_file(path: impl AsRef<Path>) -> Result<Self> {
-        Ok(Self::new(PreprocessConfig::from_file(path)?, DEFAULT_MAX_PIXELS))
+        Ok(Self::new(
+            PreprocessConfig::from_file(path)?,
+            DEFAULT_MAX_PIXELS,
+        ))
     }
 
     /// Decodes `bytes` (errors name `field`, e.g. `subjects[0].images[1]`), resizes and crops them.
@@ -237,9 +268,17 @@ impl ClipPreprocessor {
             (true, ResizeTarget::Exact { height, width }) => (height, width),
         };
         if rh == 0 || rw == 0 {
-            return Err(InvalidInput::new("image", "must resize to a non-empty size", format!("{rw}x{rh}")));
+            return Err(InvalidInput::new(
+                "image",
+                "must resize to a non-empty size",
+                format!("{rw}x{rh}"),
+            ));
         }
-        let (ch, cw) = if c.do_center_crop { (c.crop_height, c.crop_width) } else { (rh, rw) };
+        let (ch, cw) = if c.do_center_crop {
+            (c.crop_height, c.crop_width)
+        } else {
+            (rh, rw)
+        };
         let (y0, hy, dy) = crop_axis(rh, ch);
         let (x0, wx, dx) = crop_axis(rw, cw);
         let window = Window {
@@ -284,7 +323,8 @@ impl ClipPreprocessor {
 
     /// [`Self::pixel_values`] as a `(3, H, W)` f32 tensor on `device`.
     pub fn to_tensor(&self, img: &PreparedImage, device: &Device) -> Result<Tensor> {
-        Tensor::from_vec(self.pixel_values(img), (3, img.height, img.width), device).stage("preprocess")
+        Tensor::from_vec(self.pixel_values(img), (3, img.height, img.width), device)
+            .stage("preprocess")
     }
 
     /// Decode, resize, crop and normalise: a `(3, H, W)` f32 tensor.
@@ -313,8 +353,9 @@ mod tests {
 
     fn preprocessor(encoder: &str) -> ClipPreprocessor {
         let dir = fixtures_dir().expect("fixtures");
-        let p = ClipPreprocessor::from_config_file(dir.join(encoder).join("preprocessor_config.json"))
-            .expect("config");
+        let p =
+            ClipPreprocessor::from_config_file(dir.join(encoder).join("preprocessor_config.json"))
+                .expect("config");
         assert_eq!(p.config, PreprocessConfig::default());
         p
     }
@@ -322,16 +363,20 @@ mod tests {
     #[test]
     fn preprocess_cases_match_pillow() {
         let dir = fixtures_dir().expect("fixtures").join("cases/preprocess");
-        let names: Vec<String> =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("images.json")).expect("images.json"))
-                .expect("parse images.json");
-        let want = candle_core::safetensors::load(dir.join("pixel_values.safetensors"), &Device::Cpu)
-            .expect("pixel_values");
+        let names: Vec<String> = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("images.json")).expect("images.json"),
+        )
+        .expect("parse images.json");
+        let want =
+            candle_core::safetensors::load(dir.join("pixel_values.safetensors"), &Device::Cpu)
+                .expect("pixel_values");
         let p = preprocessor("image_encoder");
         let mut failures = Vec::new();
         for name in &names {
             let bytes = std::fs::read(dir.join(name)).expect("image");
-            let got = p.preprocess(&bytes, name, &Device::Cpu).expect("preprocess");
+            let got = p
+                .preprocess(&bytes, name, &Device::Cpu)
+                .expect("preprocess");
             let check = compare(name, &got, &want[name], Tolerance::PIXELS);
             println!("{}", check.line());
             if !check.ok {
@@ -344,20 +389,28 @@ mod tests {
     fn check_case(case: &str, encoder: &str) {
         let dir = fixtures_dir().expect("fixtures").join("cases").join(case);
         let json: Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).expect("case")).expect("json");
+            serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).expect("case"))
+                .expect("json");
         let subjects = json["subjects"].as_array().expect("subjects");
         let p = preprocessor(encoder);
         let mut prepared = Vec::new();
         for (i, s) in subjects.iter().enumerate() {
             for (j, img) in s["images"].as_array().expect("images").iter().enumerate() {
-                let bytes = std::fs::read(dir.join(img.as_str().expect("path"))).expect("ref image");
+                let bytes =
+                    std::fs::read(dir.join(img.as_str().expect("path"))).expect("ref image");
                 let field = format!("subjects[{i}].images[{j}]");
                 prepared.push(p.prepare(&bytes, &field).expect("prepare"));
             }
         }
         let got = p.batch(&prepared, &Device::Cpu).expect("batch");
-        let want = candle_core::safetensors::load(dir.join("tensors.safetensors"), &Device::Cpu).expect("tensors");
-        let check = compare(&format!("{case} ref.pixel_values"), &got, &want["ref.pixel_values"], Tolerance::PIXELS);
+        let want = candle_core::safetensors::load(dir.join("tensors.safetensors"), &Device::Cpu)
+            .expect("tensors");
+        let check = compare(
+            &format!("{case} ref.pixel_values"),
+            &got,
+            &want["ref.pixel_values"],
+            Tolerance::PIXELS,
+        );
         println!("{}", check.line());
         assert!(check.ok, "{}", check.line());
     }
@@ -386,10 +439,17 @@ mod tests {
         let bytes = std::fs::read(dir.join("img2_1000x225_RGB.png")).expect("image");
         let p = ClipPreprocessor::new(PreprocessConfig::default(), DEFAULT_MAX_PIXELS);
         let img = p.prepare(&bytes, "x").expect("prepare");
-        assert_eq!((img.width, img.height, img.data.len()), (224, 224, 224 * 224 * 3));
-        let mut cfg = PreprocessConfig::default();
-        cfg.crop_width = 230;
-        let padded = ClipPreprocessor::new(cfg, DEFAULT_MAX_PIXELS).resize_and_crop(&img).expect("crop");
+        assert_eq!(
+            (img.width, img.height, img.data.len()),
+            (224, 224, 224 * 224 * 3)
+        );
+        let cfg = PreprocessConfig {
+            crop_width: 230,
+            ..PreprocessConfig::default()
+        };
+        let padded = ClipPreprocessor::new(cfg, DEFAULT_MAX_PIXELS)
+            .resize_and_crop(&img)
+            .expect("crop");
         assert_eq!((padded.width, padded.height), (230, 224));
         assert_eq!(padded.pixel(2, 5), [0, 0, 0]);
         assert_eq!(padded.pixel(3, 5), img.pixel(0, 5));
@@ -402,7 +462,9 @@ mod tests {
         let p = ClipPreprocessor::new(PreprocessConfig::default(), 1000);
         for (bytes, what) in [(&b"GIF89a garbage"[..], "garbage"), (&[][..], "empty")] {
             match p.preprocess(bytes, "subjects[0].images[1]", &Device::Cpu) {
-                Err(ModelError::Invalid(e)) => assert_eq!(e.field, "subjects[0].images[1]", "{what}"),
+                Err(ModelError::Invalid(e)) => {
+                    assert_eq!(e.field, "subjects[0].images[1]", "{what}")
+                }
                 other => panic!("{what}: expected InvalidInput, got {other:?}"),
             }
         }
@@ -421,7 +483,10 @@ mod tests {
     fn config_variants_and_errors() {
         let raw = |s: &str| PreprocessConfig::from_raw(serde_json::from_str(s).expect("json"));
         let c = raw(r#"{"size": 336, "crop_size": 336, "image_mean": 0.5}"#).expect("int sizes");
-        assert_eq!((c.size, c.crop_height, c.image_mean), (ResizeTarget::ShortestEdge(336), 336, [0.5; 3]));
+        assert_eq!(
+            (c.size, c.crop_height, c.image_mean),
+            (ResizeTarget::ShortestEdge(336), 336, [0.5; 3])
+        );
         assert!(raw(r#"{"size": {"shortest_edge": 0}}"#).is_err());
         assert!(raw(r#"{"image_std": [1, 0, 1]}"#).is_err());
         assert!(raw(r#"{"image_mean": [1, 2]}"#).is_err());
@@ -429,39 +494,6 @@ mod tests {
         match PreprocessConfig::from_file(&missing) {
             Err(ModelError::Load { path, .. }) => assert_eq!(path, missing),
             other => panic!("expected Load, got {other:?}"),
-        }
-    }
-}
-
-#[cfg(test)]
-mod debug_jpeg {
-    use super::*;
-    use crate::parity::fixtures_dir;
-
-    #[test]
-    fn debug_jpeg_errors() {
-        let dir = fixtures_dir().expect("fixtures").join("cases/preprocess");
-        let want = candle_core::safetensors::load(dir.join("pixel_values.safetensors"), &Device::Cpu).expect("pv");
-        for name in ["img6_333x222_RGB.jpg", "img5_256x300_RGBA.png"] {
-            let w = want[name].flatten_all().expect("f").to_vec1::<f32>().expect("v");
-            let p = ClipPreprocessor::new(PreprocessConfig::default(), DEFAULT_MAX_PIXELS);
-            let img = p.prepare(&std::fs::read(dir.join(name)).expect("r"), "x").expect("prep");
-            let plane = 224 * 224;
-            let mut hist = std::collections::BTreeMap::new();
-            let mut rows = vec![0i32; 224];
-            let mut cols = vec![0i32; 224];
-            for c in 0..3 {
-                for i in 0..plane {
-                    let e = ((w[c * plane + i] * CLIP_STD[c] + CLIP_MEAN[c]) * 255.0).round() as i32;
-                    let d = i32::from(img.data[i * 3 + c]) - e;
-                    *hist.entry(d).or_insert(0) += 1;
-                    rows[i / 224] = rows[i / 224].max(d.abs());
-                    cols[i % 224] = cols[i % 224].max(d.abs());
-                }
-            }
-            println!("{name} hist {hist:?}");
-            println!("rows {rows:?}");
-            println!("cols {cols:?}");
         }
     }
 }

@@ -28,7 +28,8 @@ const DEFAULT_MAX_LENGTH: usize = 77;
 /// Largest `model_max_length` taken at face value; larger values are transformers' "no limit" sentinel.
 const MAX_SANE_LENGTH: u64 = 1 << 20;
 /// CLIP's pre-tokenization pattern (special tokens, contractions, letter runs, single digits, symbol runs).
-const CLIP_SPLIT_PATTERN: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+const CLIP_SPLIT_PATTERN: &str =
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
 /// A CLIP BPE tokenizer with its special ids and context length.
 #[derive(Debug, Clone)]
@@ -69,10 +70,12 @@ impl ClipTokenizer {
             .map_err(|e| load_err(&json_path, e))?;
         tokenizer.with_padding(None);
         let id = |token: &str, role: &str| {
-            tokenizer.token_to_id(token).ok_or_else(|| ModelError::Config {
-                path: dir.to_path_buf(),
-                message: format!("{role} token `{token}` is not in the vocabulary"),
-            })
+            tokenizer
+                .token_to_id(token)
+                .ok_or_else(|| ModelError::Config {
+                    path: dir.to_path_buf(),
+                    message: format!("{role} token `{token}` is not in the vocabulary"),
+                })
         };
         let bos_id = id(&specials.bos, "bos")?;
         let eos_id = id(&specials.eos, "eos")?;
@@ -80,7 +83,10 @@ impl ClipTokenizer {
         if specials.max_length < 2 {
             return Err(ModelError::Config {
                 path: dir.to_path_buf(),
-                message: format!("model_max_length {} leaves no room for BOS and EOS", specials.max_length),
+                message: format!(
+                    "model_max_length {} leaves no room for BOS and EOS",
+                    specials.max_length
+                ),
             });
         }
         Ok(Self {
@@ -220,7 +226,10 @@ fn build_from_vocab(dir: &Path, specials: &SpecialTokens) -> Result<Tokenizer> {
     let merges = dir.join("merges.txt");
     for p in [&vocab, &merges] {
         if !p.is_file() {
-            return Err(load_err(p, "file not found (and no tokenizer.json beside it)"));
+            return Err(load_err(
+                p,
+                "file not found (and no tokenizer.json beside it)",
+            ));
         }
     }
     let path_str = |p: &Path| p.to_string_lossy().into_owned();
@@ -229,8 +238,11 @@ fn build_from_vocab(dir: &Path, specials: &SpecialTokens) -> Result<Tokenizer> {
         .end_of_word_suffix("</w>".to_owned())
         .build()
         .map_err(|e| load_err(&vocab, e))?;
-    let replace = Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()), " ")
-        .map_err(|e| load_err(&vocab, e))?;
+    let replace = Replace::new(
+        tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()),
+        " ",
+    )
+    .map_err(|e| load_err(&vocab, e))?;
     let normalizer = NormSequence::new(vec![NFC.into(), replace.into(), Lowercase.into()]);
     let split = Split::new(
         SplitPattern::Regex(CLIP_SPLIT_PATTERN.into()),
@@ -286,7 +298,11 @@ mod tests {
             assert_eq!(t1.count_tokens(&c.text), c.unpadded_1.len() - 2);
             let tr = t1.encode_truncated(&c.text).expect("truncated");
             assert_eq!(tr.len(), c.unpadded_1.len().min(77));
-            println!("ok   {label} {:?} ({} tokens)", c.text, c.unpadded_1.len() - 2);
+            println!(
+                "ok   {label} {:?} ({} tokens)",
+                c.text,
+                c.unpadded_1.len() - 2
+            );
         }
     }
 
@@ -295,8 +311,14 @@ mod tests {
         let dir = fixtures_dir().expect("fixtures").join("sdxl");
         let t1 = ClipTokenizer::from_dir(dir.join("tokenizer")).expect("tokenizer 1");
         let t2 = ClipTokenizer::from_dir(dir.join("tokenizer_2")).expect("tokenizer 2");
-        assert_eq!((t1.bos_id(), t1.eos_id(), t1.pad_id(), t1.max_length()), (49406, 49407, 49407, 77));
-        assert_eq!((t2.bos_id(), t2.eos_id(), t2.pad_id(), t2.max_length()), (49406, 49407, 0, 77));
+        assert_eq!(
+            (t1.bos_id(), t1.eos_id(), t1.pad_id(), t1.max_length()),
+            (49406, 49407, 49407, 77)
+        );
+        assert_eq!(
+            (t2.bos_id(), t2.eos_id(), t2.pad_id(), t2.max_length()),
+            (49406, 49407, 0, 77)
+        );
         check_all(&t1, &t2, "tokenizer.json");
     }
 
@@ -304,7 +326,12 @@ mod tests {
     fn vocab_only_copy(src: &Path, name: &str) -> PathBuf {
         let dst = std::env::temp_dir().join(format!("mip-tok-{}-{name}", std::process::id()));
         std::fs::create_dir_all(&dst).expect("mkdir");
-        for f in ["vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"] {
+        for f in [
+            "vocab.json",
+            "merges.txt",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+        ] {
             std::fs::copy(src.join(f), dst.join(f)).expect("copy");
         }
         dst
@@ -332,12 +359,16 @@ mod tests {
         }
         std::fs::write(dst.join("tokenizer.json"), "{not json").expect("write");
         match ClipTokenizer::from_dir(&dst) {
-            Err(ModelError::Load { path, .. }) => assert!(path.ends_with("tokenizer.json"), "{path:?}"),
+            Err(ModelError::Load { path, .. }) => {
+                assert!(path.ends_with("tokenizer.json"), "{path:?}")
+            }
             other => panic!("expected Load error, got {other:?}"),
         }
         std::fs::write(dst.join("tokenizer_config.json"), "[1, 2").expect("write");
         match ClipTokenizer::from_dir(&dst) {
-            Err(ModelError::Load { path, .. }) => assert!(path.ends_with("tokenizer_config.json"), "{path:?}"),
+            Err(ModelError::Load { path, .. }) => {
+                assert!(path.ends_with("tokenizer_config.json"), "{path:?}")
+            }
             other => panic!("expected Load error, got {other:?}"),
         }
         let _ = std::fs::remove_dir_all(dst);
