@@ -95,9 +95,19 @@ pub fn run(args: Args) -> Result<()> {
     let names = ["cat", "jacket", "dog", "hat", "car", "tree", "cup", "lamp"];
     let image = mip_worker::demo::example_image(0);
     let subjects: Vec<SubjectRequest> = (0..args.subjects)
-        .map(|i| SubjectRequest { name: names[i % names.len()].to_owned(), images: vec![image.clone()] })
+        .map(|i| SubjectRequest {
+            name: names[i % names.len()].to_owned(),
+            images: vec![image.clone()],
+        })
         .collect();
-    let prompt = format!("a photo of {}", subjects.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(" and "));
+    let prompt = format!(
+        "a photo of {}",
+        subjects
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>()
+            .join(" and ")
+    );
     let req = GenerateRequest {
         prompt: prompt.clone(),
         negative_prompt: Some("low quality".into()),
@@ -136,7 +146,13 @@ pub fn run(args: Args) -> Result<()> {
     let empty = p.encode_text("")?;
     let encoded: Vec<EncodedSubject> = subjects
         .iter()
-        .map(|s| Ok(EncodedSubject { tokens: p.encode_subject(std::slice::from_ref(&prepared))?, name: p.encode_text(&s.name)?, name_token_len: p.name_token_len(&s.name, "name")? }))
+        .map(|s| {
+            Ok(EncodedSubject {
+                tokens: p.encode_subject(std::slice::from_ref(&prepared))?,
+                name: p.encode_text(&s.name)?,
+                name_token_len: p.name_token_len(&s.name, "name")?,
+            })
+        })
         .collect::<Result<_>>()?;
     let cond = p.conditioning(&text, &neg, &empty, &encoded, width, height, req.scale)?;
     let noise = initial_noise(1, p.latent_channels(), height, width)?;
@@ -149,9 +165,17 @@ pub fn run(args: Args) -> Result<()> {
             Ok(())
         })?,
     });
-    stages.push(Stage { name: "vae decode", times_ms: time(args.iters, || Ok(drop(p.decode(&noise)?)))? });
+    stages.push(Stage {
+        name: "vae decode",
+        times_ms: time(args.iters, || p.decode(&noise).map(drop).map_err(Into::into))?,
+    });
     let whole_iters = args.iters.min(3);
-    stages.push(Stage { name: "whole image", times_ms: time(whole_iters, || Ok(drop(p.generate(&req, &mut |_| true)?)))? });
+    stages.push(Stage {
+        name: "whole image",
+        times_ms: time(whole_iters, || {
+            p.generate(&req, &mut |_| true).map(drop).map_err(Into::into)
+        })?,
+    });
 
     if args.json {
         let rows: Vec<_> = stages
@@ -162,7 +186,10 @@ pub fn run(args: Args) -> Result<()> {
             "subjects": args.subjects, "steps": args.steps, "load_ms": load_ms, "stages": rows});
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
-        println!("model {} on {} ({}), {width}x{height}, {} subjects, {} steps; load {load_ms:.0} ms", args.model, args.device, args.dtype, args.subjects, args.steps);
+        println!(
+            "model {} on {} ({}), {width}x{height}, {} subjects, {} steps; load {load_ms:.0} ms",
+            args.model, args.device, args.dtype, args.subjects, args.steps
+        );
         println!("{:<42} {:>12} {:>12}", "stage", "median ms", "min ms");
         for s in &stages {
             println!("{:<42} {:>12.2} {:>12.2}", s.name, s.median(), s.min());

@@ -62,7 +62,11 @@ pub fn run(args: Args, verbose: bool) -> Result<()> {
     if args.samples == 0 || args.samples > 64 {
         bail!("`--samples` must be in 1..=64, got {}", args.samples);
     }
-    let subjects = args.subjects.iter().map(|s| parse_subject(s)).collect::<Result<Vec<_>>>()?;
+    let subjects = args
+        .subjects
+        .iter()
+        .map(|s| parse_subject(s))
+        .collect::<Result<Vec<_>>>()?;
     let device = parse_device(&args.device)?;
     let dtype = parse_dtype(&args.dtype)?;
     let (spec, _dir) = crate::model::resolve(&args.model)?;
@@ -113,9 +117,17 @@ pub fn run(args: Args, verbose: bool) -> Result<()> {
         std::fs::write(&json_path, serde_json::to_vec_pretty(&sidecar)?)
             .with_context(|| format!("writing {}", json_path.display()))?;
         if args.json {
-            println!("{}", json!({"png": png_path, "json": json_path, "seed": generated.seed}));
+            println!(
+                "{}",
+                json!({"png": png_path, "json": json_path, "seed": generated.seed})
+            );
         } else {
-            println!("wrote {} (seed {}, {:.0} ms denoising)", png_path.display(), generated.seed, t.denoise_ms);
+            println!(
+                "wrote {} (seed {}, {:.0} ms denoising)",
+                png_path.display(),
+                generated.seed,
+                t.denoise_ms
+            );
         }
     }
     Ok(())
@@ -131,15 +143,23 @@ fn parse_subject(s: &str) -> Result<SubjectRequest> {
         .filter(|p| !p.is_empty())
         .map(|p| std::fs::read(Path::new(p)).with_context(|| format!("`--subject {name}`: cannot read {p}")))
         .collect::<Result<Vec<_>>>()?;
-    Ok(SubjectRequest { name: name.to_owned(), images })
+    Ok(SubjectRequest {
+        name: name.to_owned(),
+        images,
+    })
 }
 
 /// `WxH`.
 fn parse_size(s: &str) -> Result<(usize, usize)> {
-    let parsed = s.split_once(['x', 'X']).and_then(|(w, h)| Some((w.parse().ok()?, h.parse().ok()?)));
+    let parsed = s
+        .split_once(['x', 'X'])
+        .and_then(|(w, h)| Some((w.parse().ok()?, h.parse().ok()?)));
     parsed.ok_or_else(|| anyhow::anyhow!("`--size` must look like WIDTHxHEIGHT, got {s:?}"))
 }
 
 fn rand_seed() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }

@@ -20,7 +20,8 @@ pub enum Command {
 pub fn run(cmd: Command) -> Result<()> {
     match cmd {
         Command::Demo { out } => {
-            mip_worker::demo::write_demo(&out).with_context(|| format!("writing the demo model to {}", out.display()))?;
+            mip_worker::demo::write_demo(&out)
+                .with_context(|| format!("writing the demo model to {}", out.display()))?;
             println!("demo model written to {}", out.display());
             println!("example subjects: {0}/refs/cat.png {0}/refs/jacket.png", out.display());
             Ok(())
@@ -37,7 +38,9 @@ pub fn demo_dir() -> PathBuf {
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
         .unwrap_or_else(std::env::temp_dir);
-    cache.join("mip").join(format!("demo-v{}", mip_worker::demo::DEMO_VERSION))
+    cache
+        .join("mip")
+        .join(format!("demo-v{}", mip_worker::demo::DEMO_VERSION))
 }
 
 /// Resolves `--model`: `demo` (written on first use) or a bundle folder with `mip.json`.
@@ -45,7 +48,8 @@ pub fn resolve(model: &str) -> Result<(ModelSpec, PathBuf)> {
     let dir = if model == "demo" {
         let dir = demo_dir();
         if !dir.join(mip_worker::pipeline::spec::MANIFEST).is_file() {
-            mip_worker::demo::write_demo(&dir).with_context(|| format!("writing the demo model to {}", dir.display()))?;
+            mip_worker::demo::write_demo(&dir)
+                .with_context(|| format!("writing the demo model to {}", dir.display()))?;
         }
         dir
     } else {

@@ -21,7 +21,9 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let opts = RunOptions { device: parse_device(&args.device)? };
+    let opts = RunOptions {
+        device: parse_device(&args.device)?,
+    };
     let checks = run_dir(&args.dir, &opts, &mut |c| {
         if !args.quiet || !c.ok {
             println!("{}", c.line());

@@ -37,10 +37,7 @@ pub enum ModelError {
     },
     /// Generation stopped because the caller asked it to.
     #[error("cancelled after {completed_steps} of {total_steps} steps")]
-    Cancelled {
-        completed_steps: usize,
-        total_steps: usize,
-    },
+    Cancelled { completed_steps: usize, total_steps: usize },
 }
 
 /// A request value that breaks a rule; names the field, the rule and the value.

@@ -59,13 +59,21 @@ pub fn write_demo(out: &Path) -> Result<()> {
     let unet_w = RandomWeights::new(SEED ^ 3);
     let adapter_w = RandomWeights::new(SEED ^ 4);
     let adapter_vb = adapter_w.var_builder();
-    record(&unet_cfg_path, |vb| UNet2DConditionModel::new(vb, &unet_cfg, Some(AdapterWeights::new(adapter_vb.pp("ip_adapter")))).map(drop), &unet_w)?;
+    record(
+        &unet_cfg_path,
+        |vb| UNet2DConditionModel::new(vb, &unet_cfg, Some(AdapterWeights::new(adapter_vb.pp("ip_adapter")))).map(drop),
+        &unet_w,
+    )?;
     let proj_cfg = ImageProjModelConfig {
         clip_embeddings_dim: configs::PROJECTION_DIM,
         cross_attention_dim: 2 * configs::TEXT_HIDDEN,
         num_tokens: configs::NUM_TOKENS,
     };
-    record(out, |_| ImageProjModel::new(adapter_vb.pp("image_proj"), &proj_cfg).map(drop), &adapter_w)?;
+    record(
+        out,
+        |_| ImageProjModel::new(adapter_vb.pp("image_proj"), &proj_cfg).map(drop),
+        &adapter_w,
+    )?;
     unet_w.save(&base.join("unet/diffusion_pytorch_model.safetensors"))?;
     adapter_w.save(&out.join("adapter/mip_sdxl_demo.safetensors"))?;
 
@@ -110,7 +118,10 @@ fn record(
     build: impl FnOnce(candle_nn::VarBuilder<'static>) -> candle_core::Result<()>,
     w: &RandomWeights,
 ) -> Result<()> {
-    build(w.var_builder()).map_err(|e| ModelError::Load { path: what.to_owned(), message: format!("demo model: {e}") })
+    build(w.var_builder()).map_err(|e| ModelError::Load {
+        path: what.to_owned(),
+        message: format!("demo model: {e}"),
+    })
 }
 
 fn write_json(path: &Path, v: &Value) -> Result<()> {
@@ -126,5 +137,8 @@ fn write(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 fn io_err(path: &Path, e: impl std::fmt::Display) -> ModelError {
-    ModelError::Load { path: path.to_owned(), message: format!("cannot write: {e}") }
+    ModelError::Load {
+        path: path.to_owned(),
+        message: format!("cannot write: {e}"),
+    }
 }

@@ -58,11 +58,8 @@ pub fn tokenizer_files(pad: &str) -> Vec<(&'static str, String)> {
     let (vocab, merges) = vocab_and_merges();
     let bos = vocab.len() - 2;
     let eos = vocab.len() - 1;
-    let vocab_map: serde_json::Map<String, Value> = vocab
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.clone(), json!(i)))
-        .collect();
+    let vocab_map: serde_json::Map<String, Value> =
+        vocab.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
     let special = |id: usize, content: &str| {
         json!({"id": id, "content": content, "single_word": false, "lstrip": false, "rstrip": false,
                "normalized": false, "special": true})

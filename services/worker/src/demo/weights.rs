@@ -88,7 +88,14 @@ fn sample(rng: &mut impl Rng, n: usize, mean: f64, std: f64) -> Vec<f32> {
 }
 
 impl SimpleBackend for RandomWeights {
-    fn get(&self, s: Shape, name: &str, _h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let mut map = self.tensors.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(t) = map.get(name) {
             if t.shape() != &s {
@@ -106,12 +113,17 @@ impl SimpleBackend for RandomWeights {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.tensors.lock().unwrap_or_else(PoisonError::into_inner).contains_key(name)
+        self.tensors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(name)
     }
 }
 
 fn fnv1a(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 fn save_err(path: &Path, e: impl std::fmt::Display) -> ModelError {

@@ -255,7 +255,10 @@ mod tests {
 
     fn set() -> Arc<WeightSet> {
         let mut ws = WeightSet::empty("mem");
-        ws.insert("a.weight", Tensor::zeros((2, 3), DType::F32, &Device::Cpu).expect("zeros"));
+        ws.insert(
+            "a.weight",
+            Tensor::zeros((2, 3), DType::F32, &Device::Cpu).expect("zeros"),
+        );
         ws.insert("b.weight", Tensor::zeros(3, DType::F32, &Device::Cpu).expect("zeros"));
         Arc::new(ws)
     }
@@ -266,15 +269,22 @@ mod tests {
         let err = ws
             .build(DType::F32, &Device::Cpu, |vb| vb.get((2, 3), "c.weight"))
             .expect_err("missing");
-        assert!(matches!(err, ModelError::MissingKey { ref key, .. } if key == "c.weight"), "{err}");
+        assert!(
+            matches!(err, ModelError::MissingKey { ref key, .. } if key == "c.weight"),
+            "{err}"
+        );
     }
 
     #[test]
     fn unused_key_is_named() {
         let ws = set();
-        ws.build(DType::F32, &Device::Cpu, |vb| vb.get((2, 3), "a.weight")).expect("present");
+        ws.build(DType::F32, &Device::Cpu, |vb| vb.get((2, 3), "a.weight"))
+            .expect("present");
         let err = ws.ensure_all_used().expect_err("b unused");
-        assert!(matches!(err, ModelError::UnusedKey { ref key, .. } if key == "b.weight"), "{err}");
+        assert!(
+            matches!(err, ModelError::UnusedKey { ref key, .. } if key == "b.weight"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -97,12 +97,19 @@ impl MipPipeline {
             pos_names.push(subj.name.hidden.squeeze(0).stage(s)?);
         }
         let cat_rows = |rows: Vec<Tensor>| -> Result<Tensor> {
-            let rows: Vec<Tensor> = rows.iter().map(|t| t.to_dtype(DType::F32)).collect::<candle_core::Result<_>>().stage(s)?;
+            let rows: Vec<Tensor> = rows
+                .iter()
+                .map(|t| t.to_dtype(DType::F32))
+                .collect::<candle_core::Result<_>>()
+                .stage(s)?;
             Tensor::cat(&rows, 0).stage(s)
         };
         let encoder_hidden_states = Tensor::stack(&[cat_rows(neg_ctx)?, cat_rows(pos_ctx)?], 0).stage(s)?;
         let entity_text_embeds = Tensor::stack(
-            &[Tensor::stack(&neg_names, 0).stage(s)?, Tensor::stack(&pos_names, 0).stage(s)?],
+            &[
+                Tensor::stack(&neg_names, 0).stage(s)?,
+                Tensor::stack(&pos_names, 0).stage(s)?,
+            ],
             0,
         )
         .stage(s)?;
@@ -137,7 +144,10 @@ impl MipPipeline {
                 capture: None,
             }),
         };
-        let out = self.unet.forward(&to(sample).stage(s)?, timestep, &unet_cond).stage(s)?;
+        let out = self
+            .unet
+            .forward(&to(sample).stage(s)?, timestep, &unet_cond)
+            .stage(s)?;
         out.to_dtype(DType::F32).stage(s)
     }
 
@@ -168,9 +178,15 @@ impl MipPipeline {
             let text = eps.narrow(0, 1, 1).stage(s)?;
             let guided = (&uncond + ((text - &uncond).and_then(|d| d * guidance)).stage(s)?).stage(s)?;
             latents = scheduler.step(&guided, i, &latents)?;
-            let progress = Progress { step: i + 1, total: timesteps.len() };
+            let progress = Progress {
+                step: i + 1,
+                total: timesteps.len(),
+            };
             if !on_step(progress, &latents) && i + 1 < timesteps.len() {
-                return Err(ModelError::Cancelled { completed_steps: i + 1, total_steps: timesteps.len() });
+                return Err(ModelError::Cancelled {
+                    completed_steps: i + 1,
+                    total_steps: timesteps.len(),
+                });
             }
         }
         Ok(latents)
@@ -209,13 +225,21 @@ impl MipPipeline {
                 .enumerate()
                 .map(|(j, b)| self.prepare_image(b, &format!("subjects[{i}].images[{j}]")))
                 .collect::<Result<Vec<_>>>()?;
-            subjects.push(EncodedSubject { tokens: self.encode_subject(&images)?, name, name_token_len: len });
+            subjects.push(EncodedSubject {
+                tokens: self.encode_subject(&images)?,
+                name,
+                name_token_len: len,
+            });
         }
         timings.subjects_ms = ms(t1);
 
         let generated = self.generate_encoded(req, &prompt, &negative, &negative_name, &subjects, on_progress)?;
         Ok(Generated {
-            timings: Timings { text_ms: timings.text_ms, subjects_ms: timings.subjects_ms, ..generated.timings },
+            timings: Timings {
+                text_ms: timings.text_ms,
+                subjects_ms: timings.subjects_ms,
+                ..generated.timings
+            },
             ..generated
         })
     }
@@ -232,9 +256,19 @@ impl MipPipeline {
     ) -> Result<Generated> {
         let mut timings = Timings::default();
         let t2 = Instant::now();
-        let cond = self.conditioning(prompt, negative, negative_name, subjects, req.width, req.height, req.scale)?;
+        let cond = self.conditioning(
+            prompt,
+            negative,
+            negative_name,
+            subjects,
+            req.width,
+            req.height,
+            req.scale,
+        )?;
         let noise = initial_noise(req.seed, self.unet_config.in_channels, req.height, req.width)?;
-        let latents = self.denoise(&cond, &noise, req.scheduler, req.steps, req.guidance, &mut |p, _| on_progress(p))?;
+        let latents = self.denoise(&cond, &noise, req.scheduler, req.steps, req.guidance, &mut |p, _| {
+            on_progress(p)
+        })?;
         timings.denoise_ms = ms(t2);
 
         let t3 = Instant::now();
@@ -250,11 +284,24 @@ impl MipPipeline {
             ("guidance".to_owned(), req.guidance.to_string()),
             ("scale".to_owned(), req.scale.to_string()),
             ("scheduler".to_owned(), req.scheduler.to_string()),
-            ("subjects".to_owned(), req.subjects.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")),
+            (
+                "subjects".to_owned(),
+                req.subjects
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ),
         ];
         let png = encode_png(&rgb, width, height, &params)?;
         timings.png_ms = ms(t4);
-        Ok(Generated { png, width: width as usize, height: height as usize, seed: req.seed, timings })
+        Ok(Generated {
+            png,
+            width: width as usize,
+            height: height as usize,
+            seed: req.seed,
+            timings,
+        })
     }
 }
 

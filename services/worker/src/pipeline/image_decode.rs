@@ -44,20 +44,14 @@ impl RgbImage {
 /// Reads the dimensions of `bytes` from the image header without decoding pixels.
 pub fn image_dimensions(bytes: &[u8], field: &str) -> Result<(u32, u32), InvalidInput> {
     let reader = guessed_reader(bytes, field)?;
-    reader
-        .into_dimensions()
-        .map_err(|e| undecodable(field, bytes, &e))
+    reader.into_dimensions().map_err(|e| undecodable(field, bytes, &e))
 }
 
 /// Decodes `bytes` into RGB after checking, from the header, that the image is non-empty and has at most
 /// `max_pixels` pixels.
 pub fn decode_rgb(bytes: &[u8], field: &str, max_pixels: u64) -> Result<RgbImage, InvalidInput> {
     if bytes.is_empty() {
-        return Err(InvalidInput::new(
-            field,
-            "must be a non-empty image file",
-            "0 bytes",
-        ));
+        return Err(InvalidInput::new(field, "must be a non-empty image file", "0 bytes"));
     }
     let (w, h) = image_dimensions(bytes, field)?;
     if w == 0 || h == 0 {
@@ -92,13 +86,7 @@ pub fn decode_rgb(bytes: &[u8], field: &str, max_pixels: u64) -> Result<RgbImage
     limits.max_alloc = Some(pixels.saturating_mul(8).saturating_add(64 << 20));
     reader.limits(limits);
     let decoded = std::panic::catch_unwind(move || reader.decode())
-        .map_err(|_| {
-            InvalidInput::new(
-                field,
-                "must be a decodable image",
-                "a file the decoder rejected",
-            )
-        })?
+        .map_err(|_| InvalidInput::new(field, "must be a decodable image", "a file the decoder rejected"))?
         .map_err(|e| undecodable(field, bytes, &e))?;
     if decoded.width() != w || decoded.height() != h {
         return Err(InvalidInput::new(
@@ -110,10 +98,7 @@ pub fn decode_rgb(bytes: &[u8], field: &str, max_pixels: u64) -> Result<RgbImage
     Ok(to_rgb_like_pillow(&decoded))
 }
 
-fn guessed_reader<'a>(
-    bytes: &'a [u8],
-    field: &str,
-) -> Result<ImageReader<Cursor<&'a [u8]>>, InvalidInput> {
+fn guessed_reader<'a>(bytes: &'a [u8], field: &str) -> Result<ImageReader<Cursor<&'a [u8]>>, InvalidInput> {
     ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| undecodable(field, bytes, &e))
@@ -146,12 +131,7 @@ pub fn to_rgb_like_pillow(img: &DynamicImage) -> RgbImage {
             .flat_map(|p| over_white([p[0]; 3], p[1]))
             .collect(),
         // Pillow opens 16-bit grey as `I;16`; its conversion to RGB(A) clips instead of scaling.
-        DynamicImage::ImageLuma16(b) => b
-            .as_raw()
-            .iter()
-            .map(|&v| clip16(v))
-            .flat_map(|v| [v, v, v])
-            .collect(),
+        DynamicImage::ImageLuma16(b) => b.as_raw().iter().map(|&v| clip16(v)).flat_map(|v| [v, v, v]).collect(),
         // 16-bit LA / RGB / RGBA are unpacked by Pillow keeping the most significant byte.
         DynamicImage::ImageLumaA16(b) => b
             .as_raw()
@@ -172,11 +152,7 @@ pub fn to_rgb_like_pillow(img: &DynamicImage) -> RgbImage {
                 .collect()
         }
     };
-    RgbImage {
-        width,
-        height,
-        data,
-    }
+    RgbImage { width, height, data }
 }
 
 /// Pillow's `ImagingAlphaComposite` of a pixel with alpha `a` over opaque white (7 extra bits of precision,
@@ -214,8 +190,7 @@ mod tests {
 
     fn png_bytes(img: DynamicImage) -> Vec<u8> {
         let mut out = Cursor::new(Vec::new());
-        img.write_to(&mut out, image::ImageFormat::Png)
-            .expect("encode png");
+        img.write_to(&mut out, image::ImageFormat::Png).expect("encode png");
         out.into_inner()
     }
 
@@ -224,29 +199,23 @@ mod tests {
         let la = image::GrayAlphaImage::from_raw(2, 1, vec![10, 255, 200, 255]).expect("la");
         let got = decode_rgb(&png_bytes(DynamicImage::ImageLumaA8(la)), "f", 100).expect("decode");
         assert_eq!(got.data, vec![10, 10, 10, 200, 200, 200]);
-        let rgba =
-            image::RgbaImage::from_raw(3, 1, vec![1, 2, 3, 0, 1, 2, 3, 255, 0, 100, 200, 128])
-                .expect("rgba");
+        let rgba = image::RgbaImage::from_raw(3, 1, vec![1, 2, 3, 0, 1, 2, 3, 255, 0, 100, 200, 128]).expect("rgba");
         let got = decode_rgb(&png_bytes(DynamicImage::ImageRgba8(rgba)), "f", 100).expect("decode");
         assert_eq!(got.data, vec![255, 255, 255, 1, 2, 3, 127, 177, 227]);
-        let rgb16 =
-            image::ImageBuffer::from_raw(1, 1, vec![0x12ffu16, 0xff00, 0x0080]).expect("rgb16");
-        let got =
-            decode_rgb(&png_bytes(DynamicImage::ImageRgb16(rgb16)), "f", 100).expect("decode");
+        let rgb16 = image::ImageBuffer::from_raw(1, 1, vec![0x12ffu16, 0xff00, 0x0080]).expect("rgb16");
+        let got = decode_rgb(&png_bytes(DynamicImage::ImageRgb16(rgb16)), "f", 100).expect("decode");
         assert_eq!(got.data, vec![0x12, 0xff, 0x00]);
     }
 
     #[test]
     fn garbage_and_empty_bytes_are_invalid_input() {
-        let e = decode_rgb(b"definitely not an image", "subjects[0].images[1]", 100)
-            .expect_err("garbage");
+        let e = decode_rgb(b"definitely not an image", "subjects[0].images[1]", 100).expect_err("garbage");
         assert_eq!(e.field, "subjects[0].images[1]");
         assert!(e.value.contains("23 bytes"), "{e}");
         let e = decode_rgb(&[], "subjects[0].images[0]", 100).expect_err("empty");
         assert_eq!(e.field, "subjects[0].images[0]");
         // A PNG signature followed by a truncated header.
-        let e =
-            decode_rgb(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0", "img", 100).expect_err("truncated");
+        let e = decode_rgb(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0", "img", 100).expect_err("truncated");
         assert_eq!(e.field, "img");
         // A valid PNG with its pixel data cut off.
         let full = png_bytes(DynamicImage::new_rgb8(64, 64));

@@ -11,9 +11,9 @@ use super::jpeg_idct::{idct_islow, upsample, ycc_to_rgb, Plane};
 
 /// Natural-order index of the k-th zig-zag coefficient.
 const ZIGZAG: [usize; 64] = [
-    0, 1, 8, 16, 9, 2, 3, 10, 17, 24, 32, 25, 18, 11, 4, 5, 12, 19, 26, 33, 40, 48, 41, 34, 27, 20,
-    13, 6, 7, 14, 21, 28, 35, 42, 49, 56, 57, 50, 43, 36, 29, 22, 15, 23, 30, 37, 44, 51, 58, 59,
-    52, 45, 38, 31, 39, 46, 53, 60, 61, 54, 47, 55, 62, 63,
+    0, 1, 8, 16, 9, 2, 3, 10, 17, 24, 32, 25, 18, 11, 4, 5, 12, 19, 26, 33, 40, 48, 41, 34, 27, 20, 13, 6, 7, 14, 21,
+    28, 35, 42, 49, 56, 57, 50, 43, 36, 29, 22, 15, 23, 30, 37, 44, 51, 58, 59, 52, 45, 38, 31, 39, 46, 53, 60, 61, 54,
+    47, 55, 62, 63,
 ];
 
 /// A canonical Huffman table (JPEG Annex F.2.2.3 decoding procedure).
@@ -327,10 +327,7 @@ fn decode_scan(st: &mut State, seg: &[u8], data: &[u8], start: usize) -> Option<
         let bh = (st.height * c.v).div_ceil(st.vmax).div_ceil(8);
         (bw, bh)
     } else {
-        (
-            st.width.div_ceil(8 * st.hmax),
-            st.height.div_ceil(8 * st.vmax),
-        )
+        (st.width.div_ceil(8 * st.hmax), st.height.div_ceil(8 * st.vmax))
     };
     let mut bits = Bits::new(data, start);
     let mut pred = vec![0i32; st.comps.len()];
@@ -366,14 +363,7 @@ fn decode_scan(st: &mut State, seg: &[u8], data: &[u8], start: usize) -> Option<
     }
 }
 
-fn decode_block(
-    st: &mut State,
-    bits: &mut Bits,
-    pred: &mut [i32],
-    ci: usize,
-    x: usize,
-    y: usize,
-) -> Option<()> {
+fn decode_block(st: &mut State, bits: &mut Bits, pred: &mut [i32], ci: usize, x: usize, y: usize) -> Option<()> {
     let c = &st.comps[ci];
     let dc = st.dc.get(c.dc_table)?.as_ref()?;
     let ac = st.ac.get(c.ac_table)?.as_ref()?;
@@ -416,14 +406,7 @@ fn finish(st: &State) -> Option<RgbImage> {
         let mut data = vec![0u8; stride * c.blocks_h * 8];
         for by in 0..c.blocks_h {
             for bx in 0..c.blocks_w {
-                idct_islow(
-                    &c.coefs[by * c.blocks_w + bx],
-                    quant,
-                    &mut data,
-                    stride,
-                    bx * 8,
-                    by * 8,
-                );
+                idct_islow(&c.coefs[by * c.blocks_w + bx], quant, &mut data, stride, bx * 8, by * 8);
             }
         }
         let plane = Plane {
@@ -441,11 +424,7 @@ fn finish(st: &State) -> Option<RgbImage> {
             let rgb_ids = st.comps.iter().map(|c| c.id).eq([b'R', b'G', b'B']);
             let is_rgb = !st.saw_jfif && st.adobe_transform.map_or(rgb_ids, |t| t == 0);
             if is_rgb {
-                a.iter()
-                    .zip(b)
-                    .zip(c)
-                    .flat_map(|((&r, &g), &b)| [r, g, b])
-                    .collect()
+                a.iter().zip(b).zip(c).flat_map(|((&r, &g), &b)| [r, g, b]).collect()
             } else {
                 ycc_to_rgb(a, b, c)
             }
@@ -468,17 +447,12 @@ mod tests {
 
     fn encode(img: DynamicImage) -> Vec<u8> {
         let mut out = Cursor::new(Vec::new());
-        img.write_to(&mut out, image::ImageFormat::Jpeg)
-            .expect("encode jpeg");
+        img.write_to(&mut out, image::ImageFormat::Jpeg).expect("encode jpeg");
         out.into_inner()
     }
 
     fn max_diff(a: &[u8], b: &[u8]) -> u8 {
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| x.abs_diff(*y))
-            .max()
-            .unwrap_or(0)
+        a.iter().zip(b).map(|(x, y)| x.abs_diff(*y)).max().unwrap_or(0)
     }
 
     #[test]

@@ -80,18 +80,10 @@ fn idct_1d(v: [i64; 8]) -> [i64; 8] {
 
 /// `jpeg_idct_islow`: dequantises one block (`coef` and `quant` in natural order) and writes 8x8 samples into
 /// `out` at `(x0, y0)` of a plane `stride` wide.
-pub fn idct_islow(
-    coef: &[i16; 64],
-    quant: &[u16; 64],
-    out: &mut [u8],
-    stride: usize,
-    x0: usize,
-    y0: usize,
-) {
+pub fn idct_islow(coef: &[i16; 64], quant: &[u16; 64], out: &mut [u8], stride: usize, x0: usize, y0: usize) {
     let mut ws = [0i64; 64];
     for col in 0..8 {
-        let v: [i64; 8] =
-            std::array::from_fn(|r| i64::from(coef[r * 8 + col]) * i64::from(quant[r * 8 + col]));
+        let v: [i64; 8] = std::array::from_fn(|r| i64::from(coef[r * 8 + col]) * i64::from(quant[r * 8 + col]));
         let res = idct_1d(v);
         for (r, x) in res.iter().enumerate() {
             // int workspace in libjpeg.
@@ -145,9 +137,7 @@ pub fn upsample(p: &Plane, fx: usize, fy: usize, out_w: usize, out_h: usize) -> 
             };
             let v = match (fx, fy) {
                 (1, 1) => p.at(ix, iy),
-                (2, 1) if fancy => {
-                    (3 * p.at(ix, iy) + p.at(far_x, iy) + if left { 1 } else { 2 }) >> 2
-                }
+                (2, 1) if fancy => (3 * p.at(ix, iy) + p.at(far_x, iy) + if left { 1 } else { 2 }) >> 2,
                 (1, 2) => (3 * p.at(ix, iy) + p.at(ix, far_y) + if above { 1 } else { 2 }) >> 2,
                 (2, 2) if fancy => {
                     let this = 3 * p.at(ix, iy) + p.at(ix, far_y);

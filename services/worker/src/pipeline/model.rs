@@ -71,7 +71,10 @@ impl MipPipeline {
 
         let ie_dir = &spec.image_encoder;
         let ie_cfg = ClipVisionConfig::from_file(&ie_dir.join("config.json"))?;
-        let ie_ws = Arc::new(WeightSet::from_safetensors(&find_weights(ie_dir, &["model", "pytorch_model"])?)?);
+        let ie_ws = Arc::new(WeightSet::from_safetensors(&find_weights(
+            ie_dir,
+            &["model", "pytorch_model"],
+        )?)?);
         let image_encoder = ie_ws.build(dtype, device, |vb| ClipVisionModel::new(vb, &ie_cfg))?;
         ie_ws.ensure_all_used()?;
         let pp_path = ie_dir.join("preprocessor_config.json");
@@ -165,8 +168,12 @@ impl MipPipeline {
     pub fn encode_text(&self, text: &str) -> Result<TextEmbedding> {
         let ids_1 = self.tokenizer_1.encode_padded(text)?;
         let ids_2 = self.tokenizer_2.encode_padded(text)?;
-        let ids_1 = Tensor::new(ids_1.as_slice(), &self.device).and_then(|t| t.unsqueeze(0)).stage("text")?;
-        let ids_2 = Tensor::new(ids_2.as_slice(), &self.device).and_then(|t| t.unsqueeze(0)).stage("text")?;
+        let ids_1 = Tensor::new(ids_1.as_slice(), &self.device)
+            .and_then(|t| t.unsqueeze(0))
+            .stage("text")?;
+        let ids_2 = Tensor::new(ids_2.as_slice(), &self.device)
+            .and_then(|t| t.unsqueeze(0))
+            .stage("text")?;
         let out_1 = self.text_encoder_1.forward(&ids_1).stage("text_encoder")?;
         let out_2 = self.text_encoder_2.forward(&ids_2).stage("text_encoder_2")?;
         let hidden = Tensor::cat(&[&out_1.penultimate, &out_2.penultimate], D::Minus1).stage("text")?;
@@ -195,14 +202,16 @@ impl MipPipeline {
         let n = self.tokenizer_1.count_tokens(name);
         let limit = self.tokenizer_1.max_length().saturating_sub(2);
         if n == 0 || n > limit {
-            return Err(InvalidInput::new(field, format!("must have 1..={limit} tokens"), format!("{n} tokens")).into());
+            return Err(
+                InvalidInput::new(field, format!("must have 1..={limit} tokens"), format!("{n} tokens")).into(),
+            );
         }
         Ok(n)
     }
 
     /// Decodes and preprocesses one reference image; `field` names it in errors.
     pub fn prepare_image(&self, bytes: &[u8], field: &str) -> Result<PreparedImage> {
-        Ok(self.preprocess.prepare(bytes, field)?)
+        self.preprocess.prepare(bytes, field)
     }
 
     /// Preprocessed pixel values (B, 3, H, W) of prepared images.
@@ -212,7 +221,10 @@ impl MipPipeline {
 
     /// Image tokens (B, T, C) for preprocessed pixels (B, 3, 224, 224).
     pub fn encode_pixels(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        let pixels = pixel_values.to_device(&self.device).and_then(|t| t.to_dtype(self.dtype)).stage("image_encoder")?;
+        let pixels = pixel_values
+            .to_device(&self.device)
+            .and_then(|t| t.to_dtype(self.dtype))
+            .stage("image_encoder")?;
         let out = self.image_encoder.forward(&pixels).stage("image_encoder")?;
         let features = match self.variant() {
             Variant::Plain => out.image_embeds,
@@ -242,8 +254,8 @@ impl MipPipeline {
             }
             Variant::Plus => {
                 let cfg = self.image_encoder.config();
-                let zeros = Tensor::zeros((1, 3, cfg.image_size, cfg.image_size), DType::F32, &self.device)
-                    .stage("uncond")?;
+                let zeros =
+                    Tensor::zeros((1, 3, cfg.image_size, cfg.image_size), DType::F32, &self.device).stage("uncond")?;
                 self.encode_pixels(&zeros)?
             }
         };
@@ -253,7 +265,10 @@ impl MipPipeline {
 
 fn load_text_encoder(dir: &Path, with_projection: bool, dtype: DType, device: &Device) -> Result<ClipTextModel> {
     let cfg = ClipTextConfig::from_file(&dir.join("config.json"))?;
-    let ws = Arc::new(WeightSet::from_safetensors(&find_weights(dir, &["model", "pytorch_model"])?)?);
+    let ws = Arc::new(WeightSet::from_safetensors(&find_weights(
+        dir,
+        &["model", "pytorch_model"],
+    )?)?);
     let model = ws.build(dtype, device, |vb| ClipTextModel::new(vb, &cfg, with_projection))?;
     ws.ensure_all_used()?;
     Ok(model)

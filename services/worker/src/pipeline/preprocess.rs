@@ -18,11 +18,7 @@ use super::resample::{resize_bicubic_window, Window};
 use crate::error::{ForwardContext, InvalidInput, ModelError, Result};
 
 /// CLIP's normalisation mean (OpenAI CLIP).
-pub const CLIP_MEAN: [f32; 3] = [
-    0.481_454_66_f64 as f32,
-    0.457_827_5_f64 as f32,
-    0.408_210_73_f64 as f32,
-];
+pub const CLIP_MEAN: [f32; 3] = [0.481_454_66_f64 as f32, 0.457_827_5_f64 as f32, 0.408_210_73_f64 as f32];
 /// CLIP's normalisation standard deviation (OpenAI CLIP).
 pub const CLIP_STD: [f32; 3] = [
     0.268_629_54_f64 as f32,
@@ -120,15 +116,11 @@ impl PreprocessConfig {
             .as_ref()
             .map_or(Ok(d.image_std), |v| triple(v, "image_std"))?;
         if image_std.iter().any(|&s| s == 0.0 || !s.is_finite()) {
-            return Err(format!(
-                "image_std must be finite and non-zero, got {image_std:?}"
-            ));
+            return Err(format!("image_std must be finite and non-zero, got {image_std:?}"));
         }
         let rescale_factor = raw.rescale_factor.unwrap_or(d.rescale_factor);
         if !rescale_factor.is_finite() {
-            return Err(format!(
-                "rescale_factor must be finite, got {rescale_factor}"
-            ));
+            return Err(format!("rescale_factor must be finite, got {rescale_factor}"));
         }
         Ok(Self {
             do_resize: raw.do_resize.unwrap_or(true),
@@ -151,9 +143,7 @@ impl PreprocessConfig {
 fn edge(v: &Value, what: &str) -> std::result::Result<usize, String> {
     match v.as_u64() {
         Some(n) if n >= 1 && n as usize <= MAX_EDGE => Ok(n as usize),
-        _ => Err(format!(
-            "{what} must be an integer in 1..={MAX_EDGE}, got {v}"
-        )),
+        _ => Err(format!("{what} must be an integer in 1..={MAX_EDGE}, got {v}")),
     }
 }
 
@@ -184,9 +174,7 @@ fn parse_crop(v: &Value) -> std::result::Result<(usize, usize), String> {
     }
     match (v.get("height"), v.get("width")) {
         (Some(h), Some(w)) => Ok((edge(h, "crop_size.height")?, edge(w, "crop_size.width")?)),
-        _ => Err(format!(
-            "crop_size must be an int or {{height, width}}, got {v}"
-        )),
+        _ => Err(format!("crop_size must be an int or {{height, width}}, got {v}")),
     }
 }
 
@@ -247,10 +235,7 @@ impl ClipPreprocessor {
 
     /// Reads `preprocessor_config.json` with the default pixel limit.
     pub fn from_config_file(path: impl AsRef<Path>) -> Result<Self> {
-        Ok(Self::new(
-            PreprocessConfig::from_file(path)?,
-            DEFAULT_MAX_PIXELS,
-        ))
+        Ok(Self::new(PreprocessConfig::from_file(path)?, DEFAULT_MAX_PIXELS))
     }
 
     /// Decodes `bytes` (errors name `field`, e.g. `subjects[0].images[1]`), resizes and crops them.
@@ -323,8 +308,7 @@ impl ClipPreprocessor {
 
     /// [`Self::pixel_values`] as a `(3, H, W)` f32 tensor on `device`.
     pub fn to_tensor(&self, img: &PreparedImage, device: &Device) -> Result<Tensor> {
-        Tensor::from_vec(self.pixel_values(img), (3, img.height, img.width), device)
-            .stage("preprocess")
+        Tensor::from_vec(self.pixel_values(img), (3, img.height, img.width), device).stage("preprocess")
     }
 
     /// Decode, resize, crop and normalise: a `(3, H, W)` f32 tensor.
@@ -353,9 +337,7 @@ mod tests {
 
     fn preprocessor(encoder: &str) -> ClipPreprocessor {
         let dir = fixtures_dir().expect("fixtures");
-        let p =
-            ClipPreprocessor::from_config_file(dir.join(encoder).join("preprocessor_config.json"))
-                .expect("config");
+        let p = ClipPreprocessor::from_config_file(dir.join(encoder).join("preprocessor_config.json")).expect("config");
         assert_eq!(p.config, PreprocessConfig::default());
         p
     }
@@ -363,20 +345,16 @@ mod tests {
     #[test]
     fn preprocess_cases_match_pillow() {
         let dir = fixtures_dir().expect("fixtures").join("cases/preprocess");
-        let names: Vec<String> = serde_json::from_str(
-            &std::fs::read_to_string(dir.join("images.json")).expect("images.json"),
-        )
-        .expect("parse images.json");
+        let names: Vec<String> =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("images.json")).expect("images.json"))
+                .expect("parse images.json");
         let want =
-            candle_core::safetensors::load(dir.join("pixel_values.safetensors"), &Device::Cpu)
-                .expect("pixel_values");
+            candle_core::safetensors::load(dir.join("pixel_values.safetensors"), &Device::Cpu).expect("pixel_values");
         let p = preprocessor("image_encoder");
         let mut failures = Vec::new();
         for name in &names {
             let bytes = std::fs::read(dir.join(name)).expect("image");
-            let got = p
-                .preprocess(&bytes, name, &Device::Cpu)
-                .expect("preprocess");
+            let got = p.preprocess(&bytes, name, &Device::Cpu).expect("preprocess");
             let check = compare(name, &got, &want[name], Tolerance::PIXELS);
             println!("{}", check.line());
             if !check.ok {
@@ -389,22 +367,19 @@ mod tests {
     fn check_case(case: &str, encoder: &str) {
         let dir = fixtures_dir().expect("fixtures").join("cases").join(case);
         let json: Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).expect("case"))
-                .expect("json");
+            serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).expect("case")).expect("json");
         let subjects = json["subjects"].as_array().expect("subjects");
         let p = preprocessor(encoder);
         let mut prepared = Vec::new();
         for (i, s) in subjects.iter().enumerate() {
             for (j, img) in s["images"].as_array().expect("images").iter().enumerate() {
-                let bytes =
-                    std::fs::read(dir.join(img.as_str().expect("path"))).expect("ref image");
+                let bytes = std::fs::read(dir.join(img.as_str().expect("path"))).expect("ref image");
                 let field = format!("subjects[{i}].images[{j}]");
                 prepared.push(p.prepare(&bytes, &field).expect("prepare"));
             }
         }
         let got = p.batch(&prepared, &Device::Cpu).expect("batch");
-        let want = candle_core::safetensors::load(dir.join("tensors.safetensors"), &Device::Cpu)
-            .expect("tensors");
+        let want = candle_core::safetensors::load(dir.join("tensors.safetensors"), &Device::Cpu).expect("tensors");
         let check = compare(
             &format!("{case} ref.pixel_values"),
             &got,
@@ -439,10 +414,7 @@ mod tests {
         let bytes = std::fs::read(dir.join("img2_1000x225_RGB.png")).expect("image");
         let p = ClipPreprocessor::new(PreprocessConfig::default(), DEFAULT_MAX_PIXELS);
         let img = p.prepare(&bytes, "x").expect("prepare");
-        assert_eq!(
-            (img.width, img.height, img.data.len()),
-            (224, 224, 224 * 224 * 3)
-        );
+        assert_eq!((img.width, img.height, img.data.len()), (224, 224, 224 * 224 * 3));
         let cfg = PreprocessConfig {
             crop_width: 230,
             ..PreprocessConfig::default()

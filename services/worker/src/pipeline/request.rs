@@ -90,15 +90,22 @@ impl GenerateRequest {
             }
         }
         if self.steps == 0 || self.steps > MAX_STEPS {
-            return Err(InvalidInput::new("steps", format!("must be in 1..={MAX_STEPS}"), self.steps));
+            return Err(InvalidInput::new(
+                "steps",
+                format!("must be in 1..={MAX_STEPS}"),
+                self.steps,
+            ));
         }
         check_finite("guidance", self.guidance, 0.0, 50.0)?;
         let scale = self.scale.unwrap_or(default_scale);
         check_finite("scale", scale, 0.0, 10.0)?;
-        let scheduler = self
-            .scheduler
-            .parse()
-            .map_err(|_| InvalidInput::new("scheduler", "must be one of euler, ddim, dpmpp_2m_karras", &self.scheduler))?;
+        let scheduler = self.scheduler.parse().map_err(|_| {
+            InvalidInput::new(
+                "scheduler",
+                "must be one of euler, ddim, dpmpp_2m_karras",
+                &self.scheduler,
+            )
+        })?;
         let seed = self.seed.unwrap_or_else(rand::random);
         Ok(ValidRequest {
             prompt: self.prompt,
@@ -143,7 +150,11 @@ fn check_subjects(subjects: &[SubjectRequest]) -> Result<(), InvalidInput> {
     }
     for (i, s) in subjects.iter().enumerate() {
         if s.name.trim().is_empty() {
-            return Err(InvalidInput::new(format!("subjects[{i}].name"), "must not be empty", "\"\""));
+            return Err(InvalidInput::new(
+                format!("subjects[{i}].name"),
+                "must not be empty",
+                "\"\"",
+            ));
         }
         check_text(&format!("subjects[{i}].name"), &s.name, true)?;
         if s.images.is_empty() || s.images.len() > MAX_IMAGES_PER_SUBJECT {
@@ -154,7 +165,11 @@ fn check_subjects(subjects: &[SubjectRequest]) -> Result<(), InvalidInput> {
             ));
         }
         if let Some(j) = s.images.iter().position(|b| b.is_empty()) {
-            return Err(InvalidInput::new(format!("subjects[{i}].images[{j}]"), "must not be empty", "0 bytes"));
+            return Err(InvalidInput::new(
+                format!("subjects[{i}].images[{j}]"),
+                "must not be empty",
+                "0 bytes",
+            ));
         }
     }
     Ok(())
@@ -162,7 +177,11 @@ fn check_subjects(subjects: &[SubjectRequest]) -> Result<(), InvalidInput> {
 
 fn check_finite(field: &str, v: f64, lo: f64, hi: f64) -> Result<(), InvalidInput> {
     if !v.is_finite() || v < lo || v > hi {
-        return Err(InvalidInput::new(field, format!("must be a finite number in {lo}..={hi}"), v));
+        return Err(InvalidInput::new(
+            field,
+            format!("must be a finite number in {lo}..={hi}"),
+            v,
+        ));
     }
     Ok(())
 }
@@ -195,7 +214,8 @@ mod tests {
 
     #[test]
     fn each_bad_field_is_named() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut GenerateRequest)>)> = vec![
+        type Mutate = Box<dyn Fn(&mut GenerateRequest)>;
+        let cases: Vec<(&str, Mutate)> = vec![
             ("prompt", Box::new(|r| r.prompt = " ".into())),
             ("subjects", Box::new(|r| r.subjects.clear())),
             ("subjects[0].name", Box::new(|r| r.subjects[0].name = String::new())),

@@ -130,11 +130,7 @@ pub fn resize_bicubic_window(
     // Source rows the vertical pass reads (or the window's rows when there is no vertical pass).
     let (row0, row1) = if need_vertical {
         let first = vtaps.iter().map(|t| t.start).min().unwrap_or(0);
-        let last = vtaps
-            .iter()
-            .map(|t| t.start + t.weights.len())
-            .max()
-            .unwrap_or(0);
+        let last = vtaps.iter().map(|t| t.start + t.weights.len()).max().unwrap_or(0);
         (first, last.max(first))
     } else {
         (window.y, window.y + window.height)
@@ -147,11 +143,7 @@ pub fn resize_bicubic_window(
 }
 
 /// Resizes the whole image (Pillow BICUBIC).
-pub fn resize_bicubic(
-    src: &RgbImage,
-    out_width: usize,
-    out_height: usize,
-) -> Result<RgbImage, InvalidInput> {
+pub fn resize_bicubic(src: &RgbImage, out_width: usize, out_height: usize) -> Result<RgbImage, InvalidInput> {
     let window = Window {
         x: 0,
         y: 0,
@@ -206,8 +198,7 @@ fn vertical_pass(temp: &RgbImage, vtaps: &[Taps], row0: usize) -> RgbImage {
         };
         for ox in 0..width {
             for c in 0..3 {
-                out.data[(oy * width + ox) * 3 + c] =
-                    convolve(&shifted, |y| temp.data[(y * width + ox) * 3 + c]);
+                out.data[(oy * width + ox) * 3 + c] = convolve(&shifted, |y| temp.data[(y * width + ox) * 3 + c]);
             }
         }
     }
@@ -233,14 +224,7 @@ mod tests {
 
     #[test]
     fn weights_sum_to_one_in_fixed_point() {
-        for (inp, out) in [
-            (300, 224),
-            (97, 224),
-            (1000, 224),
-            (50, 224),
-            (224, 224),
-            (5000, 7),
-        ] {
+        for (inp, out) in [(300, 224), (97, 224), (1000, 224), (50, 224), (224, 224), (5000, 7)] {
             for i in [0, out / 2, out - 1] {
                 let t = taps(inp, out, i);
                 let sum: i64 = t.weights.iter().sum();
@@ -277,11 +261,7 @@ mod tests {
             let part = resize_bicubic_window(&g, w, h, win).expect("window");
             for y in 0..win.height {
                 for x in 0..win.width {
-                    assert_eq!(
-                        part.pixel(x, y),
-                        full.pixel(x + win.x, y + win.y),
-                        "{w}x{h} at {x},{y}"
-                    );
+                    assert_eq!(part.pixel(x, y), full.pixel(x + win.x, y + win.y), "{w}x{h} at {x},{y}");
                 }
             }
         }

@@ -38,8 +38,7 @@ impl ModelSpec {
         if !manifest.is_file() {
             return Err(ModelError::Load {
                 path: manifest,
-                message: "not a model bundle (no mip.json); give --base, --image-encoder and --adapter instead"
-                    .into(),
+                message: "not a model bundle (no mip.json); give --base, --image-encoder and --adapter instead".into(),
             });
         }
         let mut spec: ModelSpec = read_json(&manifest)?;

@@ -65,17 +65,13 @@ impl ClipTokenizer {
         } else {
             build_from_vocab(dir, &specials)?
         };
-        tokenizer
-            .with_truncation(None)
-            .map_err(|e| load_err(&json_path, e))?;
+        tokenizer.with_truncation(None).map_err(|e| load_err(&json_path, e))?;
         tokenizer.with_padding(None);
         let id = |token: &str, role: &str| {
-            tokenizer
-                .token_to_id(token)
-                .ok_or_else(|| ModelError::Config {
-                    path: dir.to_path_buf(),
-                    message: format!("{role} token `{token}` is not in the vocabulary"),
-                })
+            tokenizer.token_to_id(token).ok_or_else(|| ModelError::Config {
+                path: dir.to_path_buf(),
+                message: format!("{role} token `{token}` is not in the vocabulary"),
+            })
         };
         let bos_id = id(&specials.bos, "bos")?;
         let eos_id = id(&specials.eos, "eos")?;
@@ -121,13 +117,10 @@ impl ClipTokenizer {
 
     /// The token ids of `text` without BOS / EOS, untruncated.
     pub fn tokens(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .tokenizer
-            .encode(text, false)
-            .map_err(|e| ModelError::Config {
-                path: self.dir.clone(),
-                message: format!("cannot tokenize: {e}"),
-            })?;
+        let enc = self.tokenizer.encode(text, false).map_err(|e| ModelError::Config {
+            path: self.dir.clone(),
+            message: format!("cannot tokenize: {e}"),
+        })?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -226,10 +219,7 @@ fn build_from_vocab(dir: &Path, specials: &SpecialTokens) -> Result<Tokenizer> {
     let merges = dir.join("merges.txt");
     for p in [&vocab, &merges] {
         if !p.is_file() {
-            return Err(load_err(
-                p,
-                "file not found (and no tokenizer.json beside it)",
-            ));
+            return Err(load_err(p, "file not found (and no tokenizer.json beside it)"));
         }
     }
     let path_str = |p: &Path| p.to_string_lossy().into_owned();
@@ -298,11 +288,7 @@ mod tests {
             assert_eq!(t1.count_tokens(&c.text), c.unpadded_1.len() - 2);
             let tr = t1.encode_truncated(&c.text).expect("truncated");
             assert_eq!(tr.len(), c.unpadded_1.len().min(77));
-            println!(
-                "ok   {label} {:?} ({} tokens)",
-                c.text,
-                c.unpadded_1.len() - 2
-            );
+            println!("ok   {label} {:?} ({} tokens)", c.text, c.unpadded_1.len() - 2);
         }
     }
 

@@ -7,8 +7,7 @@
 
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{
-    conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2d, GroupNorm, LayerNorm, Linear,
-    VarBuilder,
+    conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2d, GroupNorm, LayerNorm, Linear, VarBuilder,
 };
 
 use super::merge::{merged_cross_attention, MergeWeights, PreparedMerge};
@@ -16,9 +15,7 @@ use super::merge::{merged_cross_attention, MergeWeights, PreparedMerge};
 /// `(B, L, H*d)` -> `(B, H, L, d)`, contiguous.
 pub fn split_heads(xs: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
     let (b, l, c) = xs.dims3()?;
-    xs.reshape((b, l, heads, c / heads))?
-        .transpose(1, 2)?
-        .contiguous()
+    xs.reshape((b, l, heads, c / heads))?.transpose(1, 2)?.contiguous()
 }
 
 /// `(B, H, L, d)` -> `(B, L, H*d)`.
@@ -45,16 +42,9 @@ pub struct Attention {
 
 impl Attention {
     /// `query_dim` = inner dim = `heads * dim_head`; `context_dim` is the key/value input size.
-    pub fn new(
-        vb: VarBuilder,
-        query_dim: usize,
-        context_dim: usize,
-        heads: usize,
-    ) -> candle_core::Result<Self> {
+    pub fn new(vb: VarBuilder, query_dim: usize, context_dim: usize, heads: usize) -> candle_core::Result<Self> {
         if heads == 0 || !query_dim.is_multiple_of(heads) {
-            candle_core::bail!(
-                "attention: {query_dim} channels cannot be split into {heads} heads"
-            );
+            candle_core::bail!("attention: {query_dim} channels cannot be split into {heads} heads");
         }
         Ok(Self {
             to_q: linear_no_bias(query_dim, query_dim, vb.pp("to_q"))?,
@@ -73,13 +63,7 @@ impl Attention {
 
     /// Multi-head attention of the split queries `q` `(B, H, L, d)` over keys/values projected from `ctx` by
     /// `to_k`/`to_v`; returns `(B, L, H*d)` before `to_out`.
-    pub fn attend(
-        &self,
-        q: &Tensor,
-        ctx: &Tensor,
-        to_k: &Linear,
-        to_v: &Linear,
-    ) -> candle_core::Result<Tensor> {
+    pub fn attend(&self, q: &Tensor, ctx: &Tensor, to_k: &Linear, to_v: &Linear) -> candle_core::Result<Tensor> {
         let k = split_heads(&to_k.forward(ctx)?, self.heads)?;
         let v = split_heads(&to_v.forward(ctx)?, self.heads)?;
         let p = self.probs(q, &k)?.to_dtype(v.dtype())?;
@@ -172,12 +156,10 @@ impl BasicTransformerBlock {
         let h = self.norm2.forward(&xs)?;
         let a2 = match (&ctx.merge, &self.merge) {
             (None, _) => self.attn2.forward(&h, &ctx.encoder_hidden_states)?,
-            (Some(m), Some(w)) => {
-                merged_cross_attention(&self.attn2, w, &h, &ctx.encoder_hidden_states, m)?
+            (Some(m), Some(w)) => merged_cross_attention(&self.attn2, w, &h, &ctx.encoder_hidden_states, m)?,
+            (Some(_), None) => {
+                candle_core::bail!("unet: a weighted merge was requested but no adapter weights are loaded")
             }
-            (Some(_), None) => candle_core::bail!(
-                "unet: a weighted merge was requested but no adapter weights are loaded"
-            ),
         };
         let xs = (a2 + xs)?;
         let h = self.norm3.forward(&xs)?;
@@ -193,12 +175,7 @@ enum Proj {
 }
 
 impl Proj {
-    fn new(
-        vb: VarBuilder,
-        c_in: usize,
-        c_out: usize,
-        use_linear: bool,
-    ) -> candle_core::Result<Self> {
+    fn new(vb: VarBuilder, c_in: usize, c_out: usize, use_linear: bool) -> candle_core::Result<Self> {
         Ok(if use_linear {
             Self::Linear(linear(c_in, c_out, vb)?)
         } else {
@@ -265,15 +242,8 @@ impl Transformer2DModel {
             t = block.forward(&t, ctx)?;
         }
         let t = match &self.proj_out {
-            Proj::Linear(lin) => lin
-                .forward(&t)?
-                .reshape((b, h, w, c))?
-                .permute((0, 3, 1, 2))?,
-            Proj::Conv(conv) => conv.forward(
-                &t.reshape((b, h, w, c))?
-                    .permute((0, 3, 1, 2))?
-                    .contiguous()?,
-            )?,
+            Proj::Linear(lin) => lin.forward(&t)?.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?,
+            Proj::Conv(conv) => conv.forward(&t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()?)?,
         };
         t + xs
     }

@@ -24,11 +24,7 @@ impl<'a> AdapterCursor<'a> {
     }
 
     /// The weights of the next transformer block's `attn2`.
-    pub fn next_block(
-        &mut self,
-        hidden: usize,
-        context_dim: usize,
-    ) -> candle_core::Result<Option<MergeWeights>> {
+    pub fn next_block(&mut self, hidden: usize, context_dim: usize) -> candle_core::Result<Option<MergeWeights>> {
         let k = self.next + 1;
         self.next += 2;
         match &self.vb {
@@ -96,26 +92,13 @@ impl Layers {
             let merges = (0..layers)
                 .map(|_| cursor.next_block(plan.out_channels, plan.cross_attention_dim))
                 .collect::<candle_core::Result<Vec<_>>>()?;
-            attentions.push(Transformer2DModel::new(
-                vb.pp("attentions").pp(j),
-                cfg,
-                merges,
-            )?);
+            attentions.push(Transformer2DModel::new(vb.pp("attentions").pp(j), cfg, merges)?);
         }
-        Ok(Self {
-            resnets,
-            attentions,
-        })
+        Ok(Self { resnets, attentions })
     }
 
     /// Resnet `j`, then transformer `j` when there is one.
-    fn step(
-        &self,
-        j: usize,
-        xs: &Tensor,
-        temb: &Tensor,
-        ctx: &CrossContext,
-    ) -> candle_core::Result<Tensor> {
+    fn step(&self, j: usize, xs: &Tensor, temb: &Tensor, ctx: &CrossContext) -> candle_core::Result<Tensor> {
         let h = self.resnets[j].forward(xs, temb)?;
         match self.attentions.get(j) {
             Some(attn) => attn.forward(&h, ctx),
@@ -149,10 +132,7 @@ impl DownBlock {
         } else {
             None
         };
-        Ok(Self {
-            layers,
-            downsampler,
-        })
+        Ok(Self { layers, downsampler })
     }
 
     /// Runs the block, pushing every intermediate output (the skip connections) onto `skips`.
@@ -195,12 +175,7 @@ impl MidBlock {
         })
     }
 
-    pub fn forward(
-        &self,
-        xs: &Tensor,
-        temb: &Tensor,
-        ctx: &CrossContext,
-    ) -> candle_core::Result<Tensor> {
+    pub fn forward(&self, xs: &Tensor, temb: &Tensor, ctx: &CrossContext) -> candle_core::Result<Tensor> {
         let mut h = self.layers.resnets[0].forward(xs, temb)?;
         for (attn, resnet) in self.layers.attentions.iter().zip(&self.layers.resnets[1..]) {
             h = attn.forward(&h, ctx)?;
@@ -226,10 +201,7 @@ impl UpBlock {
     ) -> candle_core::Result<Self> {
         let layers = Layers::new(&vb, plan, common, 1.0, cursor)?;
         let upsampler = if plan.resample {
-            Some(Upsample2D::new(
-                vb.pp("upsamplers").pp(0),
-                plan.out_channels,
-            )?)
+            Some(Upsample2D::new(vb.pp("upsamplers").pp(0), plan.out_channels)?)
         } else {
             None
         };

@@ -21,10 +21,7 @@ impl<T: Clone> OneOrMany<T> {
         match self {
             Self::One(v) => Ok(vec![v.clone(); n]),
             Self::Many(v) if v.len() == n => Ok(v.clone()),
-            Self::Many(v) => candle_core::bail!(
-                "unet config `{field}` has {} entries, expected {n}",
-                v.len()
-            ),
+            Self::Many(v) => candle_core::bail!("unet config `{field}` has {} entries, expected {n}", v.len()),
         }
     }
 }
@@ -157,7 +154,9 @@ impl UNetConfig {
         self.check_supported()?;
         let n = self.block_out_channels.len();
         if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
-            candle_core::bail!("unet config: block_out_channels, down_block_types and up_block_types must have equal, non-zero length");
+            candle_core::bail!(
+                "unet config: block_out_channels, down_block_types and up_block_types must have equal, non-zero length"
+            );
         }
         let heads = match &self.num_attention_heads {
             Some(h) => h.per_block(n, "num_attention_heads")?,
@@ -167,9 +166,7 @@ impl UNetConfig {
         let tlayers = self
             .transformer_layers_per_block
             .per_block(n, "transformer_layers_per_block")?;
-        let xdim = self
-            .cross_attention_dim
-            .per_block(n, "cross_attention_dim")?;
+        let xdim = self.cross_attention_dim.per_block(n, "cross_attention_dim")?;
         let ch = &self.block_out_channels;
 
         let mut down = Vec::with_capacity(n);
@@ -197,10 +194,7 @@ impl UNetConfig {
             prev = out;
         }
 
-        let mid_type = self
-            .mid_block_type
-            .as_deref()
-            .unwrap_or("UNetMidBlock2DCrossAttn");
+        let mid_type = self.mid_block_type.as_deref().unwrap_or("UNetMidBlock2DCrossAttn");
         if mid_type != "UNetMidBlock2DCrossAttn" {
             candle_core::bail!("unet config: unsupported mid_block_type `{mid_type}`");
         }
@@ -261,7 +255,9 @@ impl UNetConfig {
                 (Some(LayersPerUpBlock::Nested(v)), true) => {
                     let l = get(v, i)?.clone();
                     if l.len() != count {
-                        candle_core::bail!("unet config: reverse_transformer_layers_per_block[{i}] needs {count} entries");
+                        candle_core::bail!(
+                            "unet config: reverse_transformer_layers_per_block[{i}] needs {count} entries"
+                        );
                     }
                     l
                 }
@@ -288,18 +284,10 @@ impl UNetConfig {
         if self.encoder_hid_dim_type.is_some() {
             return unsupported("encoder_hid_dim_type");
         }
-        if self
-            .resnet_time_scale_shift
-            .as_deref()
-            .is_some_and(|s| s != "default")
-        {
+        if self.resnet_time_scale_shift.as_deref().is_some_and(|s| s != "default") {
             return unsupported("resnet_time_scale_shift");
         }
-        if self
-            .time_embedding_type
-            .as_deref()
-            .is_some_and(|s| s != "positional")
-        {
+        if self.time_embedding_type.as_deref().is_some_and(|s| s != "positional") {
             return unsupported("time_embedding_type");
         }
         if self.time_embedding_act_fn.is_some() {
@@ -389,14 +377,8 @@ mod tests {
         assert_eq!(plan.down[1].resnets, vec![(320, 640), (640, 640)]);
         assert_eq!(plan.mid.layers, vec![10]);
         assert_eq!(plan.up[0].layers, vec![10, 10, 10]);
-        assert_eq!(
-            plan.up[0].resnets,
-            vec![(2560, 1280), (2560, 1280), (1920, 1280)]
-        );
-        assert_eq!(
-            plan.up[1].resnets,
-            vec![(1920, 640), (1280, 640), (960, 640)]
-        );
+        assert_eq!(plan.up[0].resnets, vec![(2560, 1280), (2560, 1280), (1920, 1280)]);
+        assert_eq!(plan.up[1].resnets, vec![(1920, 640), (1280, 640), (960, 640)]);
         assert_eq!(plan.up[2].resnets, vec![(960, 320), (640, 320), (640, 320)]);
         assert!(!plan.up[2].cross_attn && plan.up[2].layers.is_empty());
         // SDXL base has 70 transformer blocks (140 attention processors in the IP-Adapter checkpoints).

@@ -18,9 +18,7 @@ pub fn timestep_features(
     let half = dim / 2;
     let log_period = -(10000f64.ln() as f32);
     let denom = half as f32 - shift as f32;
-    let freqs: Vec<f32> = (0..half)
-        .map(|i| ((log_period * i as f32) / denom).exp())
-        .collect();
+    let freqs: Vec<f32> = (0..half).map(|i| ((log_period * i as f32) / denom).exp()).collect();
     let freqs = Tensor::from_vec(freqs, (1, half), timesteps.device())?;
     let t = timesteps.to_dtype(DType::F32)?.unsqueeze(1)?;
     let args = t.broadcast_mul(&freqs)?;
@@ -79,14 +77,9 @@ pub struct UNetEmbeddings {
 
 impl UNetEmbeddings {
     /// Loads `time_embedding.*` and (with `addition_embed_type: text_time`) `add_embedding.*` from the UNet root.
-    pub fn new(
-        vb: VarBuilder,
-        cfg: &UNetConfig,
-        time_embed_dim: usize,
-    ) -> candle_core::Result<Self> {
+    pub fn new(vb: VarBuilder, cfg: &UNetConfig, time_embed_dim: usize) -> candle_core::Result<Self> {
         let features_dim = cfg.block_out_channels[0];
-        let time_embedding =
-            TimestepEmbedding::new(vb.pp("time_embedding"), features_dim, time_embed_dim)?;
+        let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), features_dim, time_embed_dim)?;
         let add_embedding = match cfg.text_time()? {
             None => None,
             Some((time_dim, proj_dim)) => Some(AddEmbedding {
@@ -115,8 +108,7 @@ impl UNetEmbeddings {
         device: &Device,
     ) -> candle_core::Result<Tensor> {
         let t = Tensor::full(timestep as f32, batch, device)?;
-        let t_feat =
-            timestep_features(&t, self.features_dim, self.flip_sin_to_cos, self.freq_shift)?;
+        let t_feat = timestep_features(&t, self.features_dim, self.flip_sin_to_cos, self.freq_shift)?;
         let emb = self.time_embedding.forward(&t_feat.to_dtype(dtype)?)?;
         let Some(add) = &self.add_embedding else {
             return Ok(emb);
@@ -124,11 +116,12 @@ impl UNetEmbeddings {
         let (b_ids, _) = time_ids.dims2()?;
         let (b_txt, _) = text_embeds.dims2()?;
         if b_ids != batch || b_txt != batch {
-            candle_core::bail!("unet: time_ids ({b_ids}) and text_embeds ({b_txt}) batch must equal the sample batch {batch}");
+            candle_core::bail!(
+                "unet: time_ids ({b_ids}) and text_embeds ({b_txt}) batch must equal the sample batch {batch}"
+            );
         }
         let ids = time_ids.flatten_all()?;
-        let ids_feat =
-            timestep_features(&ids, add.time_dim, self.flip_sin_to_cos, self.freq_shift)?;
+        let ids_feat = timestep_features(&ids, add.time_dim, self.flip_sin_to_cos, self.freq_shift)?;
         let ids_feat = ids_feat.reshape((batch, ()))?;
         let add_in = Tensor::cat(&[&text_embeds.to_dtype(DType::F32)?, &ids_feat], D::Minus1)?;
         let aug = add.mlp.forward(&add_in.to_dtype(dtype)?)?;

@@ -95,7 +95,9 @@ impl<'a> PreparedMerge<'a> {
             );
         }
         if eb != b || ec != c {
-            candle_core::bail!("merge: entity_text_embeds ({eb}, {n}, {se}, {ec}) does not fit the context ({b}, {s}, {c})");
+            candle_core::bail!(
+                "merge: entity_text_embeds ({eb}, {n}, {se}, {ec}) does not fit the context ({b}, {s}, {c})"
+            );
         }
         if cond.num_tokens == 0 || n * cond.num_tokens >= s {
             candle_core::bail!(
@@ -112,12 +114,7 @@ impl<'a> PreparedMerge<'a> {
         let rows = lens
             .iter()
             .enumerate()
-            .map(|(i, &len)| {
-                cond.entity_text_embeds
-                    .narrow(1, i, 1)?
-                    .squeeze(1)?
-                    .narrow(1, 1, len)
-            })
+            .map(|(i, &len)| cond.entity_text_embeds.narrow(1, i, 1)?.squeeze(1)?.narrow(1, 1, len))
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
             name_embeds: Tensor::cat(&rows, 1)?.to_dtype(context.dtype())?,
@@ -149,8 +146,7 @@ fn object_weights(
     }
     let maps = Tensor::cat(&per_object, 1)?; // (B, N, L)
     let maps = maps.broadcast_div(&maps.sum_keepdim(1)?)?;
-    let tw = candle_nn::ops::sigmoid(&w.text_to_weight.forward(text_out)?.to_dtype(DType::F32)?)?
-        .squeeze(D::Minus1)?;
+    let tw = candle_nn::ops::sigmoid(&w.text_to_weight.forward(text_out)?.to_dtype(DType::F32)?)?.squeeze(D::Minus1)?;
     let tw = tw.broadcast_div(&tw.mean_keepdim(1)?)?; // (B, L)
     Ok((maps.broadcast_mul(&tw.unsqueeze(1)?)?, tw))
 }
@@ -181,10 +177,7 @@ pub fn merged_cross_attention(
     let scores = (q.matmul(&k.t()?)? * attn.scale)?.reshape((b, h, l, n, t))?;
     let p = softmax_f32(&scores)?;
     let coef = (weights.transpose(1, 2)? * m.scale)?.reshape((b, 1, l, n, 1))?;
-    let p = p
-        .broadcast_mul(&coef)?
-        .reshape((b, h, l, n * t))?
-        .to_dtype(v.dtype())?;
+    let p = p.broadcast_mul(&coef)?.reshape((b, h, l, n * t))?.to_dtype(v.dtype())?;
     let merged = merge_heads(&p.matmul(&v)?)?;
     let out = attn.project_out(&(text_out + merged)?)?;
 

@@ -79,11 +79,7 @@ fn conv_k(c_in: usize, c_out: usize, k: usize, vb: VarBuilder) -> candle_core::R
 
 impl UNet2DConditionModel {
     /// Loads the UNet from `vb` (diffusers keys) and, with `adapter`, the weighted-merge weights of every `attn2`.
-    pub fn new(
-        vb: VarBuilder,
-        cfg: &UNetConfig,
-        adapter: Option<AdapterWeights>,
-    ) -> candle_core::Result<Self> {
+    pub fn new(vb: VarBuilder, cfg: &UNetConfig, adapter: Option<AdapterWeights>) -> candle_core::Result<Self> {
         let plan = cfg.plan()?;
         let ch = &cfg.block_out_channels;
         let common = BlockCommon {
@@ -128,18 +124,8 @@ impl UNet2DConditionModel {
             down_blocks,
             mid_block,
             up_blocks,
-            conv_norm_out: group_norm(
-                cfg.norm_num_groups,
-                ch[0],
-                cfg.norm_eps,
-                vb.pp("conv_norm_out"),
-            )?,
-            conv_out: conv_k(
-                ch[0],
-                cfg.out_channels,
-                cfg.conv_out_kernel,
-                vb.pp("conv_out"),
-            )?,
+            conv_norm_out: group_norm(cfg.norm_num_groups, ch[0], cfg.norm_eps, vb.pp("conv_norm_out"))?,
+            conv_out: conv_k(ch[0], cfg.out_channels, cfg.conv_out_kernel, vb.pp("conv_out"))?,
             num_processors: cursor.count(),
             has_adapter,
         })
@@ -157,12 +143,7 @@ impl UNet2DConditionModel {
     }
 
     /// Predicts the noise of `sample` `(B, C_in, H, W)` at `timestep`.
-    pub fn forward(
-        &self,
-        sample: &Tensor,
-        timestep: f64,
-        cond: &UNetCond,
-    ) -> candle_core::Result<Tensor> {
+    pub fn forward(&self, sample: &Tensor, timestep: f64, cond: &UNetCond) -> candle_core::Result<Tensor> {
         let (batch, _, _, _) = sample.dims4()?;
         let ctx_batch = cond.encoder_hidden_states.dim(0)?;
         if ctx_batch != batch {
@@ -172,9 +153,7 @@ impl UNet2DConditionModel {
         let context = cond.encoder_hidden_states.to_dtype(dtype)?;
         let merge = match &cond.merge {
             Some(_) if !self.has_adapter => {
-                candle_core::bail!(
-                    "unet: a weighted merge was requested but no adapter weights are loaded"
-                )
+                candle_core::bail!("unet: a weighted merge was requested but no adapter weights are loaded")
             }
             Some(m) => Some(merge::PreparedMerge::new(m, &context)?),
             None => None,

@@ -27,13 +27,7 @@ pub struct ResnetConfig {
     pub output_scale_factor: f64,
 }
 
-fn conv3(
-    c_in: usize,
-    c_out: usize,
-    stride: usize,
-    padding: usize,
-    vb: VarBuilder,
-) -> candle_core::Result<Conv2d> {
+fn conv3(c_in: usize, c_out: usize, stride: usize, padding: usize, vb: VarBuilder) -> candle_core::Result<Conv2d> {
     let cfg = Conv2dConfig {
         padding,
         stride,
@@ -46,13 +40,7 @@ impl ResnetBlock2D {
     pub fn new(vb: VarBuilder, cfg: ResnetConfig) -> candle_core::Result<Self> {
         let (c_in, c_out) = (cfg.in_channels, cfg.out_channels);
         let conv_shortcut = if c_in != c_out {
-            Some(conv2d(
-                c_in,
-                c_out,
-                1,
-                Default::default(),
-                vb.pp("conv_shortcut"),
-            )?)
+            Some(conv2d(c_in, c_out, 1, Default::default(), vb.pp("conv_shortcut"))?)
         } else {
             None
         };
@@ -107,9 +95,7 @@ impl Downsample2D {
 impl Module for Downsample2D {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         if self.pad_right_bottom {
-            let xs = xs
-                .pad_with_zeros(D::Minus1, 0, 1)?
-                .pad_with_zeros(D::Minus2, 0, 1)?;
+            let xs = xs.pad_with_zeros(D::Minus1, 0, 1)?.pad_with_zeros(D::Minus2, 0, 1)?;
             self.conv.forward(&xs)
         } else {
             self.conv.forward(xs)
@@ -132,11 +118,7 @@ impl Upsample2D {
     }
 
     /// Resizes `xs` to `size` (`None`: twice its size) and applies the conv.
-    pub fn forward(
-        &self,
-        xs: &Tensor,
-        size: Option<(usize, usize)>,
-    ) -> candle_core::Result<Tensor> {
+    pub fn forward(&self, xs: &Tensor, size: Option<(usize, usize)>) -> candle_core::Result<Tensor> {
         let (_, _, h, w) = xs.dims4()?;
         let (th, tw) = size.unwrap_or((2 * h, 2 * w));
         self.conv.forward(&xs.upsample_nearest2d(th, tw)?)

@@ -25,8 +25,7 @@ fn load_tensors(path: &Path) -> HashMap<String, Tensor> {
 }
 
 fn get<'a>(t: &'a HashMap<String, Tensor>, key: &str) -> &'a Tensor {
-    t.get(key)
-        .unwrap_or_else(|| panic!("fixture tensor `{key}` missing"))
+    t.get(key).unwrap_or_else(|| panic!("fixture tensor `{key}` missing"))
 }
 
 /// The adapter's `ip_adapter.*` tensors alone (the `image_proj.*` ones belong to the projection model).
@@ -53,11 +52,7 @@ fn load_unet_as(adapter: Option<&Arc<WeightSet>>, dtype: DType) -> UNet2DConditi
     let avb = adapter.map(|a| a.var_builder(dtype, &dev()));
     let unet = ws
         .build(dtype, &dev(), |vb| {
-            UNet2DConditionModel::new(
-                vb,
-                &cfg,
-                avb.map(|v| AdapterWeights::new(v.pp("ip_adapter"))),
-            )
+            UNet2DConditionModel::new(vb, &cfg, avb.map(|v| AdapterWeights::new(v.pp("ip_adapter"))))
         })
         .expect("build unet");
     ws.ensure_all_used().expect("every unet tensor used");
@@ -68,10 +63,7 @@ fn load_unet_as(adapter: Option<&Arc<WeightSet>>, dtype: DType) -> UNet2DConditi
 }
 
 fn scalar(t: &Tensor) -> f64 {
-    t.flatten_all()
-        .expect("flat")
-        .to_vec1::<f32>()
-        .expect("vec")[0] as f64
+    t.flatten_all().expect("flat").to_vec1::<f32>().expect("vec")[0] as f64
 }
 
 #[test]
@@ -87,12 +79,7 @@ fn plain_unet_matches_fixture() {
     let out = unet
         .forward(get(&t, "sample"), scalar(get(&t, "timestep")), &cond)
         .expect("forward");
-    let check = compare(
-        "plain_unet.noise_pred",
-        &out,
-        get(&t, "noise_pred"),
-        Tolerance::MODEL,
-    );
+    let check = compare("plain_unet.noise_pred", &out, get(&t, "noise_pred"), Tolerance::MODEL);
     println!("{}", check.line());
     assert!(check.ok, "{}", check.line());
 }
@@ -126,11 +113,7 @@ fn run_case(case: &str, adapter_file: &str) {
         }),
     };
     let out = unet
-        .forward(
-            get(&t, "unet.sample"),
-            scalar(get(&t, "unet.timestep")),
-            &cond,
-        )
+        .forward(get(&t, "unet.sample"), scalar(get(&t, "unet.timestep")), &cond)
         .expect("forward");
     let cap = slot.lock().expect("lock").take().expect("capture filled");
     let checks = [
@@ -180,28 +163,17 @@ fn sdxl_two_objects_matches_fixture() {
 
 #[test]
 fn sdxl_plus_two_objects_multi_ref_matches_fixture() {
-    run_case(
-        "sdxl_plus_two_objects_multi_ref",
-        "mip_sdxl_plus_2obj.safetensors",
-    );
+    run_case("sdxl_plus_two_objects_multi_ref", "mip_sdxl_plus_2obj.safetensors");
 }
 
 /// A merge call with `n` subjects derived from the two-object case, on a latent of `h` x `w`.
-fn derived_call(
-    unet: &UNet2DConditionModel,
-    n: usize,
-    h: usize,
-    w: usize,
-) -> (Tensor, MergeCapture) {
+fn derived_call(unet: &UNet2DConditionModel, n: usize, h: usize, w: usize) -> (Tensor, MergeCapture) {
     let t = load_tensors(&dir().join("cases/sdxl_two_objects/tensors.safetensors"));
     let (tokens, lens) = (4, (0..n).map(|i| 1 + i % 3).collect::<Vec<_>>());
     let ctx = get(&t, "unet.encoder_hidden_states");
     let text = ctx.narrow(1, 0, 77).expect("text");
     let image: Vec<Tensor> = (0..n)
-        .map(|i| {
-            (ctx.narrow(1, 77 + (i % 2) * tokens, tokens).expect("img") * (1.0 + 0.1 * i as f64))
-                .expect("mul")
-        })
+        .map(|i| (ctx.narrow(1, 77 + (i % 2) * tokens, tokens).expect("img") * (1.0 + 0.1 * i as f64)).expect("mul"))
         .collect();
     let mut parts = vec![text];
     parts.extend(image);
@@ -236,10 +208,7 @@ fn assert_finite(name: &str, t: &Tensor) {
         .expect("f64")
         .to_vec1::<f64>()
         .expect("vec");
-    assert!(
-        v.iter().all(|x| x.is_finite()),
-        "{name} has non-finite values"
-    );
+    assert!(v.iter().all(|x| x.is_finite()), "{name} has non-finite values");
 }
 
 #[test]
@@ -307,8 +276,7 @@ fn merge_without_adapter_is_an_error() {
 
 #[test]
 fn missing_adapter_key_is_named() {
-    let mut ws = WeightSet::from_safetensors(&dir().join("adapter/mip_sdxl_2obj.safetensors"))
-        .expect("adapter");
+    let mut ws = WeightSet::from_safetensors(&dir().join("adapter/mip_sdxl_2obj.safetensors")).expect("adapter");
     ws.remove("ip_adapter.33.to_v_ip.weight");
     let adapter = Arc::new(ws);
     let unet_dir = dir().join("sdxl/unet");
@@ -321,10 +289,7 @@ fn missing_adapter_key_is_named() {
             UNet2DConditionModel::new(vb, &cfg, Some(AdapterWeights::new(avb.pp("ip_adapter"))))
         })
         .expect_err("missing key");
-    assert!(
-        err.to_string().contains("ip_adapter.33.to_v_ip.weight"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("ip_adapter.33.to_v_ip.weight"), "{err}");
 }
 
 #[test]
@@ -352,20 +317,13 @@ fn half_precision_stays_close_to_f32() {
                 capture: None,
             }),
         };
-        let out = unet
-            .forward(&cast("unet.sample"), 500.0, &cond)
-            .expect("forward");
+        let out = unet.forward(&cast("unet.sample"), 500.0, &cond).expect("forward");
         assert_eq!(out.dtype(), dtype);
         // Loose bounds (f16 ~1e-3, bf16 ~8e-3 relative per op): a check that the reduced-precision path
         // computes the same function, not a parity bound.
         let rel = if dtype == DType::F16 { 1e-2 } else { 5e-2 };
         let name = format!("{dtype:?}.noise_pred vs f32 reference");
-        let check = compare(
-            &name,
-            &out,
-            get(&t, "unet.noise_pred"),
-            Tolerance::Scaled(rel),
-        );
+        let check = compare(&name, &out, get(&t, "unet.noise_pred"), Tolerance::Scaled(rel));
         println!("{}", check.line());
         assert!(check.ok, "{}", check.line());
     }

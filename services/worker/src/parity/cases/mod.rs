@@ -70,7 +70,8 @@ impl Default for RunOptions {
 /// Runs everything in `dir`, calling `report` with each check as it is made; returns all checks.
 pub fn run_dir(dir: &Path, opts: &RunOptions, report: &mut dyn FnMut(&Check)) -> Result<Vec<Check>, String> {
     let index_path = dir.join("index.json");
-    let text = std::fs::read_to_string(&index_path).map_err(|e| format!("cannot read `{}`: {e}", index_path.display()))?;
+    let text =
+        std::fs::read_to_string(&index_path).map_err(|e| format!("cannot read `{}`: {e}", index_path.display()))?;
     let index: Index = serde_json::from_str(&text).map_err(|e| format!("bad `{}`: {e}", index_path.display()))?;
     let mut checks = Vec::new();
     let mut push = |c: Check| {
@@ -88,7 +89,10 @@ pub fn run_dir(dir: &Path, opts: &RunOptions, report: &mut dyn FnMut(&Check)) ->
     }
     for case in &index.cases {
         let case_dir = dir.join(case);
-        let name = case.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = case
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         if case_dir.join("case.json").is_file() {
             pipeline_case::run(&case_dir, &name, opts, &mut push);
         } else if case_dir.join("images.json").is_file() {
@@ -96,7 +100,10 @@ pub fn run_dir(dir: &Path, opts: &RunOptions, report: &mut dyn FnMut(&Check)) ->
         } else if case_dir.join("tensors.safetensors").is_file() {
             simple_cases::plain_unet(&case_dir, &name, &base, opts, &mut push);
         } else {
-            push(Check::failed(name, "unknown case layout (no case.json, images.json or tensors.safetensors)"));
+            push(Check::failed(
+                name,
+                "unknown case layout (no case.json, images.json or tensors.safetensors)",
+            ));
         }
     }
     Ok(checks)
@@ -110,13 +117,18 @@ pub(crate) struct Golden {
 
 impl Golden {
     pub(crate) fn load(file: &Path) -> Result<Self, String> {
-        let tensors =
-            candle_core::safetensors::load(file, &Device::Cpu).map_err(|e| format!("cannot read `{}`: {e}", file.display()))?;
-        Ok(Self { tensors, file: file.to_owned() })
+        let tensors = candle_core::safetensors::load(file, &Device::Cpu)
+            .map_err(|e| format!("cannot read `{}`: {e}", file.display()))?;
+        Ok(Self {
+            tensors,
+            file: file.to_owned(),
+        })
     }
 
     pub(crate) fn get(&self, key: &str) -> Result<&Tensor, String> {
-        self.tensors.get(key).ok_or_else(|| format!("`{key}` absent from `{}`", self.file.display()))
+        self.tensors
+            .get(key)
+            .ok_or_else(|| format!("`{key}` absent from `{}`", self.file.display()))
     }
 
     pub(crate) fn has(&self, key: &str) -> bool {

@@ -29,7 +29,7 @@ fn run_inner(dir: &Path, name: &str, opts: &super::RunOptions, push: &mut dyn Fn
         base: dir.join(&case.model),
         image_encoder: dir.join(&case.image_encoder),
         adapter: dir.join(&case.adapter),
-        resampler: case.resampler.clone(),
+        resampler: case.resampler,
         default_size: None,
     };
     let p = MipPipeline::load(&spec, &opts.device, DType::F32).map_err(|e| format!("load: {e}"))?;
@@ -43,14 +43,30 @@ fn run_inner(dir: &Path, name: &str, opts: &super::RunOptions, push: &mut dyn Fn
         .zip(&case.subjects)
         .map(|(tokens, s)| {
             let len = p.name_token_len(&s.name, "name").map_err(|e| e.to_string())?;
-            Ok(EncodedSubject { tokens, name: p.encode_text(&s.name).map_err(|e| e.to_string())?, name_token_len: len })
+            Ok(EncodedSubject {
+                tokens,
+                name: p.encode_text(&s.name).map_err(|e| e.to_string())?,
+                name_token_len: len,
+            })
         })
         .collect::<Result<_, String>>()?;
     for (i, (e, want)) in encoded.iter().zip(&case.entity_token_lens).enumerate() {
-        push(Check::equal(format!("{name}/entity_token_lens[{i}]"), &e.name_token_len, want));
+        push(Check::equal(
+            format!("{name}/entity_token_lens[{i}]"),
+            &e.name_token_len,
+            want,
+        ));
     }
     let cond = p
-        .conditioning(&prompt, &negative, &negative_name, &encoded, case.width, case.height, case.scale)
+        .conditioning(
+            &prompt,
+            &negative,
+            &negative_name,
+            &encoded,
+            case.width,
+            case.height,
+            case.scale,
+        )
         .map_err(|e| e.to_string())?;
     for (key, got) in [
         ("unet.encoder_hidden_states", &cond.encoder_hidden_states),
@@ -101,7 +117,10 @@ fn reference_stage(
         let mut images = Vec::new();
         for (j, img) in s.images.iter().enumerate() {
             let bytes = std::fs::read(dir.join(img)).map_err(|e| format!("{}: {e}", img.display()))?;
-            images.push(p.prepare_image(&bytes, &format!("subjects[{i}].images[{j}]")).map_err(|e| e.to_string())?);
+            images.push(
+                p.prepare_image(&bytes, &format!("subjects[{i}].images[{j}]"))
+                    .map_err(|e| e.to_string())?,
+            );
         }
         per_subject.push(images);
     }
@@ -117,13 +136,27 @@ fn reference_stage(
             out.image_embeds
         }
         Variant::Plus => {
-            push(g.check(name, "ref.penultimate_hidden_states", &out.penultimate, Tolerance::MODEL));
+            push(g.check(
+                name,
+                "ref.penultimate_hidden_states",
+                &out.penultimate,
+                Tolerance::MODEL,
+            ));
             if g.has("ref.uncond_penultimate_hidden_states") {
                 let cfg = p.image_encoder.config();
-                let zeros = Tensor::zeros((case.subjects.len(), 3, cfg.image_size, cfg.image_size), DType::F32, &p.device)
-                    .map_err(|e| e.to_string())?;
+                let zeros = Tensor::zeros(
+                    (case.subjects.len(), 3, cfg.image_size, cfg.image_size),
+                    DType::F32,
+                    &p.device,
+                )
+                .map_err(|e| e.to_string())?;
                 let z = p.image_encoder.forward(&zeros).map_err(|e| e.to_string())?;
-                push(g.check(name, "ref.uncond_penultimate_hidden_states", &z.penultimate, Tolerance::MODEL));
+                push(g.check(
+                    name,
+                    "ref.uncond_penultimate_hidden_states",
+                    &z.penultimate,
+                    Tolerance::MODEL,
+                ));
             }
             out.penultimate
         }
@@ -136,7 +169,12 @@ fn reference_stage(
     let mut means = Vec::new();
     for images in &per_subject {
         let n = images.len();
-        means.push(ref_tokens.narrow(0, start, n).and_then(|t| t.mean(0)).map_err(|e| e.to_string())?);
+        means.push(
+            ref_tokens
+                .narrow(0, start, n)
+                .and_then(|t| t.mean(0))
+                .map_err(|e| e.to_string())?,
+        );
         start += n;
         ours.push(p.encode_subject(images).map_err(|e| e.to_string())?);
     }
@@ -147,10 +185,20 @@ fn reference_stage(
     Ok(ours)
 }
 
-type Texts = (crate::pipeline::TextEmbedding, crate::pipeline::TextEmbedding, crate::pipeline::TextEmbedding);
+type Texts = (
+    crate::pipeline::TextEmbedding,
+    crate::pipeline::TextEmbedding,
+    crate::pipeline::TextEmbedding,
+);
 
 /// text.*: prompt, negative prompt, pooled vectors and the subjects' name embeddings.
-fn text_stage(p: &MipPipeline, name: &str, case: &CaseSpec, g: &Golden, push: &mut dyn FnMut(Check)) -> Result<Texts, String> {
+fn text_stage(
+    p: &MipPipeline,
+    name: &str,
+    case: &CaseSpec,
+    g: &Golden,
+    push: &mut dyn FnMut(Check),
+) -> Result<Texts, String> {
     let e = |t: &str| p.encode_text(t).map_err(|e| e.to_string());
     let prompt = e(&case.prompt)?;
     let negative = match &case.negative_prompt {
@@ -161,18 +209,35 @@ fn text_stage(p: &MipPipeline, name: &str, case: &CaseSpec, g: &Golden, push: &m
     push(g.check(name, "text.prompt_embeds", &prompt.hidden, Tolerance::MODEL));
     push(g.check(name, "text.pooled_prompt_embeds", &prompt.pooled, Tolerance::MODEL));
     push(g.check(name, "text.negative_prompt_embeds", &negative.hidden, Tolerance::MODEL));
-    push(g.check(name, "text.negative_pooled_prompt_embeds", &negative.pooled, Tolerance::MODEL));
-    let names: Vec<Tensor> =
-        case.subjects.iter().map(|s| Ok(e(&s.name)?.hidden.squeeze(0).map_err(|e| e.to_string())?)).collect::<Result<_, String>>()?;
+    push(g.check(
+        name,
+        "text.negative_pooled_prompt_embeds",
+        &negative.pooled,
+        Tolerance::MODEL,
+    ));
+    let names: Vec<Tensor> = case
+        .subjects
+        .iter()
+        .map(|s| e(&s.name)?.hidden.squeeze(0).map_err(|e| e.to_string()))
+        .collect::<Result<_, String>>()?;
     let names = Tensor::stack(&names, 0).map_err(|e| e.to_string())?;
     push(g.check(name, "text.entity_embeds", &names, Tolerance::MODEL));
-    let neg_names = repeat_rows(&negative_name.hidden.squeeze(0).map_err(|e| e.to_string())?, case.subjects.len())?;
+    let neg_names = repeat_rows(
+        &negative_name.hidden.squeeze(0).map_err(|e| e.to_string())?,
+        case.subjects.len(),
+    )?;
     push(g.check(name, "text.negative_entity_embeds", &neg_names, Tolerance::MODEL));
     Ok((prompt, negative, negative_name))
 }
 
 /// unet.* and layer0.*: one UNet call on the fixture's inputs, capturing the first weighted-merge layer.
-fn unet_stage(p: &MipPipeline, name: &str, case: &CaseSpec, g: &Golden, push: &mut dyn FnMut(Check)) -> Result<(), String> {
+fn unet_stage(
+    p: &MipPipeline,
+    name: &str,
+    case: &CaseSpec,
+    g: &Golden,
+    push: &mut dyn FnMut(Check),
+) -> Result<(), String> {
     let capture = Arc::new(Mutex::new(None::<MergeCapture>));
     let cond = UNetCond {
         encoder_hidden_states: g.get("unet.encoder_hidden_states")?.clone(),
@@ -186,9 +251,16 @@ fn unet_stage(p: &MipPipeline, name: &str, case: &CaseSpec, g: &Golden, push: &m
             capture: Some(capture.clone()),
         }),
     };
-    let t = g.get("unet.timestep")?.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(|e| e.to_string())?;
+    let t = g
+        .get("unet.timestep")?
+        .flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(|e| e.to_string())?;
     let timestep = t.first().map(|&v| f64::from(v)).unwrap_or(case.unet_forward_timestep);
-    let out = p.unet.forward(g.get("unet.sample")?, timestep, &cond).map_err(|e| e.to_string())?;
+    let out = p
+        .unet
+        .forward(g.get("unet.sample")?, timestep, &cond)
+        .map_err(|e| e.to_string())?;
     push(g.check(name, "unet.noise_pred", &out, Tolerance::MODEL));
     let captured = capture.lock().map_err(|_| "capture lock poisoned".to_string())?.take();
     match captured {
@@ -213,20 +285,30 @@ fn loop_stage(
     cond: &crate::pipeline::Conditioning,
     push: &mut dyn FnMut(Check),
 ) -> Result<(), String> {
-    let kind = case.scheduler.parse().map_err(|_| format!("unknown scheduler `{}`", case.scheduler))?;
+    let kind = case
+        .scheduler
+        .parse()
+        .map_err(|_| format!("unknown scheduler `{}`", case.scheduler))?;
     let noise = g.get("loop.initial_noise")?;
     let per_step = g.get("loop.latents_per_step")?;
     let mut checks = Vec::new();
     let latents = p
-        .denoise(cond, noise, kind, case.num_inference_steps, case.guidance_scale, &mut |prog, l| {
-            let i = prog.step - 1;
-            let key = format!("loop.latents_per_step[{i}]");
-            checks.push(match per_step.get(i) {
-                Ok(want) => compare(&format!("{name}/{key}"), l, &want, Tolerance::LOOP),
-                Err(e) => Check::failed(format!("{name}/{key}"), e.to_string()),
-            });
-            true
-        })
+        .denoise(
+            cond,
+            noise,
+            kind,
+            case.num_inference_steps,
+            case.guidance_scale,
+            &mut |prog, l| {
+                let i = prog.step - 1;
+                let key = format!("loop.latents_per_step[{i}]");
+                checks.push(match per_step.get(i) {
+                    Ok(want) => compare(&format!("{name}/{key}"), l, &want, Tolerance::LOOP),
+                    Err(e) => Check::failed(format!("{name}/{key}"), e.to_string()),
+                });
+                true
+            },
+        )
         .map_err(|e| e.to_string())?;
     checks.into_iter().for_each(&mut *push);
     push(g.check(name, "loop.final_latents", &latents, Tolerance::LOOP));
@@ -257,7 +339,14 @@ fn png_check(decoded: &Tensor, png: &Path, check_name: &str) -> Check {
     let diffs: Vec<f64> = ours.iter().zip(&want).map(|(a, b)| f64::from(a.abs_diff(*b))).collect();
     let max_abs = diffs.iter().copied().fold(0.0, f64::max);
     let mean_abs = diffs.iter().sum::<f64>() / diffs.len().max(1) as f64;
-    Check { name: check_name.to_owned(), max_abs, mean_abs, bound: 2.0, ok: max_abs <= 2.0, note: Some("levels".into()) }
+    Check {
+        name: check_name.to_owned(),
+        max_abs,
+        mean_abs,
+        bound: 2.0,
+        ok: max_abs <= 2.0,
+        note: Some("levels".into()),
+    }
 }
 
 fn repeat_rows(t: &Tensor, n: usize) -> Result<Tensor, String> {

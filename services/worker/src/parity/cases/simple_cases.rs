@@ -8,7 +8,7 @@ use candle_core::{DType, Tensor};
 use serde::Deserialize;
 
 use super::Golden;
-use crate::model::unet::{UNet2DConditionModel, UNetConfig, UNetCond};
+use crate::model::unet::{UNet2DConditionModel, UNetCond, UNetConfig};
 use crate::model::weights::{find_weights, read_json, WeightSet};
 use crate::parity::{Check, Tolerance};
 use crate::pipeline::image_decode::DEFAULT_MAX_PIXELS;
@@ -78,9 +78,18 @@ pub(crate) fn scheduler(file: &Path, base: &Path, push: &mut dyn FnMut(Check)) {
             let n: usize = steps.parse().map_err(|_| format!("bad step count `{steps}`"))?;
             let euler = EulerDiscrete::new(&cfg, n).map_err(|e| e.to_string())?;
             let name = |what: &str| format!("scheduler[{steps}] {what}");
-            checks.push(Check::equal(name("timesteps"), &euler.timesteps().to_vec(), &c.timesteps));
+            checks.push(Check::equal(
+                name("timesteps"),
+                &euler.timesteps().to_vec(),
+                &c.timesteps,
+            ));
             checks.push(relative(name("sigmas"), euler.sigmas(), &c.sigmas, 1e-6));
-            checks.push(relative(name("init_noise_sigma"), &[euler.init_noise_sigma()], &[c.init_noise_sigma], 1e-6));
+            checks.push(relative(
+                name("init_noise_sigma"),
+                &[euler.init_noise_sigma()],
+                &[c.init_noise_sigma],
+                1e-6,
+            ));
         }
         Ok(checks)
     };
@@ -99,7 +108,14 @@ fn relative(name: String, got: &[f64], want: &[f64], rel: f64) -> Check {
         .zip(want)
         .map(|(a, b)| (a - b).abs() / b.abs().max(f64::MIN_POSITIVE))
         .fold(0.0, f64::max);
-    Check { name, max_abs: worst, mean_abs: worst, bound: rel, ok: worst <= rel, note: Some("relative".into()) }
+    Check {
+        name,
+        max_abs: worst,
+        mean_abs: worst,
+        bound: rel,
+        ok: worst <= rel,
+        note: Some("relative".into()),
+    }
 }
 
 /// Every image of `images.json` through CLIP preprocessing against `pixel_values.safetensors`.
@@ -142,11 +158,16 @@ pub(crate) fn plain_unet(dir: &Path, name: &str, base: &Path, opts: &super::RunO
             time_ids: dev("time_ids")?,
             merge: None,
         };
-        let t = g.get("timestep")?.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(|e| e.to_string())?;
+        let t = g
+            .get("timestep")?
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(|e| e.to_string())?;
         let timestep = f64::from(*t.first().ok_or("empty timestep")?);
-        let out = unet.forward(&dev("sample")?, timestep, &cond).map_err(|e| e.to_string())?;
+        let out = unet
+            .forward(&dev("sample")?, timestep, &cond)
+            .map_err(|e| e.to_string())?;
         Ok(g.check(name, "noise_pred", &out, Tolerance::MODEL))
     };
     push(run().unwrap_or_else(|e| Check::failed(format!("{name}/setup"), e)));
 }
-
