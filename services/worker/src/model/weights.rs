@@ -136,7 +136,9 @@ impl WeightSet {
         }
     }
 
-    fn take_error(&self) -> Option<ModelError> {
+    /// The first missing or misshapen tensor recorded while building from this set, if any. A module built over
+    /// two sets (the UNet over its own weights and the adapter's) fails through one; ask the other with this.
+    pub fn take_error(&self) -> Option<ModelError> {
         self.first_error.lock().unwrap_or_else(PoisonError::into_inner).take()
     }
 

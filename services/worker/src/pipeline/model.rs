@@ -94,9 +94,11 @@ impl MipPipeline {
         let proj_cfg = ImageProjConfig::from_adapter(&adapter_ws, spec.resampler)?;
         let image_proj = adapter_ws.build(dtype, device, |vb| ImageProj::new(vb.pp("image_proj"), &proj_cfg))?;
         let adapter_vb = adapter_ws.var_builder(dtype, device);
-        let unet = unet_ws.build(dtype, device, |vb| {
-            UNet2DConditionModel::new(vb, &unet_config, Some(AdapterWeights::new(adapter_vb.pp("ip_adapter"))))
-        })?;
+        let unet = unet_ws
+            .build(dtype, device, |vb| {
+                UNet2DConditionModel::new(vb, &unet_config, Some(AdapterWeights::new(adapter_vb.pp("ip_adapter"))))
+            })
+            .map_err(|e| adapter_ws.take_error().unwrap_or(e))?;
         unet_ws.ensure_all_used()?;
         adapter_ws.ensure_all_used()?;
 
