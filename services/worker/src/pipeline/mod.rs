@@ -1,6 +1,7 @@
 //! The generation pipeline: tokenization, CLIP preprocessing, text and subject encoding, the denoising loop with
 //! guidance and the weighted merge, schedulers, VAE decode and PNG output.
 
+pub mod embedding;
 pub mod generate;
 pub mod image_decode;
 pub mod jpeg;
