@@ -6,6 +6,7 @@
 //! - [`pipeline`]: tokenizer, CLIP preprocessing, schedulers, and the generation API the worker serves from.
 //! - [`parity`]: comparison against the golden fixtures.
 
+pub mod cache;
 pub mod demo;
 pub mod error;
 pub mod model;
