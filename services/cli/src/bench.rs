@@ -4,12 +4,12 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use mip_worker::pipeline::generate::initial_noise;
 use mip_worker::pipeline::{EncodedSubject, GenerateRequest, MipPipeline, ModelSpec, SubjectRequest};
 use serde_json::json;
 
-use crate::device::{parse_device, parse_dtype};
+use crate::device::{parse_size, DeviceArgs};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -28,10 +28,8 @@ pub struct Args {
     /// Timed repetitions per stage (after one warm-up).
     #[arg(long, default_value_t = 5)]
     iters: usize,
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    #[arg(long, default_value = "f32")]
-    dtype: String,
+    #[command(flatten)]
+    run_on: DeviceArgs,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -79,14 +77,10 @@ fn spec_for(model: &str) -> Result<ModelSpec> {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let device = parse_device(&args.device)?;
-    let dtype = parse_dtype(&args.dtype)?;
+    let (device, dtype) = args.run_on.resolve()?;
     let spec = spec_for(&args.model)?;
     let (width, height) = match &args.size {
-        Some(s) => s
-            .split_once('x')
-            .and_then(|(w, h)| Some((w.parse().ok()?, h.parse().ok()?)))
-            .context("`--size` must look like WIDTHxHEIGHT")?,
+        Some(s) => parse_size(s)?,
         None => spec.default_size.map(|[w, h]| (w, h)).unwrap_or((1024, 1024)),
     };
     let t_load = Instant::now();
@@ -182,13 +176,13 @@ pub fn run(args: Args) -> Result<()> {
             .iter()
             .map(|s| json!({"stage": s.name, "median_ms": s.median(), "min_ms": s.min(), "runs": s.times_ms.len()}))
             .collect();
-        let out = json!({"model": args.model, "device": args.device, "dtype": args.dtype, "width": width, "height": height,
+        let out = json!({"model": args.model, "device": args.run_on.device, "dtype": args.run_on.dtype, "width": width, "height": height,
             "subjects": args.subjects, "steps": args.steps, "load_ms": load_ms, "stages": rows});
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         println!(
             "model {} on {} ({}), {width}x{height}, {} subjects, {} steps; load {load_ms:.0} ms",
-            args.model, args.device, args.dtype, args.subjects, args.steps
+            args.model, args.run_on.device, args.run_on.dtype, args.subjects, args.steps
         );
         println!("{:<42} {:>12} {:>12}", "stage", "median ms", "min ms");
         for s in &stages {

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use mip_worker::pipeline::{GenerateRequest, MipPipeline, SubjectRequest};
 use serde_json::json;
 
-use crate::device::{parse_device, parse_dtype};
+use crate::device::{parse_size, DeviceArgs};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -47,12 +47,8 @@ pub struct Args {
     /// `demo` (the built-in demo model) or a model bundle folder (with mip.json).
     #[arg(long, default_value = "demo")]
     model: String,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// f32, f16 or bf16.
-    #[arg(long, default_value = "f32")]
-    dtype: String,
+    #[command(flatten)]
+    run_on: DeviceArgs,
     /// Print one JSON object per image instead of text.
     #[arg(long)]
     json: bool,
@@ -67,8 +63,7 @@ pub fn run(args: Args, verbose: bool) -> Result<()> {
         .iter()
         .map(|s| parse_subject(s))
         .collect::<Result<Vec<_>>>()?;
-    let device = parse_device(&args.device)?;
-    let dtype = parse_dtype(&args.dtype)?;
+    let (device, dtype) = args.run_on.resolve()?;
     let (spec, _dir) = crate::model::resolve(&args.model)?;
     let (width, height) = match &args.size {
         Some(s) => parse_size(s)?,
@@ -110,7 +105,7 @@ pub fn run(args: Args, verbose: bool) -> Result<()> {
             "subjects": valid.subjects.iter().zip(&args.subjects).map(|(s, raw)| json!({"name": s.name, "arg": raw})).collect::<Vec<_>>(),
             "width": valid.width, "height": valid.height, "steps": valid.steps, "guidance": valid.guidance,
             "scale": valid.scale, "scheduler": valid.scheduler.to_string(), "seed": generated.seed,
-            "model": args.model, "variant": pipeline.variant().to_string(), "device": args.device, "dtype": args.dtype,
+            "model": args.model, "variant": pipeline.variant().to_string(), "device": args.run_on.device, "dtype": args.run_on.dtype,
             "timings_ms": {"text": t.text_ms, "subjects": t.subjects_ms, "denoise": t.denoise_ms, "decode": t.decode_ms, "png": t.png_ms},
         });
         let json_path = args.out.join(format!("{stem}.json"));
@@ -147,14 +142,6 @@ fn parse_subject(s: &str) -> Result<SubjectRequest> {
         name: name.to_owned(),
         images,
     })
-}
-
-/// `WxH`.
-fn parse_size(s: &str) -> Result<(usize, usize)> {
-    let parsed = s
-        .split_once(['x', 'X'])
-        .and_then(|(w, h)| Some((w.parse().ok()?, h.parse().ok()?)));
-    parsed.ok_or_else(|| anyhow::anyhow!("`--size` must look like WIDTHxHEIGHT, got {s:?}"))
 }
 
 fn rand_seed() -> u64 {

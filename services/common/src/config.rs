@@ -26,10 +26,17 @@ where
         b = b.add_source(::config::File::from(f));
     }
     if use_env {
-        b = b.add_source(::config::Environment::with_prefix("MIP").prefix_separator("_").separator("__").try_parsing(true));
+        b = b.add_source(
+            ::config::Environment::with_prefix("MIP")
+                .prefix_separator("_")
+                .separator("__")
+                .try_parsing(true),
+        );
     }
     for (k, v) in overrides {
-        b = b.set_override(*k, *v).map_err(|e| ConfigError(format!("override `{k}`: {e}")))?;
+        b = b
+            .set_override(*k, *v)
+            .map_err(|e| ConfigError(format!("override `{k}`: {e}")))?;
     }
     let cfg = b.build().map_err(|e| ConfigError(e.to_string()))?;
     cfg.try_deserialize().map_err(|e| ConfigError(e.to_string()))

@@ -65,7 +65,10 @@ pub fn status(kind: Kind, reason: Option<&str>, message: impl Into<String>) -> S
 
 /// The reason of a status, if it carries one.
 pub fn reason_of(s: &Status) -> Option<String> {
-    s.metadata().get(REASON_KEY).and_then(|v| v.to_str().ok()).map(str::to_owned)
+    s.metadata()
+        .get(REASON_KEY)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
 }
 
 #[cfg(test)]

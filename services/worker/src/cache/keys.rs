@@ -25,7 +25,10 @@ pub fn subject_key(variant: &str, encoder_id: &str, dtype: &str, images: &[blake
     for d in images {
         h.update(d.as_bytes());
     }
-    format!("mip:subject:v1:{variant}:{encoder_id}:p{PREPROCESS_VERSION}:{dtype}:{}", h.finalize().to_hex())
+    format!(
+        "mip:subject:v1:{variant}:{encoder_id}:p{PREPROCESS_VERSION}:{dtype}:{}",
+        h.finalize().to_hex()
+    )
 }
 
 /// `mip:text:v1:{text encoders id}:{dtype}:{digest of both token id sequences}`.
