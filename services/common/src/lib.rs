@@ -3,7 +3,16 @@
 //! - [`config`]: one file (YAML or TOML) plus `MIP_…` environment overrides, into a typed struct.
 //! - [`errors`]: the table from error kinds to gRPC codes, with a stable `reason` in the status metadata.
 //! - [`shutdown`]: a future that resolves on SIGTERM or Ctrl-C.
+//! - [`telemetry`]: log subscriber and OTLP trace export, with a guard that flushes on drop.
+//! - [`propagation`]: W3C trace context in gRPC metadata (server-side parent, client interceptor).
+//! - [`metrics_http`]: the `/metrics` (Prometheus text) and `/healthz` HTTP endpoint.
+//! - [`tls`]: server and client TLS (mutual TLS when a client CA is set) from PEM files; `tls::testing` with the
+//!   `test-pki` feature.
 
 pub mod config;
 pub mod errors;
+pub mod metrics_http;
+pub mod propagation;
 pub mod shutdown;
+pub mod telemetry;
+pub mod tls;
