@@ -25,7 +25,10 @@ pub fn subject_key(variant: &str, encoder_id: &str, dtype: &str, images: &[blake
     for d in images {
         h.update(d.as_bytes());
     }
-    format!("mip:subject:v1:{variant}:{encoder_id}:p{PREPROCESS_VERSION}:{dtype}:{}", h.finalize().to_hex())
+    format!(
+        "mip:subject:v1:{variant}:{encoder_id}:p{PREPROCESS_VERSION}:{dtype}:{}",
+        h.finalize().to_hex()
+    )
 }
 
 /// `mip:text:v1:{text encoders id}:{dtype}:{digest of both token id sequences}`.
@@ -89,7 +92,10 @@ mod tests {
         let mut one_pixel_off = img(4, 2, 7);
         one_pixel_off.data[5] ^= 1;
         assert_ne!(base, key_of(&[one_pixel_off]));
-        assert_ne!(key_of(&[img(1, 1, 1), img(1, 1, 2)]), key_of(&[img(1, 1, 2), img(1, 1, 1)]));
+        assert_ne!(
+            key_of(&[img(1, 1, 1), img(1, 1, 2)]),
+            key_of(&[img(1, 1, 2), img(1, 1, 1)])
+        );
         assert_ne!(base, key_of(&[img(4, 2, 7), img(4, 2, 7)]));
     }
 
@@ -107,7 +113,11 @@ mod tests {
         let base = text_key("t", "f32", &[1, 2], &[3]);
         assert_ne!(base, text_key("u", "f32", &[1, 2], &[3]));
         assert_ne!(base, text_key("t", "bf16", &[1, 2], &[3]));
-        assert_ne!(base, text_key("t", "f32", &[1], &[2, 3]), "the split between the sequences counts");
+        assert_ne!(
+            base,
+            text_key("t", "f32", &[1], &[2, 3]),
+            "the split between the sequences counts"
+        );
         assert_ne!(base, text_key("t", "f32", &[1, 2], &[4]));
     }
 

@@ -197,7 +197,12 @@ impl EmbeddingCache {
                 Step::Lead(id, tx) => break (id, tx),
             }
         };
-        let lead = Lead { cache: self, key, id, tx };
+        let lead = Lead {
+            cache: self,
+            key,
+            id,
+            tx,
+        };
         self.lead(kind, lead, recompute, &valid, compute).await
     }
 
@@ -355,11 +360,17 @@ mod tests {
     async fn a_corrupt_memory_entry_is_recomputed_and_replaced() {
         let cache = EmbeddingCache::default();
         let good = |b: &[u8]| b.starts_with(b"ok");
-        let r = cache.get_or_compute(EntryKind::Subject, "k", ok, || async { Ok::<_, ()>(b"bad".to_vec()) }).await;
+        let r = cache
+            .get_or_compute(EntryKind::Subject, "k", ok, || async { Ok::<_, ()>(b"bad".to_vec()) })
+            .await;
         assert_eq!(r, Ok((b"bad".to_vec(), CacheTier::Miss)));
-        let r = cache.get_or_compute(EntryKind::Subject, "k", good, || async { Ok::<_, ()>(b"ok!".to_vec()) }).await;
+        let r = cache
+            .get_or_compute(EntryKind::Subject, "k", good, || async { Ok::<_, ()>(b"ok!".to_vec()) })
+            .await;
         assert_eq!(r, Ok((b"ok!".to_vec(), CacheTier::Miss)));
-        let r = cache.get_or_compute(EntryKind::Subject, "k", good, || async { Err::<Vec<u8>, _>(()) }).await;
+        let r = cache
+            .get_or_compute(EntryKind::Subject, "k", good, || async { Err::<Vec<u8>, _>(()) })
+            .await;
         assert_eq!(r, Ok((b"ok!".to_vec(), CacheTier::Memory)));
         assert_eq!(cache.stats().corrupt, 1);
     }
@@ -367,11 +378,23 @@ mod tests {
     #[tokio::test]
     async fn a_failed_compute_is_returned_and_not_cached() {
         let cache = EmbeddingCache::default();
-        let r = cache.get_or_compute(EntryKind::Text, "k", ok, || async { Err::<Vec<u8>, _>("boom") }).await;
+        let r = cache
+            .get_or_compute(EntryKind::Text, "k", ok, || async { Err::<Vec<u8>, _>("boom") })
+            .await;
         assert_eq!(r, Err("boom"));
-        let r = cache.get_or_compute(EntryKind::Text, "k", ok, || async { Ok::<_, &str>(vec![9]) }).await;
+        let r = cache
+            .get_or_compute(EntryKind::Text, "k", ok, || async { Ok::<_, &str>(vec![9]) })
+            .await;
         assert_eq!(r, Ok((vec![9], CacheTier::Miss)));
         assert_eq!(cache.stats().text.misses, 1);
+    }
+
+    #[test]
+    fn the_lookup_future_is_send() {
+        fn assert_send<T: Send>(_: &T) {}
+        let cache = EmbeddingCache::default();
+        let fut = cache.get_or_compute(EntryKind::Text, "k", ok, || async { Ok::<_, ()>(vec![]) });
+        assert_send(&fut);
     }
 
     #[tokio::test]
@@ -391,7 +414,8 @@ mod tests {
         }
         let c = cache.clone();
         let waiter = tokio::spawn(async move {
-            c.get_or_compute(EntryKind::Subject, "k", ok, || async { Ok::<_, ()>(vec![1]) }).await
+            c.get_or_compute(EntryKind::Subject, "k", ok, || async { Ok::<_, ()>(vec![1]) })
+                .await
         });
         tokio::time::sleep(Duration::from_millis(20)).await;
         leader.abort();

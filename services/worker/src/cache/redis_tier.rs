@@ -161,10 +161,16 @@ impl RedisTier {
                     link.timeouts_in_row >= TIMEOUTS_BEFORE_RECONNECT
                 };
                 if stuck {
-                    tracing::warn!(op, "redis timed out {TIMEOUTS_BEFORE_RECONNECT} times in a row; reconnecting");
+                    tracing::warn!(
+                        op,
+                        "redis timed out {TIMEOUTS_BEFORE_RECONNECT} times in a row; reconnecting"
+                    );
                     self.drop_connection(generation);
                 }
-                Err(CacheError::Timeout { op, after: self.timeout })
+                Err(CacheError::Timeout {
+                    op,
+                    after: self.timeout,
+                })
             }
         }
     }
@@ -175,7 +181,10 @@ impl RedisTier {
         match tokio::time::timeout(timeout, self.client.get_multiplexed_async_connection_with_config(&cfg)).await {
             Ok(Ok(conn)) => Ok(conn),
             Ok(Err(source)) => Err(CacheError::Redis { op: "connect", source }),
-            Err(_) => Err(CacheError::Timeout { op: "connect", after: timeout }),
+            Err(_) => Err(CacheError::Timeout {
+                op: "connect",
+                after: timeout,
+            }),
         }
     }
 
