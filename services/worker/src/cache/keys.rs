@@ -52,3 +52,87 @@ pub fn files_identity(files: &[&Path]) -> std::io::Result<String> {
     }
     Ok(h.finalize().to_hex()[..16].to_owned())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn img(width: usize, height: usize, fill: u8) -> PreparedImage {
+        PreparedImage {
+            width,
+            height,
+            data: vec![fill; width * height * 3],
+        }
+    }
+
+    fn key_of(images: &[PreparedImage]) -> String {
+        let digests: Vec<_> = images.iter().map(pixel_digest).collect();
+        subject_key("sdxl", "0123456789abcdef", "f32", &digests)
+    }
+
+    #[test]
+    fn the_same_pixels_give_the_same_key() {
+        assert_eq!(key_of(&[img(4, 2, 7)]), key_of(&[img(4, 2, 7)]));
+        assert_eq!(text_key("t", "f16", &[1, 2], &[3]), text_key("t", "f16", &[1, 2], &[3]));
+    }
+
+    #[test]
+    fn the_key_has_the_documented_layout() {
+        let k = key_of(&[img(1, 1, 0)]);
+        assert!(k.starts_with("mip:subject:v1:sdxl:0123456789abcdef:p1:f32:"), "{k}");
+        assert_eq!(k.rsplit(':').next().map(str::len), Some(64), "{k}");
+        assert!(text_key("t", "f16", &[1], &[2]).starts_with("mip:text:v1:t:f16:"));
+    }
+
+    #[test]
+    fn dimensions_pixels_and_order_change_the_key() {
+        let base = key_of(&[img(4, 2, 7)]);
+        // Same bytes, other dimensions.
+        assert_ne!(base, key_of(&[img(2, 4, 7)]));
+        let mut one_pixel_off = img(4, 2, 7);
+        one_pixel_off.data[5] ^= 1;
+        assert_ne!(base, key_of(&[one_pixel_off]));
+        assert_ne!(
+            key_of(&[img(1, 1, 1), img(1, 1, 2)]),
+            key_of(&[img(1, 1, 2), img(1, 1, 1)])
+        );
+        assert_ne!(base, key_of(&[img(4, 2, 7), img(4, 2, 7)]));
+    }
+
+    #[test]
+    fn encoder_variant_and_dtype_change_the_key() {
+        let d = [pixel_digest(&img(4, 2, 7))];
+        let base = subject_key("sdxl", "enc-a", "f32", &d);
+        assert_ne!(base, subject_key("sdxl", "enc-b", "f32", &d));
+        assert_ne!(base, subject_key("sdxl_plus", "enc-a", "f32", &d));
+        assert_ne!(base, subject_key("sdxl", "enc-a", "f16", &d));
+    }
+
+    #[test]
+    fn text_keys_separate_encoders_dtypes_and_token_sequences() {
+        let base = text_key("t", "f32", &[1, 2], &[3]);
+        assert_ne!(base, text_key("u", "f32", &[1, 2], &[3]));
+        assert_ne!(base, text_key("t", "bf16", &[1, 2], &[3]));
+        assert_ne!(
+            base,
+            text_key("t", "f32", &[1], &[2, 3]),
+            "the split between the sequences counts"
+        );
+        assert_ne!(base, text_key("t", "f32", &[1, 2], &[4]));
+    }
+
+    #[test]
+    fn files_identity_follows_contents() -> std::io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&a, b"weights-a")?;
+        std::fs::write(&b, b"weights-b")?;
+        let id = files_identity(&[&a, &b])?;
+        assert_eq!(id.len(), 16);
+        assert_eq!(id, files_identity(&[&a, &b])?);
+        assert_ne!(id, files_identity(&[&b, &a])?);
+        std::fs::write(&b, b"weights-B")?;
+        assert_ne!(id, files_identity(&[&a, &b])?);
+        Ok(())
+    }
+}

@@ -1,0 +1,5 @@
+//! Shared harness of the integration tests (`mod support;`): a real `redis-server` on a free loopback port.
+
+#![allow(dead_code)]
+
+pub mod redis;
