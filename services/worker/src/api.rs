@@ -93,7 +93,11 @@ impl<S: WorkerService> Worker for WorkerApi<S> {
 
     async fn generate(&self, request: Request<pb::GenerateTask>) -> Result<Response<GenerateStream>, Status> {
         let ctx = context(&request);
-        let r = self.svc.generate(request.into_inner(), ctx).await.map_err(|e| to_status(&e));
+        let r = self
+            .svc
+            .generate(request.into_inner(), ctx)
+            .await
+            .map_err(|e| to_status(&e));
         if r.is_err() {
             self.observe("Generate", &r);
         }

@@ -274,10 +274,18 @@ impl WorkerConfig {
         }
         let tls = tls_files(&s.tls)?;
         let device = DeviceKind::parse(&self.model.device).ok_or_else(|| {
-            ConfigInvalid::new("model.device", "must be cpu, cuda or cuda:N", format!("{:?}", self.model.device))
+            ConfigInvalid::new(
+                "model.device",
+                "must be cpu, cuda or cuda:N",
+                format!("{:?}", self.model.device),
+            )
         })?;
         let dtype = parse_dtype(&self.model.dtype).ok_or_else(|| {
-            ConfigInvalid::new("model.dtype", "must be f32, f16 or bf16", format!("{:?}", self.model.dtype))
+            ConfigInvalid::new(
+                "model.dtype",
+                "must be f32, f16 or bf16",
+                format!("{:?}", self.model.dtype),
+            )
         })?;
         if self.model.path.is_empty() || self.model.path == "demo" {
             return Err(ConfigInvalid::new(
@@ -295,7 +303,11 @@ impl WorkerConfig {
         }
         let t = &self.telemetry;
         if !(0.0..=1.0).contains(&t.sample_ratio) {
-            return Err(ConfigInvalid::new("telemetry.sample_ratio", "must be in 0..=1", t.sample_ratio));
+            return Err(ConfigInvalid::new(
+                "telemetry.sample_ratio",
+                "must be in 0..=1",
+                t.sample_ratio,
+            ));
         }
         let metrics_listen = optional_addr("telemetry.metrics_listen", &t.metrics_listen)?;
         let r = &self.redis;
@@ -306,7 +318,11 @@ impl WorkerConfig {
                 format!("{} / {}", r.timeout_ms, r.ttl_seconds),
             ));
         }
-        let worker_id = if s.worker_id.is_empty() { s.listen.clone() } else { s.worker_id.clone() };
+        let worker_id = if s.worker_id.is_empty() {
+            s.listen.clone()
+        } else {
+            s.worker_id.clone()
+        };
         Ok(ValidConfig {
             worker_id,
             max_message_bytes: s.max_message_bytes,
@@ -366,7 +382,10 @@ mod tests {
 
     #[test]
     fn defaults_validate_once_a_model_is_named() {
-        assert_eq!(WorkerConfig::default().validate().expect_err("demo").field, "model.path");
+        assert_eq!(
+            WorkerConfig::default().validate().expect_err("demo").field,
+            "model.path"
+        );
         let v = ok().validate().expect("valid");
         assert_eq!(v.device, DeviceKind::Cpu);
         assert_eq!(v.worker_id, "0.0.0.0:50051");
@@ -380,9 +399,15 @@ mod tests {
             ("model.device", Box::new(|c| c.model.device = "tpu".into())),
             ("model.dtype", Box::new(|c| c.model.dtype = "f64".into())),
             ("executor.queue_capacity", Box::new(|c| c.executor.queue_capacity = 0)),
-            ("telemetry.metrics_listen", Box::new(|c| c.telemetry.metrics_listen = "nope".into())),
+            (
+                "telemetry.metrics_listen",
+                Box::new(|c| c.telemetry.metrics_listen = "nope".into()),
+            ),
             ("server.tls", Box::new(|c| c.server.tls.cert = "a.pem".into())),
-            ("server.max_message_bytes", Box::new(|c| c.server.max_message_bytes = 10)),
+            (
+                "server.max_message_bytes",
+                Box::new(|c| c.server.max_message_bytes = 10),
+            ),
             ("limits.max_side", Box::new(|c| c.limits.max_side = 100_000)),
         ];
         for (field, mutate) in cases {
@@ -394,8 +419,8 @@ mod tests {
 
     #[test]
     fn loads_from_overrides() {
-        let c = WorkerConfig::load(None, false, &[("model.path", "/m"), ("executor.queue_capacity", "3")])
-            .expect("loads");
+        let c =
+            WorkerConfig::load(None, false, &[("model.path", "/m"), ("executor.queue_capacity", "3")]).expect("loads");
         assert_eq!(c.executor.queue_capacity, 3);
         assert_eq!(c.validate().expect("valid").queue_capacity, 3);
         assert_eq!(DeviceKind::parse("cuda:2"), Some(DeviceKind::Cuda(2)));

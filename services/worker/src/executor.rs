@@ -160,9 +160,18 @@ pub enum ExecEvent {
 type Reply = oneshot::Sender<std::result::Result<Vec<u8>, ExecError>>;
 
 enum Work {
-    Subject { images: Vec<PreparedImage>, reply: Reply },
-    Text { text: String, reply: Reply },
-    Generate { work: GenerateWork, events: mpsc::Sender<ExecEvent> },
+    Subject {
+        images: Vec<PreparedImage>,
+        reply: Reply,
+    },
+    Text {
+        text: String,
+        reply: Reply,
+    },
+    Generate {
+        work: GenerateWork,
+        events: mpsc::Sender<ExecEvent>,
+    },
     Stop,
 }
 
@@ -221,14 +230,12 @@ impl Executor {
         });
         let (loaded_tx, loaded_rx) = oneshot::channel();
         let thread_shared = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("mip-executor".into())
-            .spawn(move || {
-                if let Some(g) = gate {
-                    let _ = g.blocking_recv();
-                }
-                thread_main(opts, rx, thread_shared, metrics, loaded_tx)
-            })?;
+        let thread = std::thread::Builder::new().name("mip-executor".into()).spawn(move || {
+            if let Some(g) = gate {
+                let _ = g.blocking_recv();
+            }
+            thread_main(opts, rx, thread_shared, metrics, loaded_tx)
+        })?;
         let exec = Self {
             tx,
             shared,
@@ -284,7 +291,11 @@ impl Executor {
         })
     }
 
-    async fn ask(&self, work: impl FnOnce(Reply) -> Work, cancel: &CancelToken) -> std::result::Result<Vec<u8>, ExecError> {
+    async fn ask(
+        &self,
+        work: impl FnOnce(Reply) -> Work,
+        cancel: &CancelToken,
+    ) -> std::result::Result<Vec<u8>, ExecError> {
         let (reply, rx) = oneshot::channel();
         self.submit(work(reply), cancel)?;
         rx.await.map_err(|_| ExecError::Stopped)?
@@ -373,7 +384,10 @@ fn thread_main(
 }
 
 fn load(opts: &ExecutorOptions) -> std::result::Result<(Loaded, ModelInfo), String> {
-    let device = opts.device.open().map_err(|e| format!("cannot open device {}: {e}", opts.device))?;
+    let device = opts
+        .device
+        .open()
+        .map_err(|e| format!("cannot open device {}: {e}", opts.device))?;
     let mut p = MipPipeline::load(&opts.spec, &device, opts.dtype).map_err(|e| e.to_string())?;
     p.preprocess.max_pixels = opts.max_image_pixels;
     let (empty_text, layout) = warm_up(&p).map_err(|e| format!("warm-up forward failed: {e}"))?;
@@ -418,7 +432,10 @@ fn warm_up(p: &MipPipeline) -> Result<(TextEmbedding, Layout)> {
     let out = p.denoise(&cond, &noise, SchedulerKind::Euler, 1, 5.0, &mut |_, _| true)?;
     out.sum_all()
         .and_then(|s| s.to_scalar::<f32>())
-        .map_err(|source| ModelError::Forward { stage: "warm_up", source })?;
+        .map_err(|source| ModelError::Forward {
+            stage: "warm_up",
+            source,
+        })?;
     let layout = Layout {
         subject: p.uncond_tokens().dims().to_vec(),
         text_hidden: empty.hidden.dims().to_vec(),
@@ -507,7 +524,12 @@ impl Runner {
         embedding::encode(&tokens).map_err(|source| ModelError::Forward { stage: "cache", source })
     }
 
-    fn generate(&self, work: GenerateWork, cancel: &CancelToken, events: &mpsc::Sender<ExecEvent>) -> Result<Generated> {
+    fn generate(
+        &self,
+        work: GenerateWork,
+        cancel: &CancelToken,
+        events: &mpsc::Sender<ExecEvent>,
+    ) -> Result<Generated> {
         let p = &self.dev.pipeline;
         let device = p.device().clone();
         let req = work.request;
@@ -534,7 +556,14 @@ impl Runner {
             let _ = events.try_send(ExecEvent::Progress(pr));
             !self.cancelled(cancel) && !events.is_closed()
         };
-        let mut g = p.generate_encoded(&req, &prompt, &negative, &self.dev.empty_text, &subjects, &mut on_progress)?;
+        let mut g = p.generate_encoded(
+            &req,
+            &prompt,
+            &negative,
+            &self.dev.empty_text,
+            &subjects,
+            &mut on_progress,
+        )?;
         g.timings.text_ms = text_ms;
         Ok(g)
     }

@@ -65,7 +65,11 @@ fn within(field: &str, v: usize, lo: usize, hi: usize) -> Result<usize, ConfigIn
     if (lo..=hi).contains(&v) {
         Ok(v)
     } else {
-        Err(ConfigInvalid::new(format!("limits.{field}"), format!("must be in {lo}..={hi}"), v))
+        Err(ConfigInvalid::new(
+            format!("limits.{field}"),
+            format!("must be in {lo}..={hi}"),
+            v,
+        ))
     }
 }
 
@@ -149,7 +153,11 @@ pub struct ValidTask {
 
 fn check_text(field: &str, text: &str, required: bool, limits: &Limits) -> Result<(), InvalidInput> {
     if required && text.trim().is_empty() {
-        return Err(InvalidInput::new(field, "must not be empty or only spaces", format!("{text:?}")));
+        return Err(InvalidInput::new(
+            field,
+            "must not be empty or only spaces",
+            format!("{text:?}"),
+        ));
     }
     let chars = text.chars().count();
     if chars > limits.max_prompt_chars {
@@ -192,7 +200,10 @@ fn validate_subject(i: usize, s: Subject, limits: &Limits, require_name: bool) -
         if key.is_empty() {
             return Err(InvalidInput::new(
                 format!("subjects[{i}].images"),
-                format!("must hold 1..={} images (or give subjects[{i}].subject_key)", limits.max_images_per_subject),
+                format!(
+                    "must hold 1..={} images (or give subjects[{i}].subject_key)",
+                    limits.max_images_per_subject
+                ),
                 0,
             ));
         }
@@ -217,7 +228,11 @@ fn validate_subject(i: usize, s: Subject, limits: &Limits, require_name: bool) -
     }
     for (j, b) in s.images.iter().enumerate() {
         if b.is_empty() {
-            return Err(InvalidInput::new(format!("subjects[{i}].images[{j}]"), "must not be empty", "0 bytes"));
+            return Err(InvalidInput::new(
+                format!("subjects[{i}].images[{j}]"),
+                "must not be empty",
+                "0 bytes",
+            ));
         }
         if b.len() > limits.max_image_bytes {
             return Err(InvalidInput::new(
@@ -260,9 +275,17 @@ pub fn validate_generation(
     let subjects = validate_subjects(r.subjects, limits, true)?;
     let width = side("width", r.width, default_size[0], limits)?;
     let height = side("height", r.height, default_size[1], limits)?;
-    let steps = if r.steps == 0 { DEFAULT_STEPS.min(limits.max_steps) } else { r.steps as usize };
+    let steps = if r.steps == 0 {
+        DEFAULT_STEPS.min(limits.max_steps)
+    } else {
+        r.steps as usize
+    };
     if steps > limits.max_steps {
-        return Err(InvalidInput::new("steps", format!("must be in 1..={}", limits.max_steps), steps));
+        return Err(InvalidInput::new(
+            "steps",
+            format!("must be in 1..={}", limits.max_steps),
+            steps,
+        ));
     }
     // The pipeline's own rules (guidance, scale, scheduler, seed); images were checked above, so each subject
     // stands in with a placeholder image and gets its name back afterwards.
@@ -282,7 +305,11 @@ pub fn validate_generation(
         steps,
         guidance: r.guidance.unwrap_or(5.0),
         scale: r.scale,
-        scheduler: if r.scheduler.is_empty() { "euler".into() } else { r.scheduler },
+        scheduler: if r.scheduler.is_empty() {
+            "euler".into()
+        } else {
+            r.scheduler
+        },
         seed: r.seed,
     }
     .validate(default_scale)?;
@@ -311,7 +338,10 @@ mod tests {
     #[test]
     fn defaults_fill_zero_fields() {
         let t = validate_generation(ok(), &Limits::default(), [128, 64], 0.75).expect("valid");
-        assert_eq!((t.request.width, t.request.height, t.request.steps), (128, 64, DEFAULT_STEPS));
+        assert_eq!(
+            (t.request.width, t.request.height, t.request.steps),
+            (128, 64, DEFAULT_STEPS)
+        );
         assert_eq!(t.request.scale, 0.75);
         assert!(t.request.subjects[0].images.is_empty());
         assert_eq!(t.subjects[0].input, SubjectInput::Images(vec![vec![1, 2, 3]]));
@@ -328,10 +358,20 @@ mod tests {
         assert!(e.rule.contains("at most 2 bytes"), "{e}");
         let mut r = ok();
         r.steps = 101;
-        assert_eq!(validate_generation(r, &Limits::default(), [64, 64], 0.75).expect_err("steps").field, "steps");
+        assert_eq!(
+            validate_generation(r, &Limits::default(), [64, 64], 0.75)
+                .expect_err("steps")
+                .field,
+            "steps"
+        );
         let mut r = ok();
         r.guidance = Some(f64::NAN);
-        assert_eq!(validate_generation(r, &Limits::default(), [64, 64], 0.75).expect_err("g").field, "guidance");
+        assert_eq!(
+            validate_generation(r, &Limits::default(), [64, 64], 0.75)
+                .expect_err("g")
+                .field,
+            "guidance"
+        );
     }
 
     #[test]
@@ -341,6 +381,9 @@ mod tests {
             ..LimitsConfig::default()
         };
         assert_eq!(Limits::from_config(&c).expect_err("9").field, "limits.max_subjects");
-        assert_eq!(Limits::from_config(&LimitsConfig::default()).expect("ok"), Limits::default());
+        assert_eq!(
+            Limits::from_config(&LimitsConfig::default()).expect("ok"),
+            Limits::default()
+        );
     }
 }

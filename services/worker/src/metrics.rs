@@ -116,9 +116,15 @@ mod tests {
         let m = Metrics::new().expect("metrics");
         m.stage_ms("denoise", 12.0);
         m.subject_hits.with_label_values(&["memory"]).inc();
-        m.grpc_requests.with_label_values(&["mip.v1.Worker", "Info", "OK"]).inc();
+        m.grpc_requests
+            .with_label_values(&["mip.v1.Worker", "Info", "OK"])
+            .inc();
         let text = m.render();
-        for name in ["mip_stage_duration_seconds", "mip_subject_cache_hits_total", "mip_grpc_requests_total"] {
+        for name in [
+            "mip_stage_duration_seconds",
+            "mip_subject_cache_hits_total",
+            "mip_grpc_requests_total",
+        ] {
             assert!(text.contains(name), "{name} missing in\n{text}");
         }
         assert!(text.contains("tier=\"memory\""), "{text}");

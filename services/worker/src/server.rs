@@ -78,9 +78,17 @@ pub async fn run_with(
         max_image_pixels: cfg.limits.max_image_pixels,
         channel_capacity: cfg.queue_capacity + 1,
     };
-    let (exec, loaded) = Executor::spawn(exec_opts, metrics.clone(), opts.load_gate).context("starting the executor")?;
+    let (exec, loaded) =
+        Executor::spawn(exec_opts, metrics.clone(), opts.load_gate).context("starting the executor")?;
     let cache = EmbeddingCache::connect(cfg.cache.clone()).await;
-    let core = WorkerCore::new(exec, cache, metrics.clone(), cfg.limits, cfg.queue_capacity, cfg.worker_id.clone());
+    let core = WorkerCore::new(
+        exec,
+        cache,
+        metrics.clone(),
+        cfg.limits,
+        cfg.queue_capacity,
+        cfg.worker_id.clone(),
+    );
     let health_task = tokio::spawn(follow_readiness(health.clone(), core.executor().subscribe_ready()));
 
     let (metrics_stop, metrics_stopped) = watch::channel(false);
@@ -125,10 +133,16 @@ pub async fn run_with(
     health_task.abort();
     set_health(&health, ServingStatus::NotServing).await;
     if !core.drain(cfg.drain).await {
-        tracing::warn!(seconds = cfg.drain.as_secs(), "drain time over: cancelling running work");
+        tracing::warn!(
+            seconds = cfg.drain.as_secs(),
+            "drain time over: cancelling running work"
+        );
     }
     let _ = stop_tx.send(());
-    if tokio::time::timeout(cfg.drain + Duration::from_secs(5), &mut server).await.is_err() {
+    if tokio::time::timeout(cfg.drain + Duration::from_secs(5), &mut server)
+        .await
+        .is_err()
+    {
         tracing::warn!("gRPC server did not stop in time");
     }
     core.executor().stop(Duration::from_secs(5)).await;
@@ -185,7 +199,12 @@ pub fn metrics_router(metrics: Metrics) -> axum::Router {
         "/metrics",
         axum::routing::get(move || {
             let m = metrics.clone();
-            async move { ([(axum::http::header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], m.render()) }
+            async move {
+                (
+                    [(axum::http::header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
+                    m.render(),
+                )
+            }
         }),
     )
 }

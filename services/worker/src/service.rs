@@ -323,9 +323,12 @@ impl WorkerCore {
         let text = name.to_owned();
         let (value, _) = s
             .cache
-            .get_or_compute(EntryKind::Text, &key, move |b| layout.valid_text(b), || async move {
-                s.exec.encode_text(text, &token).await.map_err(WorkerError::from)
-            })
+            .get_or_compute(
+                EntryKind::Text,
+                &key,
+                move |b| layout.valid_text(b),
+                || async move { s.exec.encode_text(text, &token).await.map_err(WorkerError::from) },
+            )
             .await?;
         Ok((value, len))
     }
@@ -337,8 +340,7 @@ impl WorkerCore {
     ) -> Result<(GenerateWork, Vec<pb::EncodedSubject>, f64, f64), WorkerError> {
         let s = &self.inner;
         let request = task.request.unwrap_or_default();
-        let valid =
-            limits::validate_generation(request, &s.limits, a.info.default_size, a.info.default_scale)?;
+        let valid = limits::validate_generation(request, &s.limits, a.info.default_size, a.info.default_scale)?;
         for (i, subj) in valid.subjects.iter().enumerate() {
             a.pipeline.name_token_len(&subj.name, &format!("subjects[{i}].name"))?;
         }

@@ -74,7 +74,11 @@ fn valid() -> GenerationRequest {
 
 type Mutate = Box<dyn Fn(&mut GenerationRequest)>;
 
-fn case(name: &'static str, field: &'static str, f: impl Fn(&mut GenerationRequest) + 'static) -> (&'static str, &'static str, Code, Mutate) {
+fn case(
+    name: &'static str,
+    field: &'static str,
+    f: impl Fn(&mut GenerationRequest) + 'static,
+) -> (&'static str, &'static str, Code, Mutate) {
     (name, field, Code::InvalidArgument, Box::new(f))
 }
 
@@ -95,20 +99,42 @@ fn cases() -> Vec<(&'static str, &'static str, Code, Mutate)> {
         case("prompt of spaces", "prompt", |r| r.prompt = "   ".into()),
         case("prompt too long", "prompt", |r| r.prompt = "a".repeat(201)),
         case("NUL in prompt", "prompt", |r| r.prompt = "a\0cat".into()),
-        case("negative prompt too long", "negative_prompt", |r| r.negative_prompt = Some("b".repeat(201))),
-        case("NUL in negative prompt", "negative_prompt", |r| r.negative_prompt = Some("x\0".into())),
+        case("negative prompt too long", "negative_prompt", |r| {
+            r.negative_prompt = Some("b".repeat(201))
+        }),
+        case("NUL in negative prompt", "negative_prompt", |r| {
+            r.negative_prompt = Some("x\0".into())
+        }),
         case("no subjects", "subjects", |r| r.subjects.clear()),
-        case("nine subjects", "subjects", |r| r.subjects = vec![r.subjects[0].clone(); 9]),
+        case("nine subjects", "subjects", |r| {
+            r.subjects = vec![r.subjects[0].clone(); 9]
+        }),
         case("empty name", "subjects[0].name", |r| r.subjects[0].name.clear()),
-        case("name of spaces", "subjects[0].name", |r| r.subjects[0].name = "  ".into()),
-        case("NUL in name", "subjects[0].name", |r| r.subjects[0].name = "c\0t".into()),
-        case("name over 75 tokens", "subjects[0].name", move |r| r.subjects[0].name = long_name.clone()),
+        case("name of spaces", "subjects[0].name", |r| {
+            r.subjects[0].name = "  ".into()
+        }),
+        case("NUL in name", "subjects[0].name", |r| {
+            r.subjects[0].name = "c\0t".into()
+        }),
+        case("name over 75 tokens", "subjects[0].name", move |r| {
+            r.subjects[0].name = long_name.clone()
+        }),
         case("zero images", "subjects[0].images", |r| r.subjects[0].images.clear()),
-        case("too many images", "subjects[0].images", |r| r.subjects[0].images = vec![vec![1]; 4]),
-        case("empty image", "subjects[0].images[0]", |r| r.subjects[0].images[0].clear()),
-        case("second image empty", "subjects[0].images[1]", |r| r.subjects[0].images.push(Vec::new())),
-        case("undecodable image", "subjects[0].images[0]", |r| r.subjects[0].images[0] = b"not an image".to_vec()),
-        case("truncated PNG", "subjects[0].images[0]", move |r| r.subjects[0].images[0] = truncated.clone()),
+        case("too many images", "subjects[0].images", |r| {
+            r.subjects[0].images = vec![vec![1]; 4]
+        }),
+        case("empty image", "subjects[0].images[0]", |r| {
+            r.subjects[0].images[0].clear()
+        }),
+        case("second image empty", "subjects[0].images[1]", |r| {
+            r.subjects[0].images.push(Vec::new())
+        }),
+        case("undecodable image", "subjects[0].images[0]", |r| {
+            r.subjects[0].images[0] = b"not an image".to_vec()
+        }),
+        case("truncated PNG", "subjects[0].images[0]", move |r| {
+            r.subjects[0].images[0] = truncated.clone()
+        }),
         case("image over the byte limit", "subjects[0].images[0]", |r| {
             r.subjects[0].images[0] = vec![0x89; MAX_IMAGE_BYTES + 1]
         }),
@@ -155,7 +181,12 @@ fn cases() -> Vec<(&'static str, &'static str, Code, Mutate)> {
     ]
 }
 
-async fn start() -> (SocketAddr, oneshot::Sender<()>, tokio::task::JoinHandle<anyhow::Result<()>>, tempfile::TempDir) {
+async fn start() -> (
+    SocketAddr,
+    oneshot::Sender<()>,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+    tempfile::TempDir,
+) {
     let fixtures = mip_worker::parity::fixtures_dir().unwrap_or_else(|e| panic!("{e}"));
     let dir = tempfile::tempdir().expect("tempdir");
     let manifest = serde_json::json!({
@@ -184,7 +215,11 @@ async fn start() -> (SocketAddr, oneshot::Sender<()>, tokio::task::JoinHandle<an
 async fn channel(addr: SocketAddr) -> Channel {
     tokio::time::timeout(BOUND, async {
         loop {
-            if let Ok(c) = Channel::from_shared(format!("http://{addr}")).expect("url").connect().await {
+            if let Ok(c) = Channel::from_shared(format!("http://{addr}"))
+                .expect("url")
+                .connect()
+                .await
+            {
                 return c;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -242,7 +277,11 @@ async fn malformed_requests_name_the_field_and_leave_the_worker_serving() {
         mutate(&mut r);
         let e = outcome(&mut c, r).await.expect_err(name);
         assert_eq!(e.code(), *code, "{name}: {e:?}");
-        assert!(e.message().contains(field), "{name}: message {:?} must name `{field}`", e.message());
+        assert!(
+            e.message().contains(field),
+            "{name}: message {:?} must name `{field}`",
+            e.message()
+        );
     }
 
     // EncodeSubjects applies the same rules.
@@ -264,11 +303,19 @@ async fn malformed_requests_name_the_field_and_leave_the_worker_serving() {
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("subjects[0].images[0]"), "{e:?}");
 
-    assert_eq!(serving(&ch).await, ServingStatus::Serving, "still serving after every malformed request");
+    assert_eq!(
+        serving(&ch).await,
+        ServingStatus::Serving,
+        "still serving after every malformed request"
+    );
     let png = outcome(&mut c, valid()).await.expect("a valid request succeeds");
     let img = image::load_from_memory(&png).expect("PNG");
     assert_eq!((img.width(), img.height()), (64, 64));
 
     let _ = stop.send(());
-    tokio::time::timeout(BOUND, task).await.expect("stops").expect("join").expect("run Ok");
+    tokio::time::timeout(BOUND, task)
+        .await
+        .expect("stops")
+        .expect("join")
+        .expect("run Ok");
 }
