@@ -132,11 +132,15 @@ pub async fn run_with(
 
     health_task.abort();
     set_health(&health, ServingStatus::NotServing).await;
-    if !core.drain(cfg.drain).await {
-        tracing::warn!(
-            seconds = cfg.drain.as_secs(),
-            "drain time over: cancelling running work"
-        );
+    // The server keeps accepting while draining (health checks, refusals with `draining`).
+    tokio::select! {
+        r = &mut server => {
+            core.executor().stop(Duration::from_secs(5)).await;
+            return r.context("gRPC server");
+        }
+        drained = core.drain(cfg.drain) => if !drained {
+            tracing::warn!(seconds = cfg.drain.as_secs(), "drain time over: cancelling running work");
+        },
     }
     let _ = stop_tx.send(());
     if tokio::time::timeout(cfg.drain + Duration::from_secs(5), &mut server)

@@ -403,3 +403,41 @@ async fn full_queue_rejects_with_resource_exhausted() {
     img.expect("room again");
     w.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_running_work() {
+    let (mut w, _) = Worker::start(2, false).await;
+    w.wait_serving().await;
+    let mut c = w.client().await;
+    let mut running = c
+        .generate(task(128, 30, vec![subject("cat", "cat_0.png")]))
+        .await
+        .expect("admitted")
+        .into_inner();
+    tokio::time::timeout(BOUND, running.message())
+        .await
+        .expect("bounded")
+        .expect("progress");
+
+    // Shutdown requested: health turns NOT_SERVING and new work is refused, but the running generation finishes.
+    if let Some(s) = w.stop.take() {
+        let _ = s.send(());
+    }
+    tokio::time::timeout(BOUND, async {
+        while w.health().await != ServingStatus::NotServing {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("NOT_SERVING while draining");
+    let e = c
+        .generate(task(64, 2, vec![subject("cat", "cat_0.png")]))
+        .await
+        .expect_err("draining");
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert_eq!(reason_of(&e).as_deref(), Some("draining"));
+    let (steps, img) = collect(running).await;
+    img.expect("the running generation completes during the drain");
+    assert_eq!(steps.last(), Some(&30));
+    w.stop().await;
+}
