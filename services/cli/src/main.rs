@@ -3,7 +3,9 @@
 //! - `generate`: run the whole pipeline in this process (embedded) on a model bundle or the built-in demo model;
 //! - `parity`: check the implementation against a golden fixture folder;
 //! - `bench`: per-stage timings;
-//! - `model demo`: write the built-in demo model.
+//! - `model demo`: write the built-in demo model;
+//! - `serve worker`: run a worker node (gRPC);
+//! - `workers`: show the model, queue and counters of running workers.
 //!
 //! Each subcommand lives in its own module; this file only parses arguments and reports errors as one line.
 
@@ -12,6 +14,8 @@ mod device;
 mod generate;
 mod model;
 mod parity;
+mod serve;
+mod workers;
 
 use clap::{Parser, Subcommand};
 
@@ -37,6 +41,11 @@ enum Command {
     /// Model utilities.
     #[command(subcommand)]
     Model(model::Command),
+    /// Run a service.
+    #[command(subcommand)]
+    Serve(serve::Command),
+    /// Show the model, device, queue and counters of running workers.
+    Workers(workers::Args),
 }
 
 fn main() {
@@ -46,6 +55,8 @@ fn main() {
         Command::Parity(a) => parity::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Model(c) => model::run(c),
+        Command::Serve(c) => serve::run(c, cli.verbose),
+        Command::Workers(a) => workers::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

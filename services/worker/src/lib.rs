@@ -5,12 +5,21 @@
 //!   projection / Resampler, the SDXL UNet with weighted-merge cross-attention, the VAE). Strict loading.
 //! - [`pipeline`]: tokenizer, CLIP preprocessing, schedulers, and the generation API the worker serves from.
 //! - [`parity`]: comparison against the golden fixtures.
+//! - Serving: [`config`] (validated settings), [`limits`] (request limits and edge validation), [`executor`] (the
+//!   device thread), [`service`] (domain logic), [`api`] (the tonic adapter), [`server`] (`run`), [`metrics`].
 
+pub mod api;
 pub mod cache;
+pub mod config;
 pub mod demo;
 pub mod error;
+pub mod executor;
+pub mod limits;
+pub mod metrics;
 pub mod model;
 pub mod parity;
 pub mod pipeline;
+pub mod server;
+pub mod service;
 
 pub use error::{InvalidInput, ModelError, Result};

@@ -1,0 +1,82 @@
+//! `mip serve worker`: runs a worker node. Settings come from the defaults, then `--config FILE`, then the `MIP_…`
+//! environment (`MIP_REDIS__URL`, …), then the flags; `--model demo` writes the demo model to the cache folder on
+//! first use. Stops on SIGTERM / Ctrl-C after draining.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Subcommand;
+use mip_worker::config::WorkerConfig;
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve one model on one device over gRPC (mip.v1.Worker, health, reflection).
+    Worker(WorkerArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct WorkerArgs {
+    /// Configuration file (YAML or TOML).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// gRPC address, e.g. 0.0.0.0:50051.
+    #[arg(long)]
+    listen: Option<String>,
+    /// `demo` or a model bundle folder (with mip.json).
+    #[arg(long)]
+    model: Option<String>,
+    /// Shared cache, e.g. redis://127.0.0.1:6379/0.
+    #[arg(long)]
+    redis: Option<String>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long)]
+    device: Option<String>,
+    /// f32, f16 or bf16.
+    #[arg(long)]
+    dtype: Option<String>,
+}
+
+pub fn run(cmd: Command, verbose: bool) -> Result<()> {
+    let Command::Worker(a) = cmd;
+    let mut overrides: Vec<(&str, &str)> = Vec::new();
+    for (key, value) in [
+        ("server.listen", &a.listen),
+        ("model.path", &a.model),
+        ("redis.url", &a.redis),
+        ("model.device", &a.device),
+        ("model.dtype", &a.dtype),
+    ] {
+        if let Some(v) = value {
+            overrides.push((key, v.as_str()));
+        }
+    }
+    let mut config = WorkerConfig::load(a.config.as_deref(), true, &overrides)?;
+    if config.model.path == "demo" {
+        let (_, dir) = crate::model::resolve("demo")?;
+        config.model.path = dir.display().to_string();
+    }
+    config.validate()?;
+    init_logs(verbose);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&config.server.listen)
+            .await
+            .with_context(|| format!("binding server.listen {}", config.server.listen))?;
+        let addr = listener.local_addr()?;
+        println!("worker listening on {addr} (model {})", config.model.path);
+        mip_worker::server::run(config, listener, mip_common::shutdown::signal()).await
+    })
+}
+
+fn init_logs(verbose: bool) {
+    let default = if verbose { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

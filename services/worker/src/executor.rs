@@ -1,0 +1,570 @@
+//! The device executor: one OS thread owns the [`MipPipeline`] and runs every candle computation; async code hands it
+//! jobs over a bounded channel and gets the answer on a `oneshot` (or, for a generation, on a per-job event channel).
+//!
+//! The thread loads the model, runs a tiny real forward (one text encoding and one 64x64 UNet step) and only then
+//! turns ready. Each job carries a [`CancelToken`]: a queued job whose token is set is skipped, a running generation
+//! checks it between denoising steps. A forward error that is not an input error (or a panic) latches the worker
+//! not-ready. Values cross the thread boundary as cache bytes (`pipeline::embedding`), never as device tensors.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::cache::keys::files_identity;
+use crate::config::{dtype_name, DeviceKind};
+use crate::error::{ModelError, Result};
+use crate::metrics::Metrics;
+use crate::model::weights::find_weights;
+use crate::pipeline::embedding;
+use crate::pipeline::generate::initial_noise;
+use crate::pipeline::preprocess::PreparedImage;
+use crate::pipeline::scheduler::SchedulerKind;
+use crate::pipeline::{EncodedSubject, Generated, MipPipeline, ModelSpec, Progress, TextEmbedding, ValidRequest};
+
+/// A shared cancel flag: set when the caller goes away or its deadline passes.
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// A guard that cancels the token when dropped (the request's future or stream went away).
+    pub fn guard(&self) -> CancelGuard {
+        CancelGuard(self.clone())
+    }
+}
+
+/// Cancels its token on drop.
+#[derive(Debug)]
+pub struct CancelGuard(CancelToken);
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+/// Why a job did not produce a value.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("the model is not ready")]
+    NotReady,
+    #[error("the executor has stopped")]
+    Stopped,
+    #[error("cancelled")]
+    Cancelled,
+    #[error("the executor queue is full")]
+    QueueFull,
+    #[error("device error: {0}")]
+    Device(String),
+    #[error(transparent)]
+    Model(ModelError),
+}
+
+/// Shapes of the cached values, learned from the warm-up forward.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Layout {
+    /// A subject's tokens `[T, C]`.
+    pub subject: Vec<usize>,
+    /// A text's hidden states `[1, S, C]`.
+    pub text_hidden: Vec<usize>,
+    /// A text's pooled vector `[1, P]`.
+    pub text_pooled: Vec<usize>,
+}
+
+impl Layout {
+    fn text_len(&self) -> usize {
+        self.text_hidden.iter().product::<usize>() + self.text_pooled.iter().product::<usize>()
+    }
+
+    /// A subject value decodes (header, checksum) and has shape `[T, C]`.
+    pub fn valid_subject(&self, bytes: &[u8]) -> bool {
+        embedding::decode(bytes, &Device::Cpu).is_ok_and(|t| t.dims() == self.subject.as_slice())
+    }
+
+    /// A text value decodes and has shape `[S·C + P]`: the hidden states then the pooled vector, flattened (one
+    /// value per text under one key).
+    pub fn valid_text(&self, bytes: &[u8]) -> bool {
+        embedding::decode(bytes, &Device::Cpu).is_ok_and(|t| t.dims() == [self.text_len()])
+    }
+
+    fn text_value(&self, e: &TextEmbedding) -> candle_core::Result<Vec<u8>> {
+        let flat = Tensor::cat(&[e.hidden.flatten_all()?, e.pooled.flatten_all()?], 0)?;
+        embedding::encode(&flat)
+    }
+
+    fn text_from_value(&self, bytes: &[u8], device: &Device) -> Result<TextEmbedding> {
+        let t = decode_on(bytes, device)?;
+        let n: usize = self.text_hidden.iter().product();
+        let p: usize = self.text_pooled.iter().product();
+        let split = || -> candle_core::Result<TextEmbedding> {
+            Ok(TextEmbedding {
+                hidden: t.narrow(0, 0, n)?.reshape(self.text_hidden.as_slice())?,
+                pooled: t.narrow(0, n, p)?.reshape(self.text_pooled.as_slice())?,
+            })
+        };
+        split().map_err(|source| ModelError::Forward { stage: "cache", source })
+    }
+}
+
+fn decode_on(bytes: &[u8], device: &Device) -> Result<Tensor> {
+    embedding::decode(bytes, device).map_err(|e| ModelError::Forward {
+        stage: "cache",
+        source: candle_core::Error::Msg(e.to_string()),
+    })
+}
+
+/// What the loaded model is; fixed once the executor is ready.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub model: String,
+    pub variant: String,
+    pub device: String,
+    pub dtype: String,
+    pub num_tokens: usize,
+    pub default_size: [usize; 2],
+    pub default_scale: f64,
+    /// `files_identity` of the image encoder weights and the adapter (subject keys).
+    pub encoder_id: String,
+    /// `files_identity` of both text encoders' weights (name keys).
+    pub text_id: String,
+    pub layout: Layout,
+}
+
+/// A generation ready for the device: the valid request and each subject's cached values.
+#[derive(Debug)]
+pub struct GenerateWork {
+    pub request: ValidRequest,
+    /// Per subject: tokens value, name value, name token count.
+    pub subjects: Vec<(Vec<u8>, Vec<u8>, usize)>,
+}
+
+/// Events of a generation job: a progress per step, then the outcome (with the time it waited in the queue, ms).
+#[derive(Debug)]
+pub enum ExecEvent {
+    Progress(Progress),
+    Done(std::result::Result<(Generated, f64), ExecError>),
+}
+
+type Reply = oneshot::Sender<std::result::Result<Vec<u8>, ExecError>>;
+
+enum Work {
+    Subject {
+        images: Vec<PreparedImage>,
+        reply: Reply,
+    },
+    Text {
+        text: String,
+        reply: Reply,
+    },
+    Generate {
+        work: GenerateWork,
+        events: mpsc::Sender<ExecEvent>,
+    },
+    Stop,
+}
+
+struct Job {
+    work: Work,
+    cancel: CancelToken,
+    enqueued: Instant,
+}
+
+/// State shared between the thread and its handles.
+struct Shared {
+    ready: watch::Sender<bool>,
+    busy: AtomicBool,
+    /// Set on shutdown after the drain time: every job counts as cancelled.
+    cancel_all: AtomicBool,
+    image_encoder_calls: AtomicU64,
+    info: OnceLock<ModelInfo>,
+    pipeline: OnceLock<Arc<MipPipeline>>,
+}
+
+/// A handle to the device thread.
+pub struct Executor {
+    tx: mpsc::Sender<Job>,
+    shared: Arc<Shared>,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// How to start the executor.
+#[derive(Debug, Clone)]
+pub struct ExecutorOptions {
+    pub spec: ModelSpec,
+    pub model_name: String,
+    pub device: DeviceKind,
+    pub dtype: DType,
+    pub max_image_pixels: u64,
+    /// Jobs that may wait in the channel.
+    pub channel_capacity: usize,
+}
+
+impl Executor {
+    /// Starts the thread; the receiver tells when loading and warm-up finished (or why they failed).
+    /// With `gate`, the thread waits for it (or its sender's drop) before loading.
+    pub fn spawn(
+        opts: ExecutorOptions,
+        metrics: Metrics,
+        gate: Option<oneshot::Receiver<()>>,
+    ) -> std::io::Result<(Self, oneshot::Receiver<std::result::Result<(), String>>)> {
+        let (tx, rx) = mpsc::channel(opts.channel_capacity.max(1));
+        let shared = Arc::new(Shared {
+            ready: watch::channel(false).0,
+            busy: AtomicBool::new(false),
+            cancel_all: AtomicBool::new(false),
+            image_encoder_calls: AtomicU64::new(0),
+            info: OnceLock::new(),
+            pipeline: OnceLock::new(),
+        });
+        let (loaded_tx, loaded_rx) = oneshot::channel();
+        let thread_shared = shared.clone();
+        let thread = std::thread::Builder::new().name("mip-executor".into()).spawn(move || {
+            if let Some(g) = gate {
+                let _ = g.blocking_recv();
+            }
+            thread_main(opts, rx, thread_shared, metrics, loaded_tx)
+        })?;
+        let exec = Self {
+            tx,
+            shared,
+            thread: std::sync::Mutex::new(Some(thread)),
+        };
+        Ok((exec, loaded_rx))
+    }
+
+    /// Whether the model is loaded, warmed up and not latched off by a device error.
+    pub fn is_ready(&self) -> bool {
+        *self.shared.ready.borrow()
+    }
+
+    /// Readiness changes.
+    pub fn subscribe_ready(&self) -> watch::Receiver<bool> {
+        self.shared.ready.subscribe()
+    }
+
+    /// Whether a job is running now.
+    pub fn is_busy(&self) -> bool {
+        self.shared.busy.load(Ordering::SeqCst)
+    }
+
+    /// Cancels every queued and running job (shutdown after the drain time).
+    pub fn cancel_all(&self) {
+        self.shared.cancel_all.store(true, Ordering::SeqCst);
+    }
+
+    /// Image encoder runs so far.
+    pub fn image_encoder_calls(&self) -> u64 {
+        self.shared.image_encoder_calls.load(Ordering::SeqCst)
+    }
+
+    /// The model's description, once loaded.
+    pub fn info(&self) -> Option<&ModelInfo> {
+        self.shared.info.get()
+    }
+
+    /// The loaded pipeline, for CPU-only helpers (tokenizers, image preprocessing) off the device thread.
+    pub fn pipeline(&self) -> Option<Arc<MipPipeline>> {
+        self.shared.pipeline.get().cloned()
+    }
+
+    fn submit(&self, work: Work, cancel: &CancelToken) -> std::result::Result<(), ExecError> {
+        let job = Job {
+            work,
+            cancel: cancel.clone(),
+            enqueued: Instant::now(),
+        };
+        self.tx.try_send(job).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => ExecError::QueueFull,
+            mpsc::error::TrySendError::Closed(_) => ExecError::Stopped,
+        })
+    }
+
+    async fn ask(
+        &self,
+        work: impl FnOnce(Reply) -> Work,
+        cancel: &CancelToken,
+    ) -> std::result::Result<Vec<u8>, ExecError> {
+        let (reply, rx) = oneshot::channel();
+        self.submit(work(reply), cancel)?;
+        rx.await.map_err(|_| ExecError::Stopped)?
+    }
+
+    /// Runs the image encoder on a subject's prepared images; returns its tokens `(T, C)` as a cache value.
+    pub async fn encode_subject(
+        &self,
+        images: Vec<PreparedImage>,
+        cancel: &CancelToken,
+    ) -> std::result::Result<Vec<u8>, ExecError> {
+        self.ask(|reply| Work::Subject { images, reply }, cancel).await
+    }
+
+    /// Encodes a text with both text encoders; returns it as a cache value (see [`Layout::valid_text`]).
+    pub async fn encode_text(&self, text: String, cancel: &CancelToken) -> std::result::Result<Vec<u8>, ExecError> {
+        self.ask(|reply| Work::Text { text, reply }, cancel).await
+    }
+
+    /// Queues a generation; its events arrive on the returned channel.
+    pub fn generate(
+        &self,
+        work: GenerateWork,
+        cancel: &CancelToken,
+    ) -> std::result::Result<mpsc::Receiver<ExecEvent>, ExecError> {
+        let (events, rx) = mpsc::channel(work.request.steps + 2);
+        self.submit(Work::Generate { work, events }, cancel)?;
+        Ok(rx)
+    }
+
+    /// Asks the thread to stop after the queued jobs and waits for it (bounded by `wait`).
+    pub async fn stop(&self, wait: std::time::Duration) {
+        let stop = Job {
+            work: Work::Stop,
+            cancel: CancelToken::default(),
+            enqueued: Instant::now(),
+        };
+        let _ = tokio::time::timeout(wait, self.tx.send(stop)).await;
+        let handle = self.thread.lock().ok().and_then(|mut g| g.take());
+        if let Some(h) = handle {
+            let joined = tokio::task::spawn_blocking(move || h.join());
+            if tokio::time::timeout(wait, joined).await.is_err() {
+                tracing::warn!("executor thread did not stop in time");
+            }
+        }
+    }
+}
+
+/// The loaded model and what the thread keeps beside it.
+struct Loaded {
+    pipeline: Arc<MipPipeline>,
+    empty_text: TextEmbedding,
+    layout: Layout,
+}
+
+fn thread_main(
+    opts: ExecutorOptions,
+    mut rx: mpsc::Receiver<Job>,
+    shared: Arc<Shared>,
+    metrics: Metrics,
+    loaded: oneshot::Sender<std::result::Result<(), String>>,
+) {
+    let started = Instant::now();
+    let dev = match load(&opts) {
+        Ok((dev, info)) => {
+            let _ = shared.pipeline.set(dev.pipeline.clone());
+            let _ = shared.info.set(info);
+            dev
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "model load failed");
+            let _ = loaded.send(Err(e));
+            return;
+        }
+    };
+    tracing::info!(seconds = started.elapsed().as_secs_f64(), "model loaded and warmed up");
+    shared.ready.send_replace(true);
+    let _ = loaded.send(Ok(()));
+    let runner = Runner { dev, shared, metrics };
+    while let Some(job) = rx.blocking_recv() {
+        if matches!(job.work, Work::Stop) {
+            break;
+        }
+        runner.run(job);
+    }
+}
+
+fn load(opts: &ExecutorOptions) -> std::result::Result<(Loaded, ModelInfo), String> {
+    let device = opts
+        .device
+        .open()
+        .map_err(|e| format!("cannot open device {}: {e}", opts.device))?;
+    let mut p = MipPipeline::load(&opts.spec, &device, opts.dtype).map_err(|e| e.to_string())?;
+    p.preprocess.max_pixels = opts.max_image_pixels;
+    let (empty_text, layout) = warm_up(&p).map_err(|e| format!("warm-up forward failed: {e}"))?;
+    let spec = &opts.spec;
+    let identity = |files: &[&Path]| files_identity(files).map_err(|e| format!("hashing model files: {e}"));
+    let ie = find_weights(&spec.image_encoder, &["model", "pytorch_model"]).map_err(|e| e.to_string())?;
+    let te1 = find_weights(&spec.base.join("text_encoder"), &["model", "pytorch_model"]).map_err(|e| e.to_string())?;
+    let te2 =
+        find_weights(&spec.base.join("text_encoder_2"), &["model", "pytorch_model"]).map_err(|e| e.to_string())?;
+    let info = ModelInfo {
+        model: opts.model_name.clone(),
+        variant: p.variant().to_string(),
+        device: opts.device.to_string(),
+        dtype: dtype_name(opts.dtype).to_owned(),
+        num_tokens: p.num_tokens(),
+        default_size: spec.default_size.unwrap_or([1024, 1024]),
+        default_scale: p.default_scale(),
+        encoder_id: identity(&[&ie, &spec.adapter])?,
+        text_id: identity(&[&te1, &te2])?,
+        layout: layout.clone(),
+    };
+    Ok((
+        Loaded {
+            pipeline: Arc::new(p),
+            empty_text,
+            layout,
+        },
+        info,
+    ))
+}
+
+/// One text encoding and one 64x64 UNet step: proves the device computes before the worker says SERVING.
+fn warm_up(p: &MipPipeline) -> Result<(TextEmbedding, Layout)> {
+    let empty = p.encode_text("")?;
+    let subject = EncodedSubject {
+        tokens: p.uncond_tokens().clone(),
+        name: empty.clone(),
+        name_token_len: 1,
+    };
+    let cond = p.conditioning(&empty, &empty, &empty, &[subject], 64, 64, p.default_scale())?;
+    let noise = initial_noise(0, p.latent_channels(), 64, 64)?;
+    let out = p.denoise(&cond, &noise, SchedulerKind::Euler, 1, 5.0, &mut |_, _| true)?;
+    out.sum_all()
+        .and_then(|s| s.to_scalar::<f32>())
+        .map_err(|source| ModelError::Forward {
+            stage: "warm_up",
+            source,
+        })?;
+    let layout = Layout {
+        subject: p.uncond_tokens().dims().to_vec(),
+        text_hidden: empty.hidden.dims().to_vec(),
+        text_pooled: empty.pooled.dims().to_vec(),
+    };
+    Ok((empty, layout))
+}
+
+struct Runner {
+    dev: Loaded,
+    shared: Arc<Shared>,
+    metrics: Metrics,
+}
+
+impl Runner {
+    fn run(&self, job: Job) {
+        let queue_ms = job.enqueued.elapsed().as_secs_f64() * 1e3;
+        let skip = if self.cancelled(&job.cancel) {
+            Some(ExecError::Cancelled)
+        } else if !*self.shared.ready.borrow() {
+            Some(ExecError::NotReady)
+        } else {
+            None
+        };
+        self.shared.busy.store(true, Ordering::SeqCst);
+        match job.work {
+            Work::Subject { images, reply } => {
+                let r = match skip {
+                    Some(e) => Err(e),
+                    None => self.guard(|| self.encode_subject(&images)),
+                };
+                let _ = reply.send(r);
+            }
+            Work::Text { text, reply } => {
+                let r = match skip {
+                    Some(e) => Err(e),
+                    None => self.guard(|| {
+                        let e = self.dev.pipeline.encode_text(&text)?;
+                        self.dev
+                            .layout
+                            .text_value(&e)
+                            .map_err(|source| ModelError::Forward { stage: "cache", source })
+                    }),
+                };
+                let _ = reply.send(r);
+            }
+            Work::Generate { work, events } => {
+                let r = match skip {
+                    Some(e) => Err(e),
+                    None => self.guard(|| self.generate(work, &job.cancel, &events)),
+                };
+                let _ = events.try_send(ExecEvent::Done(r.map(|g| (g, queue_ms))));
+            }
+            Work::Stop => {}
+        }
+        self.shared.busy.store(false, Ordering::SeqCst);
+    }
+
+    fn cancelled(&self, token: &CancelToken) -> bool {
+        token.is_cancelled() || self.shared.cancel_all.load(Ordering::SeqCst)
+    }
+
+    /// Runs `f`, mapping cancellation, and latching not-ready on device errors and panics.
+    fn guard<T>(&self, f: impl FnOnce() -> Result<T>) -> std::result::Result<T, ExecError> {
+        match catch_unwind(AssertUnwindSafe(f)) {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(ModelError::Cancelled { .. })) => Err(ExecError::Cancelled),
+            Ok(Err(e @ ModelError::Forward { .. })) => {
+                tracing::error!(error = %e, "device error: the worker turns not ready");
+                self.shared.ready.send_replace(false);
+                Err(ExecError::Device(e.to_string()))
+            }
+            Ok(Err(e)) => Err(ExecError::Model(e)),
+            Err(_) => {
+                tracing::error!("the executor panicked: the worker turns not ready");
+                self.shared.ready.send_replace(false);
+                Err(ExecError::Device("the executor panicked".into()))
+            }
+        }
+    }
+
+    fn encode_subject(&self, images: &[PreparedImage]) -> Result<Vec<u8>> {
+        self.shared.image_encoder_calls.fetch_add(1, Ordering::SeqCst);
+        self.metrics.image_encoder_calls.inc();
+        let tokens = self.dev.pipeline.encode_subject(images)?;
+        embedding::encode(&tokens).map_err(|source| ModelError::Forward { stage: "cache", source })
+    }
+
+    fn generate(
+        &self,
+        work: GenerateWork,
+        cancel: &CancelToken,
+        events: &mpsc::Sender<ExecEvent>,
+    ) -> Result<Generated> {
+        let p = &self.dev.pipeline;
+        let device = p.device().clone();
+        let req = work.request;
+        let t0 = Instant::now();
+        let prompt = p.encode_text(&req.prompt)?;
+        let negative = match &req.negative_prompt {
+            None if p.zeros_for_absent_negative() => p.zero_text(&prompt)?,
+            None => self.dev.empty_text.clone(),
+            Some(n) => p.encode_text(n)?,
+        };
+        let mut subjects = Vec::with_capacity(work.subjects.len());
+        for (tokens, name, name_token_len) in &work.subjects {
+            subjects.push(EncodedSubject {
+                tokens: decode_on(tokens, &device)?,
+                name: self.dev.layout.text_from_value(name, &device)?,
+                name_token_len: *name_token_len,
+            });
+        }
+        let text_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let mut last = Instant::now();
+        let mut on_progress = |pr: Progress| {
+            self.metrics.unet_step.observe(last.elapsed().as_secs_f64());
+            last = Instant::now();
+            let _ = events.try_send(ExecEvent::Progress(pr));
+            !self.cancelled(cancel) && !events.is_closed()
+        };
+        let mut g = p.generate_encoded(
+            &req,
+            &prompt,
+            &negative,
+            &self.dev.empty_text,
+            &subjects,
+            &mut on_progress,
+        )?;
+        g.timings.text_ms = text_ms;
+        Ok(g)
+    }
+}
