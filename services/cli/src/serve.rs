@@ -56,27 +56,25 @@ pub fn run(cmd: Command, verbose: bool) -> Result<()> {
         config.model.path = dir.display().to_string();
     }
     config.validate()?;
-    init_logs(verbose);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async move {
+        let telemetry = mip_common::telemetry::TelemetryConfig {
+            otlp_endpoint: Some(config.telemetry.otlp_endpoint.clone()).filter(|e| !e.is_empty()),
+            sample_ratio: config.telemetry.sample_ratio,
+            service_name: "mip-worker".into(),
+            log_filter: std::env::var("RUST_LOG").unwrap_or_else(|_| if verbose { "info" } else { "warn" }.into()),
+        };
+        let guard = mip_common::telemetry::init(&telemetry)?;
         let listener = tokio::net::TcpListener::bind(&config.server.listen)
             .await
             .with_context(|| format!("binding server.listen {}", config.server.listen))?;
         let addr = listener.local_addr()?;
         println!("worker listening on {addr} (model {})", config.model.path);
-        mip_worker::server::run(config, listener, mip_common::shutdown::signal()).await
+        let result = mip_worker::server::run(config, listener, mip_common::shutdown::signal()).await;
+        guard.shutdown()?;
+        result
     })
-}
-
-fn init_logs(verbose: bool) {
-    let default = if verbose { "info" } else { "warn" };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
 }

@@ -26,11 +26,17 @@ where
         b = b.add_source(::config::File::from(f));
     }
     if use_env {
+        // Only `MIP_SECTION__FIELD` variables are configuration; other `MIP_…` variables (e.g. `MIP_FIXTURES`,
+        // `MIP_DEMO_DIR`) belong to other tools and must not be read as unknown top-level fields.
+        let vars: std::collections::HashMap<String, String> = std::env::vars()
+            .filter(|(k, _)| k.strip_prefix("MIP_").is_some_and(|rest| rest.contains("__")))
+            .collect();
         b = b.add_source(
             ::config::Environment::with_prefix("MIP")
                 .prefix_separator("_")
                 .separator("__")
-                .try_parsing(true),
+                .try_parsing(true)
+                .source(Some(vars)),
         );
     }
     for (k, v) in overrides {

@@ -1,6 +1,7 @@
 //! The gRPC adapter of `mip.v1.Worker`: per call it reads the deadline (`grpc-timeout`), takes the message, calls
 //! the [`WorkerService`], converts the error through `mip_common::errors::status` and counts the outcome in
-//! `mip_grpc_requests_total`. No domain logic lives here.
+//! `mip_grpc_requests_total`. Each call runs in a span whose parent is the W3C trace context found in the request
+//! metadata, so a job's trace continues from the coordinator into the worker. No domain logic lives here.
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -10,6 +11,7 @@ use mip_proto::v1 as pb;
 use mip_proto::v1::worker_server::Worker;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status};
+use tracing::Instrument;
 
 use crate::metrics::Metrics;
 use crate::service::{CallContext, WorkerError, WorkerService};
@@ -73,6 +75,18 @@ fn context<T>(req: &Request<T>) -> CallContext {
     }
 }
 
+/// A server span for one call, child of the caller's trace context when the metadata carries one.
+fn call_span<T>(method: &'static str, req: &Request<T>) -> tracing::Span {
+    let span = tracing::info_span!(
+        "mip.v1.Worker",
+        rpc.method = method,
+        otel.kind = "server",
+        task_id = tracing::field::Empty
+    );
+    mip_common::propagation::set_parent_from(&span, req.metadata());
+    span
+}
+
 /// The stream type of `Generate`.
 pub type GenerateStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateEvent, Status>> + Send>>;
 
@@ -83,7 +97,12 @@ impl<S: WorkerService> Worker for WorkerApi<S> {
         request: Request<pb::EncodeSubjectsRequest>,
     ) -> Result<Response<pb::EncodeSubjectsResponse>, Status> {
         let ctx = context(&request);
-        let r = self.svc.encode_subjects(request.into_inner(), ctx).await;
+        let span = call_span("EncodeSubjects", &request);
+        let r = self
+            .svc
+            .encode_subjects(request.into_inner(), ctx)
+            .instrument(span)
+            .await;
         let r = r.map(Response::new).map_err(|e| to_status(&e));
         self.observe("EncodeSubjects", &r);
         r
@@ -93,9 +112,12 @@ impl<S: WorkerService> Worker for WorkerApi<S> {
 
     async fn generate(&self, request: Request<pb::GenerateTask>) -> Result<Response<GenerateStream>, Status> {
         let ctx = context(&request);
+        let span = call_span("Generate", &request);
+        span.record("task_id", request.get_ref().task_id.as_str());
         let r = self
             .svc
             .generate(request.into_inner(), ctx)
+            .instrument(span)
             .await
             .map_err(|e| to_status(&e));
         if r.is_err() {

@@ -179,6 +179,8 @@ struct Job {
     work: Work,
     cancel: CancelToken,
     enqueued: Instant,
+    /// The caller's span: the device thread's stage spans are its children (one trace per job).
+    span: tracing::Span,
 }
 
 /// State shared between the thread and its handles.
@@ -284,6 +286,7 @@ impl Executor {
             work,
             cancel: cancel.clone(),
             enqueued: Instant::now(),
+            span: tracing::Span::current(),
         };
         self.tx.try_send(job).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => ExecError::QueueFull,
@@ -332,6 +335,7 @@ impl Executor {
             work: Work::Stop,
             cancel: CancelToken::default(),
             enqueued: Instant::now(),
+            span: tracing::Span::none(),
         };
         let _ = tokio::time::timeout(wait, self.tx.send(stop)).await;
         let handle = self.thread.lock().ok().and_then(|mut g| g.take());
@@ -461,6 +465,13 @@ impl Runner {
             None
         };
         self.shared.busy.store(true, Ordering::SeqCst);
+        let stage = match &job.work {
+            Work::Subject { .. } => "image_encode",
+            Work::Text { .. } => "text_encode",
+            Work::Generate { .. } => "generate",
+            Work::Stop => "stop",
+        };
+        let _span = tracing::info_span!(parent: &job.span, "stage", stage, queue_ms).entered();
         match job.work {
             Work::Subject { images, reply } => {
                 let r = match skip {
