@@ -13,7 +13,7 @@ use mip_proto::v1::worker_server::{WorkerServer, SERVICE_NAME};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::{Server, ServerTlsConfig};
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
@@ -188,41 +188,23 @@ async fn follow_readiness(health: HealthReporter, mut ready: watch::Receiver<boo
 
 /// The server TLS configuration from PEM files; with `client_ca`, clients must present a certificate it signed.
 pub fn load_tls(t: &TlsFiles) -> Result<ServerTlsConfig> {
-    let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
-    let identity = Identity::from_pem(read(&t.cert)?, read(&t.key)?);
-    let mut tls = ServerTlsConfig::new().identity(identity);
-    if let Some(ca) = &t.client_ca {
-        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
-    }
-    Ok(tls)
+    let tls = mip_common::tls::ServerTls {
+        cert: t.cert.clone(),
+        key: t.key.clone(),
+        client_ca: t.client_ca.clone(),
+    };
+    Ok(tls.server_config()?)
 }
 
-/// The `GET /metrics` router (Prometheus text format).
-pub fn metrics_router(metrics: Metrics) -> axum::Router {
-    axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let m = metrics.clone();
-            async move {
-                (
-                    [(axum::http::header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
-                    m.render(),
-                )
-            }
-        }),
-    )
-}
-
+/// Serves `GET /metrics` (and `/healthz`) from the worker's registry until `stop` turns true.
 async fn serve_metrics(listener: TcpListener, metrics: Metrics, mut stop: watch::Receiver<bool>) {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(?addr, "metrics listening");
     let stopped = async move {
         let _ = stop.wait_for(|s| *s).await;
     };
-    if let Err(e) = axum::serve(listener, metrics_router(metrics))
-        .with_graceful_shutdown(stopped)
-        .await
-    {
+    let registry = metrics.registry().clone();
+    if let Err(e) = mip_common::metrics_http::serve_metrics(listener, registry, stopped).await {
         tracing::error!(error = %e, "metrics endpoint failed");
     }
 }
