@@ -2,6 +2,7 @@
 //! is a Redis hit for the second, whose image encoder never runs — as `mip workers --json` shows. SIGTERM drains
 //! and exits cleanly.
 
+#[allow(dead_code)]
 #[path = "../../worker/tests/support/redis.rs"]
 mod redis_support;
 
