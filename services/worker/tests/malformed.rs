@@ -3,20 +3,15 @@
 //!
 //! Note: the contract gives zero `width`, `height` and `steps` a meaning (the defaults), so "steps 0" is valid.
 
-use std::net::SocketAddr;
-use std::time::Duration;
+mod support;
 
 use mip_proto::v1::worker_client::WorkerClient;
 use mip_proto::v1::{generate_event, EncodeSubjectsRequest, GenerateEvent, GenerateTask, GenerationRequest, Subject};
-use mip_worker::config::WorkerConfig;
-use tokio::sync::oneshot;
+use support::worker::{TestWorker, BOUND};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
-const BOUND: Duration = Duration::from_secs(120);
 const MAX_IMAGE_BYTES: usize = 200_000;
 
 fn fixture_image() -> Vec<u8> {
@@ -181,64 +176,6 @@ fn cases() -> Vec<(&'static str, &'static str, Code, Mutate)> {
     ]
 }
 
-async fn start() -> (
-    SocketAddr,
-    oneshot::Sender<()>,
-    tokio::task::JoinHandle<anyhow::Result<()>>,
-    tempfile::TempDir,
-) {
-    let fixtures = mip_worker::parity::fixtures_dir().unwrap_or_else(|e| panic!("{e}"));
-    let dir = tempfile::tempdir().expect("tempdir");
-    let manifest = serde_json::json!({
-        "base": fixtures.join("sdxl"),
-        "image_encoder": fixtures.join("image_encoder"),
-        "adapter": fixtures.join("adapter/mip_sdxl_2obj.safetensors"),
-    });
-    std::fs::write(dir.path().join("mip.json"), manifest.to_string()).expect("manifest");
-    let mut c = WorkerConfig::default();
-    c.model.path = dir.path().display().to_string();
-    c.limits.max_prompt_chars = 200;
-    c.limits.max_images_per_subject = 3;
-    c.limits.max_image_bytes = MAX_IMAGE_BYTES;
-    c.limits.max_image_pixels = 4_000_000;
-    c.limits.max_side = 512;
-    c.limits.max_steps = 20;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(mip_worker::server::run(c, listener, async {
-        let _ = stopped.await;
-    }));
-    (addr, stop, task, dir)
-}
-
-async fn channel(addr: SocketAddr) -> Channel {
-    tokio::time::timeout(BOUND, async {
-        loop {
-            if let Ok(c) = Channel::from_shared(format!("http://{addr}"))
-                .expect("url")
-                .connect()
-                .await
-            {
-                return c;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("worker reachable")
-}
-
-async fn serving(ch: &Channel) -> ServingStatus {
-    let r = HealthClient::new(ch.clone())
-        .check(HealthCheckRequest {
-            service: "mip.v1.Worker".into(),
-        })
-        .await
-        .expect("health");
-    r.into_inner().status()
-}
-
 /// The outcome of a Generate: the error (from the call or the stream) or `Ok` with the image's PNG.
 async fn outcome(c: &mut WorkerClient<Channel>, r: GenerationRequest) -> Result<Vec<u8>, Status> {
     let task = GenerateTask {
@@ -259,16 +196,17 @@ async fn outcome(c: &mut WorkerClient<Channel>, r: GenerationRequest) -> Result<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_requests_name_the_field_and_leave_the_worker_serving() {
-    let (addr, stop, task, _dir) = start().await;
-    let ch = channel(addr).await;
-    tokio::time::timeout(BOUND, async {
-        while serving(&ch).await != ServingStatus::Serving {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    let w = TestWorker::start(|c| {
+        c.limits.max_prompt_chars = 200;
+        c.limits.max_images_per_subject = 3;
+        c.limits.max_image_bytes = MAX_IMAGE_BYTES;
+        c.limits.max_image_pixels = 4_000_000;
+        c.limits.max_side = 512;
+        c.limits.max_steps = 20;
     })
-    .await
-    .expect("SERVING within the bound");
-    let mut c = WorkerClient::new(ch.clone());
+    .await;
+    w.wait_serving().await;
+    let mut c = w.client().await;
 
     let table = cases();
     assert!(table.len() >= 30, "{} cases", table.len());
@@ -304,7 +242,7 @@ async fn malformed_requests_name_the_field_and_leave_the_worker_serving() {
     assert!(e.message().contains("subjects[0].images[0]"), "{e:?}");
 
     assert_eq!(
-        serving(&ch).await,
+        w.health().await,
         ServingStatus::Serving,
         "still serving after every malformed request"
     );
@@ -312,10 +250,5 @@ async fn malformed_requests_name_the_field_and_leave_the_worker_serving() {
     let img = image::load_from_memory(&png).expect("PNG");
     assert_eq!((img.width(), img.height()), (64, 64));
 
-    let _ = stop.send(());
-    tokio::time::timeout(BOUND, task)
-        .await
-        .expect("stops")
-        .expect("join")
-        .expect("run Ok");
+    w.stop().await;
 }

@@ -2,196 +2,38 @@
 //! readiness (NOT_SERVING until the model is loaded and warmed up), reflection, Info, the subject cache through
 //! EncodeSubjects, streamed generation, deadlines, cancellation by dropping the stream, and a full queue.
 
+mod support;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use mip_common::errors::reason_of;
-use mip_proto::v1::worker_client::WorkerClient;
-use mip_proto::v1::{
-    generate_event, CacheTier, EncodeSubjectsRequest, GenerateEvent, GenerateTask, GenerationRequest, InfoRequest,
-    Subject, WorkerInfo,
-};
-use mip_worker::config::WorkerConfig;
-use mip_worker::server::{run_with, RunOptions};
+use mip_proto::v1::{generate_event, CacheTier, EncodeSubjectsRequest, GenerateEvent, GenerateTask, Subject};
+use support::worker::{collect, generate, image, info, task, TestWorker, BOUND};
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
-use tonic::{Code, Streaming};
+use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
-
-/// Upper bound of any wait in these tests (model load on a slow machine included).
-const BOUND: Duration = Duration::from_secs(120);
-
-struct Worker {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-    _dir: tempfile::TempDir,
-}
-
-impl Worker {
-    /// Starts a worker on the fixture model; with `gate`, loading waits until the returned sender fires.
-    async fn start(capacity: usize, gate: bool) -> (Self, Option<oneshot::Sender<()>>) {
-        let fixtures = mip_worker::parity::fixtures_dir().unwrap_or_else(|e| panic!("{e}"));
-        let dir = tempfile::tempdir().expect("tempdir");
-        let manifest = serde_json::json!({
-            "base": fixtures.join("sdxl"),
-            "image_encoder": fixtures.join("image_encoder"),
-            "adapter": fixtures.join("adapter/mip_sdxl_2obj.safetensors"),
-            "default_size": [64, 64],
-        });
-        std::fs::write(dir.path().join("mip.json"), manifest.to_string()).expect("manifest");
-        let mut config = WorkerConfig::default();
-        config.model.path = dir.path().display().to_string();
-        config.executor.queue_capacity = capacity;
-        config.server.drain_seconds = 10;
-        config.server.worker_id = "test-worker".into();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let (stop, stopped) = oneshot::channel::<()>();
-        let (gate_tx, gate_rx) = if gate {
-            let (t, r) = oneshot::channel();
-            (Some(t), Some(r))
-        } else {
-            (None, None)
-        };
-        let opts = RunOptions {
-            load_gate: gate_rx,
-            metrics: None,
-        };
-        let task = tokio::spawn(run_with(
-            config,
-            listener,
-            async {
-                let _ = stopped.await;
-            },
-            opts,
-        ));
-        let w = Self {
-            addr,
-            stop: Some(stop),
-            task,
-            _dir: dir,
-        };
-        (w, gate_tx)
-    }
-
-    async fn client(&self) -> WorkerClient<Channel> {
-        let url = format!("http://{}", self.addr);
-        let ch = tokio::time::timeout(BOUND, async {
-            loop {
-                if let Ok(c) = Channel::from_shared(url.clone()).expect("url").connect().await {
-                    return c;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await
-        .expect("worker reachable");
-        WorkerClient::new(ch)
-    }
-
-    async fn health(&self) -> ServingStatus {
-        let ch = Channel::from_shared(format!("http://{}", self.addr))
-            .expect("url")
-            .connect()
-            .await
-            .expect("connect");
-        let r = HealthClient::new(ch)
-            .check(HealthCheckRequest {
-                service: "mip.v1.Worker".into(),
-            })
-            .await
-            .expect("health check");
-        r.into_inner().status()
-    }
-
-    async fn wait_serving(&self) {
-        tokio::time::timeout(BOUND, async {
-            while self.health().await != ServingStatus::Serving {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .await
-        .expect("SERVING within the bound");
-    }
-
-    async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        let r = tokio::time::timeout(BOUND, self.task).await.expect("stops in time");
-        r.expect("join").expect("run returns Ok");
-    }
-}
-
-fn image(name: &str) -> Vec<u8> {
-    let p = mip_worker::parity::fixtures_dir()
-        .unwrap_or_else(|e| panic!("{e}"))
-        .join("cases/sdxl_two_objects/refs")
-        .join(name);
-    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
 
 fn subject(name: &str, file: &str) -> Subject {
-    Subject {
-        name: name.into(),
-        images: vec![image(file)],
-        subject_key: String::new(),
-    }
+    support::worker::subject(name, vec![image(file)])
 }
 
-fn task(side: u32, steps: u32, subjects: Vec<Subject>) -> GenerateTask {
-    GenerateTask {
-        task_id: "t".into(),
-        request: Some(GenerationRequest {
-            prompt: "a cat wearing a jacket".into(),
-            subjects,
-            width: side,
-            height: side,
-            steps,
-            seed: Some(3),
-            ..Default::default()
-        }),
-    }
-}
-
-async fn info(c: &mut WorkerClient<Channel>) -> WorkerInfo {
-    c.info(InfoRequest {}).await.expect("info").into_inner()
-}
-
-/// Reads a whole Generate stream: the progress steps seen and the final image event or the error.
-async fn collect(mut s: Streaming<GenerateEvent>) -> (Vec<u32>, Result<mip_proto::v1::Image, tonic::Status>) {
-    let mut steps = Vec::new();
-    loop {
-        match tokio::time::timeout(BOUND, s.message()).await.expect("stream bounded") {
-            Ok(Some(GenerateEvent {
-                event: Some(generate_event::Event::Progress(p)),
-            })) => steps.push(p.step),
-            Ok(Some(GenerateEvent {
-                event: Some(generate_event::Event::Image(img)),
-            })) => return (steps, Ok(img)),
-            Ok(Some(_)) => panic!("empty event"),
-            Ok(None) => return (steps, Err(tonic::Status::internal("stream ended without an image"))),
-            Err(e) => return (steps, Err(e)),
-        }
-    }
-}
-
-async fn generate(
-    c: &mut WorkerClient<Channel>,
-    t: GenerateTask,
-) -> (Vec<u32>, Result<mip_proto::v1::Image, tonic::Status>) {
-    match c.generate(t).await {
-        Ok(s) => collect(s.into_inner()).await,
-        Err(e) => (Vec::new(), Err(e)),
-    }
+/// A worker with `capacity` queue slots; with `gate`, its model loads only when the returned sender fires.
+async fn start(capacity: usize, gate: bool) -> (TestWorker, Option<oneshot::Sender<()>>) {
+    let (tx, rx) = if gate {
+        let (t, r) = oneshot::channel();
+        (Some(t), Some(r))
+    } else {
+        (None, None)
+    };
+    let w = TestWorker::start_with(|c| c.executor.queue_capacity = capacity, rx).await;
+    (w, tx)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_reflection_info_cache_and_generation() {
-    let (w, gate) = Worker::start(4, true).await;
+    let (w, gate) = start(4, true).await;
     let mut c = w.client().await;
     assert_eq!(
         w.health().await,
@@ -309,7 +151,7 @@ fn slow_task() -> GenerateTask {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deadline_and_dropped_stream_cancel_the_work() {
-    let (w, _) = Worker::start(2, false).await;
+    let (w, _) = start(2, false).await;
     w.wait_serving().await;
     let mut c = w.client().await;
 
@@ -363,7 +205,7 @@ async fn deadline_and_dropped_stream_cancel_the_work() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_queue_rejects_with_resource_exhausted() {
-    let (w, _) = Worker::start(1, false).await;
+    let (w, _) = start(1, false).await;
     w.wait_serving().await;
     let mut c = w.client().await;
 
@@ -406,7 +248,7 @@ async fn full_queue_rejects_with_resource_exhausted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_drains_running_work() {
-    let (mut w, _) = Worker::start(2, false).await;
+    let (mut w, _) = start(2, false).await;
     w.wait_serving().await;
     let mut c = w.client().await;
     let mut running = c
@@ -420,9 +262,7 @@ async fn shutdown_drains_running_work() {
         .expect("progress");
 
     // Shutdown requested: health turns NOT_SERVING and new work is refused, but the running generation finishes.
-    if let Some(s) = w.stop.take() {
-        let _ = s.send(());
-    }
+    w.request_stop();
     tokio::time::timeout(BOUND, async {
         while w.health().await != ServingStatus::NotServing {
             tokio::time::sleep(Duration::from_millis(10)).await;

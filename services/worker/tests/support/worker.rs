@@ -42,6 +42,11 @@ pub fn fixture_bundle(dir: &std::path::Path) {
 impl TestWorker {
     /// Starts a worker on the fixture model; `edit` adjusts its config (Redis URL, TLS, capacity…).
     pub async fn start(edit: impl FnOnce(&mut WorkerConfig)) -> Self {
+        Self::start_with(edit, None).await
+    }
+
+    /// Like [`start`](Self::start); with `gate`, model loading waits until the gate's sender fires.
+    pub async fn start_with(edit: impl FnOnce(&mut WorkerConfig), gate: Option<oneshot::Receiver<()>>) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         fixture_bundle(dir.path());
         let mut config = WorkerConfig::default();
@@ -60,7 +65,7 @@ impl TestWorker {
             listener,
             shutdown,
             RunOptions {
-                load_gate: None,
+                load_gate: gate,
                 metrics: None,
             },
         ));
@@ -91,19 +96,22 @@ impl TestWorker {
         .expect("worker reachable")
     }
 
+    /// The health of `mip.v1.Worker`.
+    pub async fn health(&self) -> ServingStatus {
+        let req = HealthCheckRequest {
+            service: "mip.v1.Worker".into(),
+        };
+        let r = HealthClient::new(self.channel().await)
+            .check(req)
+            .await
+            .expect("health check");
+        r.into_inner().status()
+    }
+
     /// Waits (bounded) until health says SERVING.
     pub async fn wait_serving(&self) {
-        let ch = self.channel().await;
         tokio::time::timeout(BOUND, async {
-            loop {
-                let req = HealthCheckRequest {
-                    service: "mip.v1.Worker".into(),
-                };
-                if let Ok(r) = HealthClient::new(ch.clone()).check(req).await {
-                    if r.into_inner().status() == ServingStatus::Serving {
-                        return;
-                    }
-                }
+            while self.health().await != ServingStatus::Serving {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         })
@@ -111,11 +119,16 @@ impl TestWorker {
         .expect("SERVING within the bound");
     }
 
-    /// Stops the worker and waits for `run` to return Ok.
-    pub async fn stop(mut self) {
+    /// Asks the worker to shut down without waiting for it.
+    pub fn request_stop(&mut self) {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
+    }
+
+    /// Stops the worker and waits for `run` to return Ok.
+    pub async fn stop(mut self) {
+        self.request_stop();
         let r = tokio::time::timeout(BOUND, self.task).await.expect("stops in time");
         r.expect("join").expect("run returns Ok");
     }
