@@ -5,6 +5,8 @@
 //!   projection / Resampler, the SDXL UNet with weighted-merge cross-attention, the VAE). Strict loading.
 //! - [`pipeline`]: tokenizer, CLIP preprocessing, schedulers, and the generation API the worker serves from.
 //! - [`parity`]: comparison against the golden fixtures.
+//! - [`cache`]: the content-addressed embedding cache (in-process LRU in front of Redis, single-flight).
+//! - [`demo`]: the built-in demo model writer.
 //! - Serving: [`config`] (validated settings), [`limits`] (request limits and edge validation), [`executor`] (the
 //!   device thread), [`service`] (domain logic), [`api`] (the tonic adapter), [`server`] (`run`), [`metrics`].
 
