@@ -1,7 +1,7 @@
 """Deployment checks run by deploy/check.sh (needs helm-sdkpy, jsonschema, PyYAML).
 
 1. The chart: values files against values.schema.json (draft-07); `helm lint` through helm-sdkpy with the default
-   values and with values-all-on.yaml (any warning or error fails); a real Helm install of both against a throwaway
+   values, with values-all-on.yaml and with its alternative choices (ALT_CHOICES) (any warning or error fails); a real Helm install of both against a throwaway
    in-process stand-in for the Kubernetes API (helm-sdkpy has no client-only `template`), whose manifest is then
    checked: the worker ConfigMap's worker.yaml against the worker's config structs, container args against the CLI.
 2. The images: COPY sources exist, `-p mip-cli` and its `mip` binary match services/cli/Cargo.toml, compose commands.
@@ -30,6 +30,14 @@ CHART = ROOT / "deploy/helm/mip-cluster"
 VALUE_FILES = {"defaults": None, "all-on": ROOT / "deploy/values-all-on.yaml"}
 # `mip` subcommand paths the chart and compose may run: existing or planned (serve coordinator).
 ALLOWED_COMMANDS = {("serve", "worker"), ("serve", "coordinator")}
+# A third case: values-all-on.yaml with the other choices (KEDA, bundled Redis with persistence, a model PVC).
+ALT_CHOICES = {
+    "worker": {"autoscaling": {"kind": "keda"},
+               "modelVolume": {"type": "pvc", "claimName": "mip-models", "hostPath": ""}},
+    "redis": {"bundled": {"enabled": True, "persistence": {"enabled": True, "storageClassName": "fast"}},
+              "externalUrl": ""},
+    "tls": {"mutualTls": False},
+}
 LINT_SEVERITY = {0: "UNKNOWN", 1: "INFO", 2: "WARNING", 3: "ERROR"}
 
 problems: list[str] = []
@@ -57,6 +65,7 @@ def load_values() -> dict[str, dict]:
     out = {}
     for name, path in VALUE_FILES.items():
         out[name] = defaults if path is None else merge(defaults, yaml.safe_load(path.read_text()) or {})
+    out["all-on-alt"] = merge(out["all-on"], ALT_CHOICES)
     return out
 
 
@@ -85,9 +94,12 @@ def lint(values: dict[str, dict], work: Path) -> None:
         for m in result.get("Messages") or []:
             if m.get("Severity", 0) >= 2:
                 sev = LINT_SEVERITY.get(m["Severity"], m["Severity"])
-                problem(f"helm lint [{name}]: {sev} in {m.get('Path')}: {m.get('Err')}")
-        for e in result.get("Errors") or []:
-            problem(f"helm lint [{name}]: {e}")
+                # helm-sdkpy serialises Go errors as {}: the path and severity are all it gives; the render step
+                # below reports the same template and values errors with Helm's own text.
+                detail = m.get("Err") or "(no text from helm-sdkpy)"
+                problem(f"helm lint [{name}]: {sev} in {m.get('Path')}: {detail}")
+        if result.get("Errors") and not problems:
+            problem(f"helm lint [{name}]: {len(result['Errors'])} error(s)")
 
 
 # --- a stand-in Kubernetes API: discovery for the kinds the chart uses; creates are echoed, reads are 404 ---------
