@@ -1,0 +1,328 @@
+"""Deployment checks run by deploy/check.sh (needs helm-sdkpy, jsonschema, PyYAML).
+
+1. The chart: values files against values.schema.json (draft-07); `helm lint` through helm-sdkpy with the default
+   values, with values-all-on.yaml and with its alternative choices (ALT_CHOICES) (any warning or error fails); a real Helm install of both against a throwaway
+   in-process stand-in for the Kubernetes API (helm-sdkpy has no client-only `template`), whose manifest is then
+   checked: the worker ConfigMap's worker.yaml against the worker's config structs, container args against the CLI.
+2. The images: COPY sources exist, `-p mip-cli` and its `mip` binary match services/cli/Cargo.toml, compose commands.
+Set MIP_DEPLOY_DUMP=DIR to keep the rendered manifests. Prints nothing and exits 0 when everything holds; otherwise prints each problem and exits 1.
+"""
+
+import asyncio
+import copy
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import threading
+import tomllib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import helm_sdkpy as helm
+import jsonschema
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "deploy/helm/mip-cluster"
+VALUE_FILES = {"defaults": None, "all-on": ROOT / "deploy/values-all-on.yaml"}
+# `mip` subcommand paths the chart and compose may run: existing or planned (serve coordinator).
+ALLOWED_COMMANDS = {("serve", "worker"), ("serve", "coordinator")}
+# A third case: values-all-on.yaml with the other choices (KEDA, bundled Redis with persistence, a model PVC).
+ALT_CHOICES = {
+    "worker": {"autoscaling": {"kind": "keda"},
+               "modelVolume": {"type": "pvc", "claimName": "mip-models", "hostPath": ""}},
+    "redis": {"bundled": {"enabled": True, "persistence": {"enabled": True, "storageClassName": "fast"}},
+              "externalUrl": ""},
+    "tls": {"mutualTls": False},
+}
+LINT_SEVERITY = {0: "UNKNOWN", 1: "INFO", 2: "WARNING", 3: "ERROR"}
+
+problems: list[str] = []
+
+
+def problem(msg: str) -> None:
+    problems.append(msg)
+
+
+def merge(base, over):
+    """Helm's value coalescing: maps merge key by key, null deletes, anything else replaces."""
+    if not isinstance(base, dict) or not isinstance(over, dict):
+        return copy.deepcopy(over)
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = merge(out.get(k), v)
+    return out
+
+
+def load_values() -> dict[str, dict]:
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    out = {}
+    for name, path in VALUE_FILES.items():
+        out[name] = defaults if path is None else merge(defaults, yaml.safe_load(path.read_text()) or {})
+    out["all-on-alt"] = merge(out["all-on"], ALT_CHOICES)
+    return out
+
+
+def check_schema(values: dict[str, dict]) -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    validator = jsonschema.Draft7Validator(schema)
+    for name, vals in values.items():
+        for err in sorted(validator.iter_errors(vals), key=lambda e: list(e.path)):
+            path = ".".join(str(p) for p in err.path) or "(root)"
+            problem(f"values.schema.json [{name}]: {path}: {err.message}")
+
+
+def lint(values: dict[str, dict], work: Path) -> None:
+    """helm-sdkpy's Lint takes no values, so each case lints a copy of the chart whose values.yaml is the merge."""
+    config = helm.Configuration()
+    for name, vals in values.items():
+        chart = work / f"lint-{name}" / CHART.name
+        shutil.copytree(CHART, chart)
+        (chart / "values.yaml").write_text(yaml.safe_dump(vals, sort_keys=False))
+        try:
+            result = asyncio.run(helm.Lint(config).run(str(chart)))
+        except helm.HelmError as e:
+            problem(f"helm lint [{name}]: {e}")
+            continue
+        for m in result.get("Messages") or []:
+            if m.get("Severity", 0) >= 2:
+                sev = LINT_SEVERITY.get(m["Severity"], m["Severity"])
+                # helm-sdkpy serialises Go errors as {}: the path and severity are all it gives; the render step
+                # below reports the same template and values errors with Helm's own text.
+                detail = m.get("Err") or "(no text from helm-sdkpy)"
+                problem(f"helm lint [{name}]: {sev} in {m.get('Path')}: {detail}")
+        if result.get("Errors") and not problems:
+            problem(f"helm lint [{name}]: {len(result['Errors'])} error(s)")
+
+
+# --- a stand-in Kubernetes API: discovery for the kinds the chart uses; creates are echoed, reads are 404 ---------
+
+API_RESOURCES = {
+    "v1": [("configmaps", "ConfigMap"), ("services", "Service"), ("serviceaccounts", "ServiceAccount"),
+           ("pods", "Pod"), ("secrets", "Secret"), ("namespaces", "Namespace")],
+    "apps/v1": [("deployments", "Deployment"), ("statefulsets", "StatefulSet")],
+    "policy/v1": [("poddisruptionbudgets", "PodDisruptionBudget")],
+    "autoscaling/v2": [("horizontalpodautoscalers", "HorizontalPodAutoscaler")],
+    "monitoring.coreos.com/v1": [("servicemonitors", "ServiceMonitor")],
+    "keda.sh/v1alpha1": [("scaledobjects", "ScaledObject")],
+}
+
+
+class FakeApi(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def reply(self, code: int, obj: dict) -> None:
+        body = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        path = self.path.split("?")[0].rstrip("/")
+        groups = [gv for gv in API_RESOURCES if "/" in gv]
+        if path == "/version":
+            return self.reply(200, {"major": "1", "minor": "31", "gitVersion": "v1.31.0"})
+        if path == "/api":
+            return self.reply(200, {"kind": "APIVersions", "versions": ["v1"]})
+        if path == "/apis":
+            return self.reply(200, {"kind": "APIGroupList", "apiVersion": "v1", "groups": [
+                {"name": gv.split("/")[0], "versions": [{"groupVersion": gv, "version": gv.split("/")[1]}],
+                 "preferredVersion": {"groupVersion": gv, "version": gv.split("/")[1]}} for gv in groups]})
+        for gv, resources in API_RESOURCES.items():
+            if path == ("/api/v1" if gv == "v1" else f"/apis/{gv}"):
+                return self.reply(200, {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv,
+                                        "resources": [{"name": r, "singularName": "", "kind": k, "namespaced": True,
+                                                       "verbs": ["create", "get", "list", "delete", "patch"]}
+                                                      for r, k in resources]})
+        self.reply(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound",
+                         "code": 404})
+
+    def do_POST(self):
+        # Echo the object as created, in the encoding it came in (JSON or protobuf).
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(201)
+        self.send_header("Content-Type", self.headers.get("Content-Type", "application/json"))
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def render(values: dict[str, dict]) -> dict[str, list[dict]]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeApi)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    kubeconfig = yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "ci",
+        "clusters": [{"name": "ci", "cluster": {"server": f"http://127.0.0.1:{server.server_address[1]}"}}],
+        "contexts": [{"name": "ci", "context": {"cluster": "ci", "user": "ci"}}],
+        "users": [{"name": "ci", "user": {}}]})
+    out = {}
+    try:
+        for name, vals in values.items():
+            config = helm.Configuration(namespace="mip", kubeconfig=kubeconfig)
+            try:
+                release = asyncio.run(helm.Install(config).run("ci", str(CHART), values=vals, wait=False))
+            except helm.HelmError as e:
+                problem(f"helm install (render) [{name}]: {e}")
+                continue
+            docs = [d for d in yaml.safe_load_all(release.get("manifest", "")) if d]
+            if not docs:
+                problem(f"helm install (render) [{name}]: empty manifest")
+            out[name] = docs
+    finally:
+        server.shutdown()
+    return out
+
+
+# --- the worker's config schema, read from its serde structs -----------------------------------------------------
+
+def worker_config_schema() -> dict:
+    """Field tree of `WorkerConfig` from services/worker/src/{config,limits}.rs: {field: subtree or None}."""
+    structs: dict[str, dict[str, str]] = {}
+    for rel in ("services/worker/src/config.rs", "services/worker/src/limits.rs"):
+        text = (ROOT / rel).read_text()
+        for m in re.finditer(r"pub struct (\w+) \{(.*?)\n\}", text, re.S):
+            structs[m.group(1)] = dict(re.findall(r"^\s*pub (\w+): ([\w:<>]+),", m.group(2), re.M))
+
+    def tree(name: str) -> dict:
+        return {f: (tree(t) if t in structs else None) for f, t in structs[name].items()}
+
+    if "WorkerConfig" not in structs:
+        problem("services/worker/src/config.rs: struct WorkerConfig not found")
+        return {}
+    return tree("WorkerConfig")
+
+
+EXPECTED_SECTIONS = {"server", "limits", "redis", "cache", "model", "executor", "telemetry"}
+
+
+def check_keys(cfg, schema: dict, where: str) -> None:
+    if not isinstance(cfg, dict):
+        problem(f"{where}: expected a mapping, got {cfg!r}")
+        return
+    for k, v in cfg.items():
+        if k not in schema:
+            problem(f"{where}.{k}: unknown field (the worker rejects unknown fields)")
+        elif schema[k] is not None:
+            check_keys(v, schema[k], f"{where}.{k}")
+        elif isinstance(v, (dict, list)):
+            problem(f"{where}.{k}: expected a scalar, got {v!r}")
+
+
+def check_manifests(rendered: dict[str, list[dict]], values: dict[str, dict]) -> None:
+    schema = worker_config_schema()
+    if schema and set(schema) != EXPECTED_SECTIONS:
+        problem(f"worker config sections changed: {sorted(schema)} (chart expects {sorted(EXPECTED_SECTIONS)})")
+    serve_rs = (ROOT / "services/cli/src/serve.rs").read_text()
+    if not re.search(r"^\s*Worker\(", serve_rs, re.M):
+        problem("services/cli/src/serve.rs: no `serve worker` subcommand")
+    for name, docs in rendered.items():
+        kinds = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+        cms = [d for d in docs if d["kind"] == "ConfigMap" and "worker.yaml" in d.get("data", {})]
+        if len(cms) != 1:
+            problem(f"[{name}]: expected one worker ConfigMap with worker.yaml, found {len(cms)}")
+        for cm in cms:
+            cfg = yaml.safe_load(cm["data"]["worker.yaml"])
+            check_keys(cfg, schema, f"[{name}] worker.yaml")
+            drain = cfg.get("server", {}).get("drain_seconds", 30)
+            for d in docs:
+                if d["kind"] == "StatefulSet" and d["metadata"]["name"].endswith("-worker"):
+                    spec = d["spec"]["template"]["spec"]
+                    if spec.get("terminationGracePeriodSeconds", 30) <= drain:
+                        problem(f"[{name}]: terminationGracePeriodSeconds <= server.drain_seconds {drain}")
+                    mounts = {m["mountPath"] for c in spec["containers"] for m in c.get("volumeMounts", [])}
+                    if any(v.get("name") == "model" for v in spec.get("volumes", [])) and \
+                            cfg["model"]["path"] not in mounts:
+                        problem(f"[{name}]: model volume not mounted at model.path {cfg['model']['path']}")
+        for d in docs:
+            if d["kind"] not in ("Deployment", "StatefulSet"):
+                continue
+            for c in d["spec"]["template"]["spec"]["containers"]:
+                args = c.get("args") or []
+                if c["name"] in ("worker", "coordinator") and tuple(args[:2]) not in ALLOWED_COMMANDS:
+                    problem(f"[{name}] {d['kind']}/{d['metadata']['name']}: `mip {' '.join(args[:2])}` "
+                            f"is not one of {sorted(ALLOWED_COMMANDS)}")
+        if not any(d["kind"] == "Pod" for d in docs) and not kinds:
+            problem(f"[{name}]: nothing rendered")
+
+
+def check_test_hook(values: dict) -> None:
+    hook = CHART / "templates/tests"
+    if not any(hook.glob("*.yaml")):
+        problem("chart has no `helm test` pod under templates/tests")
+
+
+# --- images ---------------------------------------------------------------------------------------------------
+
+def check_docker() -> None:
+    cli = tomllib.loads((ROOT / "services/cli/Cargo.toml").read_text())
+    package = cli.get("package", {}).get("name")
+    bins = [b.get("name") for b in cli.get("bin", [])]
+    for df in sorted((ROOT / "deploy/docker").glob("Dockerfile.*")):
+        text = re.sub(r"\\\n", " ", df.read_text())
+        rel = df.relative_to(ROOT)
+        for line in text.splitlines():
+            words = line.split()
+            if not words or words[0].upper() not in ("COPY", "ADD"):
+                continue
+            if any(w.startswith("--from") for w in words[1:]):
+                continue
+            sources = [w for w in words[1:-1] if not w.startswith("--")]
+            for src in sources:
+                if not (ROOT / src).exists():
+                    problem(f"{rel}: COPY source {src} does not exist in the repository")
+        m = re.search(r"cargo build [^\n&]*?-p (\S+)", text)
+        if not m:
+            problem(f"{rel}: no `cargo build ... -p PACKAGE`")
+        elif m.group(1) != package:
+            problem(f"{rel}: builds -p {m.group(1)}, services/cli/Cargo.toml is {package}")
+        if "--release --locked" not in text:
+            problem(f"{rel}: cargo build must use --release --locked")
+        if df.name.endswith(".cuda") and "--features cuda" not in text:
+            problem(f"{rel}: the CUDA image must build --features cuda")
+        if "mip" not in bins:
+            problem(f"services/cli/Cargo.toml: no [[bin]] named mip (found {bins})")
+        if "target/release/mip " not in text or "/usr/local/bin/mip" not in text:
+            problem(f"{rel}: must install target/release/mip as /usr/local/bin/mip")
+        if 'ENTRYPOINT ["mip"]' not in text:
+            problem(f'{rel}: ENTRYPOINT must be ["mip"]')
+        if not re.search(r"^USER (?!root|0\b)", text, re.M):
+            problem(f"{rel}: the runtime stage must run as a non-root USER")
+    compose = yaml.safe_load((ROOT / "deploy/docker/compose.yaml").read_text())
+    for svc, spec in compose.get("services", {}).items():
+        if str(spec.get("image", "")).startswith("mip"):
+            cmd = spec.get("command") or []
+            if tuple(cmd[:2]) not in ALLOWED_COMMANDS:
+                problem(f"compose.yaml {svc}: `mip {' '.join(map(str, cmd[:2]))}` is not an allowed subcommand")
+
+
+def main() -> int:
+    values = load_values()
+    check_schema(values)
+    with tempfile.TemporaryDirectory(prefix="mip-deploy-check-") as work:
+        lint(values, Path(work))
+    rendered = render(values)
+    dump = os.environ.get("MIP_DEPLOY_DUMP")
+    if dump:  # for debugging: the rendered manifests, one file per values case
+        Path(dump).mkdir(parents=True, exist_ok=True)
+        for name, docs in rendered.items():
+            (Path(dump) / f"{name}.yaml").write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    check_manifests(rendered, values)
+    check_test_hook(values)
+    check_docker()
+    for p in problems:
+        print(f"deploy/check.sh: {p}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
