@@ -119,7 +119,11 @@ impl CoordinatorConfig {
                 "[]",
             ));
         }
-        let workers = c.workers.iter().map(|w| normalize_url(w)).collect::<Result<Vec<_>, _>>()?;
+        let workers = c
+            .workers
+            .iter()
+            .map(|w| normalize_url(w))
+            .collect::<Result<Vec<_>, _>>()?;
         let ranges: [(&'static str, u64, u64, u64); 5] = [
             ("coordinator.max_queued_tasks", c.max_queued_tasks as u64, 1, 1 << 20),
             ("coordinator.max_attempts", c.max_attempts.into(), 1, 10),

@@ -147,7 +147,9 @@ impl JobHandle {
         }
         out.extend(s.images.values().map(|i| ev(Event::Image(i.clone()))));
         if is_final(s.job.status) {
-            out.push(ev(Event::Done(JobDone { job: Some(s.job.clone()) })));
+            out.push(ev(Event::Done(JobDone {
+                job: Some(s.job.clone()),
+            })));
         }
         (out, rx)
     }
@@ -220,7 +222,11 @@ impl JobHandle {
         }
         if let Some(t) = s.job.tasks.get_mut(index as usize) {
             t.error = status.message().to_owned();
-            t.status = if will_retry { TaskStatus::Queued } else { TaskStatus::Failed } as i32;
+            t.status = if will_retry {
+                TaskStatus::Queued
+            } else {
+                TaskStatus::Failed
+            } as i32;
         }
         if !will_retry {
             s.job.failed_tasks += 1;

@@ -25,7 +25,11 @@ pub async fn run(config: CoordinatorConfig, listener: TcpListener, shutdown: imp
             .await
             .context("connecting the job store (redis.url)")?,
     );
-    let registry = Arc::new(Registry::new(&cfg.workers, cfg.worker_concurrency, cfg.max_message_bytes)?);
+    let registry = Arc::new(Registry::new(
+        &cfg.workers,
+        cfg.worker_concurrency,
+        cfg.max_message_bytes,
+    )?);
     let (stop_poll, poll_stopped) = watch::channel(false);
     let poller = tokio::spawn(registry.clone().poll(cfg.health_interval, poll_stopped));
 

@@ -4,9 +4,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use mip_proto::v1::{
-    GenerationRequest, Job, JobEvent, JobStatus, ListJobsResponse, SubmitJobRequest, WorkerStatus,
-};
+use mip_proto::v1::{GenerationRequest, Job, JobEvent, JobStatus, ListJobsResponse, SubmitJobRequest, WorkerStatus};
 use tokio::sync::broadcast;
 
 use crate::config::ValidConfig;
@@ -67,7 +65,12 @@ impl Coordinator {
         let tasks = self.split(&req)?;
         let id = format!("{:032x}", rand::random::<u128>());
         if !req.idempotency_key.is_empty() {
-            let owner = self.inner.dispatcher.store.claim_idempotency(&req.idempotency_key, &id).await?;
+            let owner = self
+                .inner
+                .dispatcher
+                .store
+                .claim_idempotency(&req.idempotency_key, &id)
+                .await?;
             if owner != id {
                 return match self.get(&owner, false).await {
                     Ok(job) => Ok(job),
@@ -83,8 +86,14 @@ impl Coordinator {
         let limit = self.inner.cfg.max_queued_tasks;
         let queued = &self.inner.dispatcher.queued;
         let before = queued
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| (q + n <= limit).then_some(q + n))
-            .map_err(|q| CoordinatorError::QueueFull { queued: q, asked: n, limit })?;
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| {
+                (q + n <= limit).then_some(q + n)
+            })
+            .map_err(|q| CoordinatorError::QueueFull {
+                queued: q,
+                asked: n,
+                limit,
+            })?;
         let job = Arc::new(JobHandle::new(id.clone(), req.priority, tasks, before as u32));
         let snapshot = job.snapshot(false);
         if let Err(e) = self.inner.dispatcher.store.save_job(&snapshot).await {
@@ -195,7 +204,10 @@ impl Coordinator {
     }
 
     /// Submits one request and waits for its images.
-    pub async fn generate(&self, req: GenerationRequest) -> Result<(String, Vec<mip_proto::v1::JobImage>), CoordinatorError> {
+    pub async fn generate(
+        &self,
+        req: GenerationRequest,
+    ) -> Result<(String, Vec<mip_proto::v1::JobImage>), CoordinatorError> {
         let job = self
             .submit(SubmitJobRequest {
                 requests: vec![req],
@@ -203,7 +215,9 @@ impl Coordinator {
                 ..Default::default()
             })
             .await?;
-        let handle = self.job(&job.job_id).ok_or_else(|| CoordinatorError::NotFound(job.job_id.clone()))?;
+        let handle = self
+            .job(&job.job_id)
+            .ok_or_else(|| CoordinatorError::NotFound(job.job_id.clone()))?;
         let mut cancel_rx = handle.cancelled();
         let (_, mut live) = handle.subscribe();
         while !handle.is_finished() {
@@ -216,7 +230,10 @@ impl Coordinator {
         if done.status != JobStatus::Done as i32 {
             return Err(CoordinatorError::JobEnded {
                 job_id: done.job_id,
-                status: format!("{:?}", JobStatus::try_from(done.status).unwrap_or(JobStatus::Unspecified)),
+                status: format!(
+                    "{:?}",
+                    JobStatus::try_from(done.status).unwrap_or(JobStatus::Unspecified)
+                ),
                 code: handle.failure_code(),
                 message: done.error,
             });
@@ -240,7 +257,13 @@ impl Coordinator {
         let ids = if self.inner.dispatcher.store.persistent() {
             self.inner.dispatcher.store.list_job_ids(offset, size + 1).await?
         } else {
-            lock(&self.inner.order).iter().rev().skip(offset).take(size + 1).cloned().collect()
+            lock(&self.inner.order)
+                .iter()
+                .rev()
+                .skip(offset)
+                .take(size + 1)
+                .cloned()
+                .collect()
         };
         let more = ids.len() > size;
         let mut jobs = Vec::new();
@@ -251,7 +274,11 @@ impl Coordinator {
         }
         Ok(ListJobsResponse {
             jobs,
-            next_page_token: if more { (offset + size).to_string() } else { String::new() },
+            next_page_token: if more {
+                (offset + size).to_string()
+            } else {
+                String::new()
+            },
         })
     }
 
@@ -270,7 +297,11 @@ fn event(id: &str, e: mip_proto::v1::job_event::Event) -> JobEvent {
 /// Light checks here; the worker validates the rest (sizes, steps, images).
 fn check_request(index: usize, r: &GenerationRequest) -> Result<(), CoordinatorError> {
     if r.prompt.trim().is_empty() {
-        return Err(CoordinatorError::invalid("requests[].prompt", "must not be empty", format!("request {index}")));
+        return Err(CoordinatorError::invalid(
+            "requests[].prompt",
+            "must not be empty",
+            format!("request {index}"),
+        ));
     }
     for s in &r.subjects {
         if s.images.is_empty() && s.subject_key.is_empty() {

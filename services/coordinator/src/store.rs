@@ -43,7 +43,8 @@ impl Store {
     pub async fn connect(url: Option<&str>, ttl: Duration) -> Result<Self, CoordinatorError> {
         let conn = match url {
             Some(u) => {
-                let client = redis::Client::open(u).map_err(|e| CoordinatorError::invalid("redis.url", e.to_string(), u))?;
+                let client =
+                    redis::Client::open(u).map_err(|e| CoordinatorError::invalid("redis.url", e.to_string(), u))?;
                 Some(timed(ConnectionManager::new(client)).await?)
             }
             None => None,

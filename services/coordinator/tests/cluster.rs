@@ -65,7 +65,11 @@ impl Coord {
     async fn wait_healthy(&mut self, n: usize) {
         tokio::time::timeout(BOUND, async {
             loop {
-                let w = self.client.list_workers(ListWorkersRequest {}).await.expect("list workers");
+                let w = self
+                    .client
+                    .list_workers(ListWorkersRequest {})
+                    .await
+                    .expect("list workers");
                 if w.into_inner().workers.iter().filter(|w| w.healthy).count() >= n {
                     return;
                 }
@@ -172,7 +176,12 @@ async fn six_images_spread_watch_idempotency_and_restart() {
     let ws = workers(3).await;
     let refs: Vec<&TestWorker> = ws.iter().collect();
     let mut coord = Coord::start(&refs, &redis, |_| {}).await;
-    let submitted = coord.client.submit_job(job(2, 6, "k-1")).await.expect("submit").into_inner();
+    let submitted = coord
+        .client
+        .submit_job(job(2, 6, "k-1"))
+        .await
+        .expect("submit")
+        .into_inner();
     assert_eq!(submitted.total_tasks, 6);
     let (events, done) = watch_all(&mut coord.client, &submitted.job_id).await;
     assert_eq!(done.status, JobStatus::Done as i32, "{done:?}");
@@ -184,9 +193,19 @@ async fn six_images_spread_watch_idempotency_and_restart() {
     assert!(events.iter().any(|e| matches!(e.event, Some(Event::Progress(_)))));
     assert!(events.iter().any(|e| matches!(e.event, Some(Event::Started(_)))));
 
-    let again = coord.client.submit_job(job(2, 6, "k-1")).await.expect("resubmit").into_inner();
+    let again = coord
+        .client
+        .submit_job(job(2, 6, "k-1"))
+        .await
+        .expect("resubmit")
+        .into_inner();
     assert_eq!(again.job_id, submitted.job_id);
-    let listed = coord.client.list_jobs(ListJobsRequest::default()).await.expect("list").into_inner();
+    let listed = coord
+        .client
+        .list_jobs(ListJobsRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
     assert_eq!(listed.jobs.len(), 1);
 
     // A fresh coordinator on the same Redis still knows the finished job and its images.
@@ -200,7 +219,12 @@ async fn six_images_spread_watch_idempotency_and_restart() {
     assert_eq!(got.status, JobStatus::Done as i32);
     let idx: Vec<u32> = got.images.iter().map(|i| i.task_index).collect();
     assert_eq!(idx, (0..6).collect::<Vec<u32>>());
-    let same = coord.client.submit_job(job(2, 6, "k-1")).await.expect("resubmit").into_inner();
+    let same = coord
+        .client
+        .submit_job(job(2, 6, "k-1"))
+        .await
+        .expect("resubmit")
+        .into_inner();
     assert_eq!(same.job_id, submitted.job_id);
     coord.stop().await;
     for w in ws {
@@ -215,7 +239,12 @@ async fn a_stopped_worker_does_not_stop_the_job() {
     let mut ws = workers_with(3, |c| c.server.drain_seconds = 0).await;
     let refs: Vec<&TestWorker> = ws.iter().collect();
     let mut coord = Coord::start(&refs, &redis, |c| c.coordinator.worker_concurrency = 1).await;
-    let submitted = coord.client.submit_job(job(20, 6, "")).await.expect("submit").into_inner();
+    let submitted = coord
+        .client
+        .submit_job(job(20, 6, ""))
+        .await
+        .expect("submit")
+        .into_inner();
     let mut s = coord
         .client
         .watch_job(WatchJobRequest {
@@ -274,7 +303,12 @@ async fn cancel_affinity_generate_and_queue_limit() {
     .await;
 
     // Cancel a long job after its first progress event.
-    let long = coord.client.submit_job(job(30, 6, "")).await.expect("submit").into_inner();
+    let long = coord
+        .client
+        .submit_job(job(30, 6, ""))
+        .await
+        .expect("submit")
+        .into_inner();
     let mut s = coord
         .client
         .watch_job(WatchJobRequest {
@@ -284,7 +318,10 @@ async fn cancel_affinity_generate_and_queue_limit() {
         .expect("watch")
         .into_inner();
     tokio::time::timeout(BOUND, async {
-        while !matches!(s.message().await.expect("ok").expect("event").event, Some(Event::Progress(_))) {}
+        while !matches!(
+            s.message().await.expect("ok").expect("event").event,
+            Some(Event::Progress(_))
+        ) {}
     })
     .await
     .expect("progress");
@@ -321,7 +358,12 @@ async fn cancel_affinity_generate_and_queue_limit() {
     }
 
     // Generate: submit and wait.
-    let r = coord.client.generate(request(2, cat())).await.expect("generate").into_inner();
+    let r = coord
+        .client
+        .generate(request(2, cat()))
+        .await
+        .expect("generate")
+        .into_inner();
     assert_eq!(r.images.len(), 1);
     assert!(r.images[0].png.starts_with(b"\x89PNG"));
     assert_eq!(r.images[0].seed, 10);
