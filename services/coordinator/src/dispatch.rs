@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use mip_common::errors::{status, Kind};
 use mip_proto::v1::{generate_event, GenerateTask, JobImage};
 use tonic::{Code, Status};
 
@@ -23,6 +24,17 @@ pub struct Dispatcher {
     pub max_attempts: u32,
     /// Tasks not yet started, across jobs.
     pub queued: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Resolves at the deadline (with its `deadline_ms`); never without one.
+async fn until(deadline: Option<(tokio::time::Instant, u64)>) -> u64 {
+    match deadline {
+        Some((at, ms)) => {
+            tokio::time::sleep_until(at).await;
+            ms
+        }
+        None => std::future::pending().await,
+    }
 }
 
 /// Codes after which the task goes to another worker.
@@ -45,6 +57,11 @@ impl Dispatcher {
             let permit = tokio::select! {
                 p = self.acquire(&key, &excluded) => p,
                 _ = cancel.wait_for(|c| *c) => break,
+                ms = until(job.deadline) => {
+                    let msg = format!("task {index} did not start within deadline_ms {ms}");
+                    job.failed(spec.index, &status(Kind::DeadlineExceeded, None, msg), false);
+                    break;
+                }
             };
             if std::mem::take(&mut counted_queued) {
                 self.queued.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);

@@ -46,13 +46,16 @@ struct State {
 pub struct JobHandle {
     pub id: String,
     pub tasks: Vec<TaskSpec>,
+    /// Tasks not started by then fail with DEADLINE_EXCEEDED.
+    pub deadline: Option<(tokio::time::Instant, u64)>,
     state: Mutex<State>,
     events: broadcast::Sender<JobEvent>,
     cancel: watch::Sender<bool>,
 }
 
 impl JobHandle {
-    pub fn new(id: String, priority: i32, tasks: Vec<TaskSpec>, queue_position: u32) -> Self {
+    /// A queued job; `deadline_ms` (0 = none) counts from now.
+    pub fn new(id: String, priority: i32, tasks: Vec<TaskSpec>, queue_position: u32, deadline_ms: u64) -> Self {
         let job = Job {
             job_id: id.clone(),
             status: JobStatus::Queued as i32,
@@ -71,9 +74,14 @@ impl JobHandle {
         };
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         let (cancel, _) = watch::channel(false);
+        let deadline = (deadline_ms > 0).then(|| {
+            let at = tokio::time::Instant::now() + std::time::Duration::from_millis(deadline_ms);
+            (at, deadline_ms)
+        });
         Self {
             id,
             tasks,
+            deadline,
             state: Mutex::new(State {
                 job,
                 images: BTreeMap::new(),

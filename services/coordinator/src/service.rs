@@ -94,7 +94,13 @@ impl Coordinator {
                 asked: n,
                 limit,
             })?;
-        let job = Arc::new(JobHandle::new(id.clone(), req.priority, tasks, before as u32));
+        let job = Arc::new(JobHandle::new(
+            id.clone(),
+            req.priority,
+            tasks,
+            before as u32,
+            req.deadline_ms,
+        ));
         let snapshot = job.snapshot(false);
         if let Err(e) = self.inner.dispatcher.store.save_job(&snapshot).await {
             queued.fetch_sub(n, Ordering::SeqCst);
@@ -171,7 +177,9 @@ impl Coordinator {
         };
         if let Some(job) = j.cancel() {
             tracing::info!(job_id = %id, "job cancelled");
-            self.inner.dispatcher.store.save_job(&job).await?;
+            if let Err(e) = self.inner.dispatcher.store.save_job(&job).await {
+                tracing::warn!(job_id = %id, error = %e, "storing the cancelled job failed");
+            }
             return Ok(job);
         }
         Ok(j.snapshot(false))

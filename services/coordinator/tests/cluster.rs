@@ -31,8 +31,19 @@ struct Coord {
 
 impl Coord {
     async fn start(workers: &[&TestWorker], redis: &RedisServer, edit: impl FnOnce(&mut CoordinatorConfig)) -> Self {
+        let urls = workers.iter().map(|w| format!("http://{}", w.addr)).collect();
+        Self::start_urls(urls, workers.len(), redis, edit).await
+    }
+
+    /// A coordinator over `urls`, once `healthy` of them are healthy.
+    async fn start_urls(
+        urls: Vec<String>,
+        healthy: usize,
+        redis: &RedisServer,
+        edit: impl FnOnce(&mut CoordinatorConfig),
+    ) -> Self {
         let mut cfg = CoordinatorConfig::default();
-        cfg.coordinator.workers = workers.iter().map(|w| format!("http://{}", w.addr)).collect();
+        cfg.coordinator.workers = urls;
         cfg.coordinator.health_interval_ms = 100;
         cfg.redis.url = redis.url();
         edit(&mut cfg);
@@ -58,7 +69,7 @@ impl Coord {
             stop: Some(stop),
             task,
         };
-        c.wait_healthy(workers.len()).await;
+        c.wait_healthy(healthy).await;
         c
     }
 
@@ -192,6 +203,20 @@ async fn six_images_spread_watch_idempotency_and_restart() {
     assert!(used.len() > 1, "images spread over workers: {used:?}");
     assert!(events.iter().any(|e| matches!(e.event, Some(Event::Progress(_)))));
     assert!(events.iter().any(|e| matches!(e.event, Some(Event::Started(_)))));
+    let seeds: Vec<u64> = events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(Event::Image(i)) => Some((i.task_index, i.seed)),
+            _ => None,
+        })
+        .collect::<BTreeMap<u32, u64>>()
+        .into_values()
+        .collect();
+    assert_eq!(
+        seeds,
+        (10..16).collect::<Vec<u64>>(),
+        "seed = request seed + sample index"
+    );
 
     let again = coord
         .client
@@ -371,4 +396,47 @@ async fn cancel_affinity_generate_and_queue_limit() {
     for w in ws {
         w.stop().await;
     }
+}
+
+#[tokio::test]
+async fn no_worker_deadline_and_validation() {
+    let redis = RedisServer::start();
+    // Nothing listens on a port just bound and released: the worker never turns healthy.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        format!("http://{}", l.local_addr().expect("addr"))
+    };
+    let mut coord = Coord::start_urls(vec![dead], 0, &redis, |_| {}).await;
+    let mut req = job(2, 2, "");
+    req.deadline_ms = 200;
+    let j = coord.client.submit_job(req).await.expect("submit").into_inner();
+    let (events, done) = watch_all(&mut coord.client, &j.job_id).await;
+    assert_eq!(done.status, JobStatus::Failed as i32, "{done:?}");
+    assert_eq!(done.failed_tasks, 2);
+    assert!(events
+        .iter()
+        .any(|e| matches!(&e.event, Some(Event::Failed(f)) if f.code == "DeadlineExceeded" && !f.will_retry)));
+    let workers = coord
+        .client
+        .list_workers(ListWorkersRequest {})
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(!workers.workers[0].healthy && !workers.workers[0].last_error.is_empty());
+
+    let mut empty = job(2, 1, "");
+    empty.requests.clear();
+    let e = coord.client.submit_job(empty).await.expect_err("no requests");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("requests"), "{}", e.message());
+    let e = coord
+        .client
+        .get_job(GetJobRequest {
+            job_id: "nope".into(),
+            include_images: false,
+        })
+        .await
+        .expect_err("unknown job");
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    coord.stop().await;
 }
