@@ -2,7 +2,8 @@
 //! `Generate` call (progress and the image go to the job), and on UNAVAILABLE / transport-like failures try
 //! another worker, up to `max_attempts`. Cancellation drops the worker stream, which cancels the worker's work.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use mip_common::errors::{status, Kind};
@@ -24,6 +25,46 @@ pub struct Dispatcher {
     pub max_attempts: u32,
     /// Tasks not yet started, across jobs.
     pub queued: Arc<std::sync::atomic::AtomicUsize>,
+    /// Priorities of the tasks waiting for a slot (priority → count): a task takes a slot only while no task of a
+    /// higher priority waits (strict classes).
+    pub waiting: Mutex<BTreeMap<i32, usize>>,
+}
+
+/// A task's place among the waiting ones; removed on drop.
+struct Waiting<'a> {
+    set: &'a Mutex<BTreeMap<i32, usize>>,
+    priority: i32,
+}
+
+impl<'a> Waiting<'a> {
+    fn new(set: &'a Mutex<BTreeMap<i32, usize>>, priority: i32) -> Self {
+        *lock(set).entry(priority).or_default() += 1;
+        Self { set, priority }
+    }
+
+    /// No task of a higher priority waits.
+    fn is_first(&self) -> bool {
+        lock(self.set)
+            .keys()
+            .next_back()
+            .is_none_or(|&top| top <= self.priority)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut m = lock(self.set);
+        if let Some(n) = m.get_mut(&self.priority) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.priority);
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Resolves at the deadline (with its `deadline_ms`); never without one.
@@ -55,7 +96,7 @@ impl Dispatcher {
         let key = placement::affinity_key(&spec.request, &format!("{}/{}", job.id, index));
         for attempt in 1..=self.max_attempts {
             let permit = tokio::select! {
-                p = self.acquire(&key, &excluded) => p,
+                p = self.acquire(&key, &excluded, job.priority) => p,
                 _ = cancel.wait_for(|c| *c) => break,
                 ms = until(job.deadline) => {
                     let msg = format!("task {index} did not start within deadline_ms {ms}");
@@ -105,15 +146,19 @@ impl Dispatcher {
         }
     }
 
-    /// A slot on the first worker in placement order that has one, waiting while none has.
-    async fn acquire(&self, key: &[u8; 32], excluded: &[usize]) -> Permit {
+    /// A slot on the first worker in placement order that has one, waiting while none has or while a task of a
+    /// higher priority waits.
+    async fn acquire(&self, key: &[u8; 32], excluded: &[usize], priority: i32) -> Permit {
+        let me = Waiting::new(&self.waiting, priority);
         loop {
             let wake = self.registry.changed();
             tokio::pin!(wake);
             wake.as_mut().enable();
-            let order = placement::order(key, &self.registry.candidates(excluded));
-            if let Some(p) = order.into_iter().find_map(|i| self.registry.try_acquire(i)) {
-                return p;
+            if me.is_first() {
+                let order = placement::order(key, &self.registry.candidates(excluded));
+                if let Some(p) = order.into_iter().find_map(|i| self.registry.try_acquire(i)) {
+                    return p;
+                }
             }
             let _ = tokio::time::timeout(RETRY_PLACEMENT, wake).await;
         }

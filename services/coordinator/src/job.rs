@@ -45,6 +45,7 @@ struct State {
 /// A job being run (or finished) by this coordinator.
 pub struct JobHandle {
     pub id: String,
+    pub priority: i32,
     pub tasks: Vec<TaskSpec>,
     /// Tasks not started by then fail with DEADLINE_EXCEEDED.
     pub deadline: Option<(tokio::time::Instant, u64)>,
@@ -80,6 +81,7 @@ impl JobHandle {
         });
         Self {
             id,
+            priority,
             tasks,
             deadline,
             state: Mutex::new(State {

@@ -45,6 +45,7 @@ impl Coordinator {
             store,
             max_attempts: cfg.max_attempts,
             queued: Arc::new(AtomicUsize::new(0)),
+            waiting: Mutex::new(Default::default()),
         });
         Self {
             inner: Arc::new(Inner {

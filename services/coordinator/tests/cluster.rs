@@ -440,3 +440,57 @@ async fn no_worker_deadline_and_validation() {
     assert_eq!(e.code(), tonic::Code::NotFound);
     coord.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_higher_priority_job_goes_first() {
+    let redis = RedisServer::start();
+    let ws = workers(1).await;
+    let refs: Vec<&TestWorker> = ws.iter().collect();
+    let mut coord = Coord::start(&refs, &redis, |c| c.coordinator.worker_concurrency = 1).await;
+    // One slot: one low task runs, seven wait (without priorities the high task would win the slot 1 time in 8).
+    let low = coord
+        .client
+        .submit_job(job(30, 8, ""))
+        .await
+        .expect("submit")
+        .into_inner();
+    let mut s = coord
+        .client
+        .watch_job(WatchJobRequest {
+            job_id: low.job_id.clone(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    tokio::time::timeout(BOUND, async {
+        while !matches!(
+            s.message().await.expect("ok").expect("event").event,
+            Some(Event::Progress(_))
+        ) {}
+    })
+    .await
+    .expect("progress");
+    let mut high = job(2, 1, "");
+    high.priority = 5;
+    let high = coord.client.submit_job(high).await.expect("submit").into_inner();
+    let (_, done) = watch_all(&mut coord.client, &high.job_id).await;
+    assert_eq!(done.status, JobStatus::Done as i32);
+    let req = GetJobRequest {
+        job_id: low.job_id.clone(),
+        include_images: false,
+    };
+    let low_now = coord.client.get_job(req).await.expect("get").into_inner();
+    assert!(
+        low_now.done_tasks <= 1,
+        "the high job ran before the waiting low tasks: {low_now:?}"
+    );
+    coord
+        .client
+        .cancel_job(CancelJobRequest { job_id: low.job_id })
+        .await
+        .expect("cancel");
+    coord.stop().await;
+    for w in ws {
+        w.stop().await;
+    }
+}
