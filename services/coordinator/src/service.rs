@@ -14,6 +14,9 @@ use crate::job::{is_final, JobHandle, TaskSpec};
 use crate::registry::Registry;
 use crate::store::Store;
 
+/// Jobs kept in memory (running ones always are).
+pub const MAX_JOBS_IN_MEMORY: usize = 10_000;
+
 /// The coordinator; cheap to clone.
 #[derive(Clone)]
 pub struct Coordinator {
@@ -103,17 +106,37 @@ impl Coordinator {
             req.deadline_ms,
         ));
         let snapshot = job.snapshot(false);
-        if let Err(e) = self.inner.dispatcher.store.save_job(&snapshot).await {
+        if let Err(e) = self.inner.dispatcher.store.save_new_job(&snapshot, &req).await {
             queued.fetch_sub(n, Ordering::SeqCst);
             return Err(e);
         }
         lock(&self.inner.jobs).insert(id.clone(), job.clone());
         lock(&self.inner.order).push(id.clone());
+        self.evict_finished();
         tracing::info!(job_id = %id, tasks = n, "job submitted");
         for i in 0..n {
             tokio::spawn(self.inner.dispatcher.clone().run_task(job.clone(), i));
         }
         Ok(snapshot)
+    }
+
+    /// Keeps at most [`MAX_JOBS_IN_MEMORY`] jobs in memory by forgetting the oldest finished ones (with Redis they
+    /// are still served from there).
+    fn evict_finished(&self) {
+        let mut jobs = lock(&self.inner.jobs);
+        if jobs.len() <= MAX_JOBS_IN_MEMORY {
+            return;
+        }
+        let mut order = lock(&self.inner.order);
+        let mut excess = jobs.len() - MAX_JOBS_IN_MEMORY;
+        order.retain(|id| {
+            if excess > 0 && jobs.get(id).is_none_or(|j| j.is_finished()) {
+                jobs.remove(id);
+                excess -= 1;
+                return false;
+            }
+            true
+        });
     }
 
     /// One task per image: request × sample; seed = request seed + sample index when a seed is given.

@@ -1,5 +1,6 @@
 //! Job state in Redis (optional: without a URL everything stays in memory). Keys, all with the configured TTL:
-//! `mip:coord:job:{id}` hash (`job`: the encoded `Job` with its task states, `status`), `mip:coord:job:{id}:results`
+//! `mip:coord:job:{id}` hash (`spec`: the encoded `SubmitJobRequest`, `job`: the encoded `Job` with its task
+//! states, `status`), `mip:coord:job:{id}:results`
 //! hash (task index → encoded `JobImage`), `mip:coord:idem:{key}` → job id, and the `mip:coord:jobs` sorted set
 //! (job ids by creation time) for ListJobs.
 
@@ -7,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use mip_proto::v1::{Job, JobImage};
+use mip_proto::v1::{Job, JobImage, SubmitJobRequest};
 use prost::Message;
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
@@ -76,6 +77,16 @@ impl Store {
         }
         let existing: Option<String> = timed(c.get(&k)).await?;
         Ok(existing.unwrap_or_else(|| job_id.to_owned()))
+    }
+
+    /// Writes the job's spec, then [`save_job`](Self::save_job).
+    pub async fn save_new_job(&self, job: &Job, spec: &SubmitJobRequest) -> Result<(), CoordinatorError> {
+        let Some(mut c) = self.conn.clone() else {
+            return Ok(());
+        };
+        let k = format!("{PREFIX}:job:{}", job.job_id);
+        timed(c.hset::<_, _, _, ()>(&k, "spec", spec.encode_to_vec())).await?;
+        self.save_job(job).await
     }
 
     /// Writes the job (without images) and indexes it.

@@ -233,6 +233,22 @@ async fn six_images_spread_watch_idempotency_and_restart() {
         .into_inner();
     assert_eq!(listed.jobs.len(), 1);
 
+    // The spec is in Redis next to the job.
+    let mut conn = redis::Client::open(redis.url())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let key = format!("mip:coord:job:{}", submitted.job_id);
+    let spec: Vec<u8> = redis::cmd("HGET")
+        .arg(&key)
+        .arg("spec")
+        .query_async(&mut conn)
+        .await
+        .expect("hget");
+    let spec = <SubmitJobRequest as prost::Message>::decode(spec.as_slice()).expect("spec decodes");
+    assert_eq!((spec.requests.len(), spec.samples), (1, 6));
+
     // A fresh coordinator on the same Redis still knows the finished job and its images.
     coord.stop().await;
     let mut coord = Coord::start(&refs, &redis, |_| {}).await;
