@@ -7,7 +7,7 @@ use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
-    let files = ["mip/v1/common.proto", "mip/v1/worker.proto"];
+    let files = ["mip/v1/common.proto", "mip/v1/worker.proto", "mip/v1/coordinator.proto"];
     for f in &files {
         println!("cargo:rerun-if-changed={}", root.join(f).display());
     }

@@ -1,17 +1,37 @@
-//! `mip serve worker`: runs a worker node. Settings come from the defaults, then `--config FILE`, then the `MIP_…`
-//! environment (`MIP_REDIS__URL`, …), then the flags; `--model demo` writes the demo model to the cache folder on
-//! first use. Stops on SIGTERM / Ctrl-C after draining.
+//! `mip serve worker` runs a worker node; `mip serve coordinator` runs the cluster's front door over a list of
+//! workers. Settings come from the defaults, then `--config FILE`, then the `MIP_…` environment (`MIP_REDIS__URL`,
+//! …), then the flags; `--model demo` writes the demo model to the cache folder on first use. Both stop on
+//! SIGTERM / Ctrl-C (a worker after draining).
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Subcommand;
+use mip_coordinator::config::CoordinatorConfig;
 use mip_worker::config::WorkerConfig;
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve one model on one device over gRPC (mip.v1.Worker, health, reflection).
     Worker(WorkerArgs),
+    /// Serve the public API (mip.v1.Coordinator): jobs split into tasks placed on workers.
+    Coordinator(CoordinatorArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CoordinatorArgs {
+    /// Configuration file (YAML or TOML).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// gRPC address, e.g. 0.0.0.0:50050.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Worker URLs, comma separated (http://host:port or host:port).
+    #[arg(long, value_delimiter = ',')]
+    workers: Vec<String>,
+    /// Job state store, e.g. redis://127.0.0.1:6379/0 (empty: memory only).
+    #[arg(long)]
+    redis: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -37,7 +57,55 @@ pub struct WorkerArgs {
 }
 
 pub fn run(cmd: Command, verbose: bool) -> Result<()> {
-    let Command::Worker(a) = cmd;
+    match cmd {
+        Command::Worker(a) => run_worker(a, verbose),
+        Command::Coordinator(a) => run_coordinator(a, verbose),
+    }
+}
+
+fn log_filter(verbose: bool) -> String {
+    std::env::var("RUST_LOG").unwrap_or_else(|_| if verbose { "info" } else { "warn" }.into())
+}
+
+fn run_coordinator(a: CoordinatorArgs, verbose: bool) -> Result<()> {
+    let mut overrides: Vec<(&str, &str)> = Vec::new();
+    for (key, value) in [("server.listen", &a.listen), ("redis.url", &a.redis)] {
+        if let Some(v) = value {
+            overrides.push((key, v.as_str()));
+        }
+    }
+    let mut config = CoordinatorConfig::load(a.config.as_deref(), true, &overrides)?;
+    if !a.workers.is_empty() {
+        config.coordinator.workers = a.workers.iter().filter(|w| !w.trim().is_empty()).cloned().collect();
+    }
+    config.validate()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        let telemetry = mip_common::telemetry::TelemetryConfig {
+            otlp_endpoint: None,
+            sample_ratio: 1.0,
+            service_name: "mip-coordinator".into(),
+            log_filter: log_filter(verbose),
+        };
+        let guard = mip_common::telemetry::init(&telemetry)?;
+        let listener = tokio::net::TcpListener::bind(&config.server.listen)
+            .await
+            .with_context(|| format!("binding server.listen {}", config.server.listen))?;
+        let addr = listener.local_addr()?;
+        println!(
+            "coordinator listening on {addr} ({} workers)",
+            config.coordinator.workers.len()
+        );
+        let result = mip_coordinator::server::run(config, listener, mip_common::shutdown::signal()).await;
+        guard.shutdown()?;
+        result
+    })
+}
+
+fn run_worker(a: WorkerArgs, verbose: bool) -> Result<()> {
     let mut overrides: Vec<(&str, &str)> = Vec::new();
     for (key, value) in [
         ("server.listen", &a.listen),
@@ -65,7 +133,7 @@ pub fn run(cmd: Command, verbose: bool) -> Result<()> {
             otlp_endpoint: Some(config.telemetry.otlp_endpoint.clone()).filter(|e| !e.is_empty()),
             sample_ratio: config.telemetry.sample_ratio,
             service_name: "mip-worker".into(),
-            log_filter: std::env::var("RUST_LOG").unwrap_or_else(|_| if verbose { "info" } else { "warn" }.into()),
+            log_filter: log_filter(verbose),
         };
         let guard = mip_common::telemetry::init(&telemetry)?;
         let listener = tokio::net::TcpListener::bind(&config.server.listen)

@@ -3,7 +3,7 @@
 
 #![allow(clippy::all, missing_docs)]
 
-/// `mip.v1`: messages, the `Worker` client and server.
+/// `mip.v1`: messages, the `Worker` and `Coordinator` clients and servers.
 pub mod v1 {
     tonic::include_proto!("mip.v1");
 }

@@ -1,0 +1,100 @@
+//! The gRPC adapter of `mip.v1.Coordinator`: unwrap the request, call [`Coordinator`], convert the error.
+
+use std::pin::Pin;
+
+use futures::Stream;
+use mip_proto::v1::coordinator_server::Coordinator as CoordinatorRpc;
+use mip_proto::v1::{
+    job_event, CancelJobRequest, GenerateResponse, GenerationRequest, GetJobRequest, Job, JobEvent, ListJobsRequest,
+    ListJobsResponse, ListWorkersRequest, ListWorkersResponse, SubmitJobRequest, WatchJobRequest,
+};
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::service::Coordinator;
+
+/// Events buffered per WatchJob stream.
+const WATCH_BUFFER: usize = 64;
+
+/// The tonic service.
+pub struct CoordinatorApi {
+    core: Coordinator,
+}
+
+impl CoordinatorApi {
+    pub fn new(core: Coordinator) -> Self {
+        Self { core }
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<JobEvent, Status>> + Send>>;
+
+fn is_done(e: &JobEvent) -> bool {
+    matches!(e.event, Some(job_event::Event::Done(_)))
+}
+
+#[tonic::async_trait]
+impl CoordinatorRpc for CoordinatorApi {
+    async fn submit_job(&self, r: Request<SubmitJobRequest>) -> Result<Response<Job>, Status> {
+        Ok(Response::new(self.core.submit(r.into_inner()).await?))
+    }
+
+    type WatchJobStream = EventStream;
+
+    async fn watch_job(&self, r: Request<WatchJobRequest>) -> Result<Response<EventStream>, Status> {
+        let w = self.core.watch(&r.into_inner().job_id).await?;
+        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+        tokio::spawn(async move {
+            for e in w.replay {
+                let done = is_done(&e);
+                if tx.send(Ok(e)).await.is_err() || done {
+                    return;
+                }
+            }
+            let Some(mut live) = w.live else { return };
+            loop {
+                match live.recv().await {
+                    Ok(e) => {
+                        let done = is_done(&e);
+                        if tx.send(Ok(e)).await.is_err() || done {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        let msg = format!("the watcher fell {n} events behind; watch again to resync");
+                        let _ = tx.send(Err(Status::data_loss(msg))).await;
+                        return;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn get_job(&self, r: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
+        let r = r.into_inner();
+        Ok(Response::new(self.core.get(&r.job_id, r.include_images).await?))
+    }
+
+    async fn cancel_job(&self, r: Request<CancelJobRequest>) -> Result<Response<Job>, Status> {
+        Ok(Response::new(self.core.cancel(&r.into_inner().job_id).await?))
+    }
+
+    async fn list_jobs(&self, r: Request<ListJobsRequest>) -> Result<Response<ListJobsResponse>, Status> {
+        let r = r.into_inner();
+        Ok(Response::new(self.core.list_jobs(r.page_size, &r.page_token).await?))
+    }
+
+    async fn list_workers(&self, _: Request<ListWorkersRequest>) -> Result<Response<ListWorkersResponse>, Status> {
+        Ok(Response::new(ListWorkersResponse {
+            workers: self.core.list_workers(),
+        }))
+    }
+
+    async fn generate(&self, r: Request<GenerationRequest>) -> Result<Response<GenerateResponse>, Status> {
+        let (job_id, images) = self.core.generate(r.into_inner()).await?;
+        Ok(Response::new(GenerateResponse { job_id, images }))
+    }
+}

@@ -1,0 +1,61 @@
+//! The coordinator's boundary error, mapped onto the shared error-kind table (`mip_common::errors`).
+
+use mip_common::errors::{status, Kind};
+use tonic::Status;
+
+/// Everything a coordinator call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error("`{field}` {rule}, got {value}")]
+    Invalid {
+        field: &'static str,
+        rule: String,
+        value: String,
+    },
+    #[error("job `{0}` not found")]
+    NotFound(String),
+    #[error("queue full: {queued} tasks queued + {asked} asked > coordinator.max_queued_tasks {limit}")]
+    QueueFull { queued: usize, asked: usize, limit: usize },
+    #[error("job state store: {0}")]
+    Store(String),
+    #[error("worker `{url}`: {message}")]
+    WorkerUrl { url: String, message: String },
+    #[error("job `{job_id}` ended {status}: {message}")]
+    JobEnded {
+        job_id: String,
+        status: String,
+        code: tonic::Code,
+        message: String,
+    },
+}
+
+impl CoordinatorError {
+    pub fn invalid(field: &'static str, rule: impl Into<String>, value: impl ToString) -> Self {
+        Self::Invalid {
+            field,
+            rule: rule.into(),
+            value: value.to_string(),
+        }
+    }
+}
+
+impl From<CoordinatorError> for Status {
+    fn from(e: CoordinatorError) -> Self {
+        let msg = e.to_string();
+        match e {
+            CoordinatorError::Invalid { .. } | CoordinatorError::WorkerUrl { .. } => {
+                status(Kind::InvalidArgument, None, msg)
+            }
+            CoordinatorError::NotFound(_) => status(Kind::NotFound, None, msg),
+            CoordinatorError::QueueFull { .. } => status(Kind::QueueFull, None, msg),
+            CoordinatorError::Store(_) => status(Kind::Unavailable, Some("job_store_unavailable"), msg),
+            CoordinatorError::JobEnded { code, .. } => {
+                let mut s = Status::new(code, msg);
+                if let Ok(v) = "job_failed".parse() {
+                    s.metadata_mut().insert(mip_common::errors::REASON_KEY, v);
+                }
+                s
+            }
+        }
+    }
+}

@@ -1,0 +1,348 @@
+//! The coordinator's domain API (no gRPC types beyond the messages): submit, watch, get, cancel, list.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use mip_proto::v1::{GenerationRequest, Job, JobEvent, JobStatus, ListJobsResponse, SubmitJobRequest, WorkerStatus};
+use tokio::sync::broadcast;
+
+use crate::config::ValidConfig;
+use crate::dispatch::Dispatcher;
+use crate::error::CoordinatorError;
+use crate::job::{is_final, JobHandle, TaskSpec};
+use crate::registry::Registry;
+use crate::store::Store;
+
+/// Jobs kept in memory (running ones always are).
+pub const MAX_JOBS_IN_MEMORY: usize = 10_000;
+
+/// The coordinator; cheap to clone.
+#[derive(Clone)]
+pub struct Coordinator {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: ValidConfig,
+    dispatcher: Arc<Dispatcher>,
+    jobs: Mutex<HashMap<String, Arc<JobHandle>>>,
+    /// Job ids in submission order (ListJobs without Redis).
+    order: Mutex<Vec<String>>,
+}
+
+/// A watch of one job: the replayed state, then live events (None when the job is only in the store).
+pub struct JobWatch {
+    pub replay: Vec<JobEvent>,
+    pub live: Option<broadcast::Receiver<JobEvent>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Coordinator {
+    pub fn new(cfg: ValidConfig, registry: Arc<Registry>, store: Arc<Store>) -> Self {
+        let dispatcher = Arc::new(Dispatcher {
+            registry,
+            store,
+            max_attempts: cfg.max_attempts,
+            queued: Arc::new(AtomicUsize::new(0)),
+            waiting: Mutex::new(Default::default()),
+        });
+        Self {
+            inner: Arc::new(Inner {
+                cfg,
+                dispatcher,
+                jobs: Mutex::new(HashMap::new()),
+                order: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    fn job(&self, id: &str) -> Option<Arc<JobHandle>> {
+        lock(&self.inner.jobs).get(id).cloned()
+    }
+
+    /// Validates, stores and starts a job; the same idempotency key returns the first job.
+    pub async fn submit(&self, req: SubmitJobRequest) -> Result<Job, CoordinatorError> {
+        let tasks = self.split(&req)?;
+        let id = format!("{:032x}", rand::random::<u128>());
+        if !req.idempotency_key.is_empty() {
+            let owner = self
+                .inner
+                .dispatcher
+                .store
+                .claim_idempotency(&req.idempotency_key, &id)
+                .await?;
+            if owner != id {
+                return match self.get(&owner, false).await {
+                    Ok(job) => Ok(job),
+                    Err(_) => Ok(Job {
+                        job_id: owner,
+                        status: JobStatus::Queued as i32,
+                        ..Default::default()
+                    }),
+                };
+            }
+        }
+        let n = tasks.len();
+        let limit = self.inner.cfg.max_queued_tasks;
+        let queued = &self.inner.dispatcher.queued;
+        let before = queued
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| {
+                (q + n <= limit).then_some(q + n)
+            })
+            .map_err(|q| CoordinatorError::QueueFull {
+                queued: q,
+                asked: n,
+                limit,
+            })?;
+        let job = Arc::new(JobHandle::new(
+            id.clone(),
+            req.priority,
+            tasks,
+            before as u32,
+            req.deadline_ms,
+        ));
+        let snapshot = job.snapshot(false);
+        if let Err(e) = self.inner.dispatcher.store.save_new_job(&snapshot, &req).await {
+            queued.fetch_sub(n, Ordering::SeqCst);
+            return Err(e);
+        }
+        lock(&self.inner.jobs).insert(id.clone(), job.clone());
+        lock(&self.inner.order).push(id.clone());
+        self.evict_finished();
+        tracing::info!(job_id = %id, tasks = n, "job submitted");
+        for i in 0..n {
+            tokio::spawn(self.inner.dispatcher.clone().run_task(job.clone(), i));
+        }
+        Ok(snapshot)
+    }
+
+    /// Keeps at most [`MAX_JOBS_IN_MEMORY`] jobs in memory by forgetting the oldest finished ones (with Redis they
+    /// are still served from there).
+    fn evict_finished(&self) {
+        let mut jobs = lock(&self.inner.jobs);
+        if jobs.len() <= MAX_JOBS_IN_MEMORY {
+            return;
+        }
+        let mut order = lock(&self.inner.order);
+        let mut excess = jobs.len() - MAX_JOBS_IN_MEMORY;
+        order.retain(|id| {
+            if excess > 0 && jobs.get(id).is_none_or(|j| j.is_finished()) {
+                jobs.remove(id);
+                excess -= 1;
+                return false;
+            }
+            true
+        });
+    }
+
+    /// One task per image: request × sample; seed = request seed + sample index when a seed is given.
+    fn split(&self, req: &SubmitJobRequest) -> Result<Vec<TaskSpec>, CoordinatorError> {
+        let cfg = &self.inner.cfg;
+        if req.requests.is_empty() || req.requests.len() > cfg.max_requests {
+            return Err(CoordinatorError::invalid(
+                "requests",
+                format!("must hold 1..={} requests", cfg.max_requests),
+                req.requests.len(),
+            ));
+        }
+        let samples = req.samples.max(1);
+        if samples > cfg.max_samples {
+            return Err(CoordinatorError::invalid(
+                "samples",
+                format!("must be in 0..={}", cfg.max_samples),
+                samples,
+            ));
+        }
+        if req.idempotency_key.len() > 256 {
+            return Err(CoordinatorError::invalid(
+                "idempotency_key",
+                "must be at most 256 bytes",
+                req.idempotency_key.len(),
+            ));
+        }
+        let mut tasks = Vec::new();
+        for (ri, r) in req.requests.iter().enumerate() {
+            check_request(ri, r)?;
+            for s in 0..samples {
+                let mut request = r.clone();
+                request.seed = r.seed.map(|seed| seed.wrapping_add(u64::from(s)));
+                tasks.push(TaskSpec {
+                    index: tasks.len() as u32,
+                    request_index: ri as u32,
+                    sample_index: s,
+                    request,
+                });
+            }
+        }
+        Ok(tasks)
+    }
+
+    /// The job, from memory or (after a restart) from the store.
+    pub async fn get(&self, id: &str, include_images: bool) -> Result<Job, CoordinatorError> {
+        if let Some(j) = self.job(id) {
+            return Ok(j.snapshot(include_images));
+        }
+        self.inner
+            .dispatcher
+            .store
+            .load_job(id, include_images)
+            .await?
+            .ok_or_else(|| CoordinatorError::NotFound(id.to_owned()))
+    }
+
+    /// Cancels a running job; a finished one is returned as it is.
+    pub async fn cancel(&self, id: &str) -> Result<Job, CoordinatorError> {
+        let Some(j) = self.job(id) else {
+            return self.get(id, false).await;
+        };
+        if let Some(job) = j.cancel() {
+            tracing::info!(job_id = %id, "job cancelled");
+            if let Err(e) = self.inner.dispatcher.store.save_job(&job).await {
+                tracing::warn!(job_id = %id, error = %e, "storing the cancelled job failed");
+            }
+            return Ok(job);
+        }
+        Ok(j.snapshot(false))
+    }
+
+    /// The replay of a job's state and its live events.
+    pub async fn watch(&self, id: &str) -> Result<JobWatch, CoordinatorError> {
+        if let Some(j) = self.job(id) {
+            let (replay, live) = j.subscribe();
+            return Ok(JobWatch {
+                replay,
+                live: Some(live),
+            });
+        }
+        let job = self.get(id, true).await?;
+        let mut replay: Vec<JobEvent> = job
+            .images
+            .iter()
+            .map(|i| event(id, mip_proto::v1::job_event::Event::Image(i.clone())))
+            .collect();
+        if is_final(job.status) {
+            let mut bare = job;
+            bare.images.clear();
+            replay.push(event(
+                id,
+                mip_proto::v1::job_event::Event::Done(mip_proto::v1::JobDone { job: Some(bare) }),
+            ));
+        }
+        Ok(JobWatch { replay, live: None })
+    }
+
+    /// Submits one request and waits for its images.
+    pub async fn generate(
+        &self,
+        req: GenerationRequest,
+    ) -> Result<(String, Vec<mip_proto::v1::JobImage>), CoordinatorError> {
+        let job = self
+            .submit(SubmitJobRequest {
+                requests: vec![req],
+                samples: 1,
+                ..Default::default()
+            })
+            .await?;
+        let handle = self
+            .job(&job.job_id)
+            .ok_or_else(|| CoordinatorError::NotFound(job.job_id.clone()))?;
+        let mut cancel_rx = handle.cancelled();
+        let (_, mut live) = handle.subscribe();
+        while !handle.is_finished() {
+            tokio::select! {
+                r = live.recv() => if let Err(broadcast::error::RecvError::Closed) = r { break },
+                _ = cancel_rx.wait_for(|c| *c) => break,
+            }
+        }
+        let done = handle.snapshot(false);
+        if done.status != JobStatus::Done as i32 {
+            return Err(CoordinatorError::JobEnded {
+                job_id: done.job_id,
+                status: format!(
+                    "{:?}",
+                    JobStatus::try_from(done.status).unwrap_or(JobStatus::Unspecified)
+                ),
+                code: handle.failure_code(),
+                message: done.error,
+            });
+        }
+        Ok((done.job_id, handle.images()))
+    }
+
+    /// Jobs, newest first; the page token is the offset.
+    pub async fn list_jobs(&self, page_size: u32, page_token: &str) -> Result<ListJobsResponse, CoordinatorError> {
+        let size = match page_size {
+            0 => 50,
+            n => n.min(500) as usize,
+        };
+        let offset: usize = if page_token.is_empty() {
+            0
+        } else {
+            page_token
+                .parse()
+                .map_err(|_| CoordinatorError::invalid("page_token", "must come from ListJobsResponse", page_token))?
+        };
+        let ids = if self.inner.dispatcher.store.persistent() {
+            self.inner.dispatcher.store.list_job_ids(offset, size + 1).await?
+        } else {
+            lock(&self.inner.order)
+                .iter()
+                .rev()
+                .skip(offset)
+                .take(size + 1)
+                .cloned()
+                .collect()
+        };
+        let more = ids.len() > size;
+        let mut jobs = Vec::new();
+        for id in ids.iter().take(size) {
+            if let Ok(j) = self.get(id, false).await {
+                jobs.push(j);
+            }
+        }
+        Ok(ListJobsResponse {
+            jobs,
+            next_page_token: if more {
+                (offset + size).to_string()
+            } else {
+                String::new()
+            },
+        })
+    }
+
+    pub fn list_workers(&self) -> Vec<WorkerStatus> {
+        self.inner.dispatcher.registry.snapshot()
+    }
+}
+
+fn event(id: &str, e: mip_proto::v1::job_event::Event) -> JobEvent {
+    JobEvent {
+        job_id: id.to_owned(),
+        event: Some(e),
+    }
+}
+
+/// Light checks here; the worker validates the rest (sizes, steps, images).
+fn check_request(index: usize, r: &GenerationRequest) -> Result<(), CoordinatorError> {
+    if r.prompt.trim().is_empty() {
+        return Err(CoordinatorError::invalid(
+            "requests[].prompt",
+            "must not be empty",
+            format!("request {index}"),
+        ));
+    }
+    for s in &r.subjects {
+        if s.images.is_empty() && s.subject_key.is_empty() {
+            return Err(CoordinatorError::invalid(
+                "requests[].subjects[].images",
+                "must hold images or a subject_key",
+                format!("request {index}, subject {:?}", s.name),
+            ));
+        }
+    }
+    Ok(())
+}
