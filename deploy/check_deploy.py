@@ -28,7 +28,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "deploy/helm/mip-cluster"
 VALUE_FILES = {"defaults": None, "all-on": ROOT / "deploy/values-all-on.yaml"}
-# `mip` subcommand paths the chart and compose may run: existing or planned (serve coordinator).
+# `mip` subcommand paths the chart and compose may run (each is checked to exist in services/cli/src/serve.rs).
 ALLOWED_COMMANDS = {("serve", "worker"), ("serve", "coordinator")}
 # A third case: values-all-on.yaml with the other choices (KEDA, bundled Redis with persistence, a model PVC).
 ALT_CHOICES = {
@@ -223,8 +223,9 @@ def check_manifests(rendered: dict[str, list[dict]], values: dict[str, dict]) ->
     if schema and set(schema) != EXPECTED_SECTIONS:
         problem(f"worker config sections changed: {sorted(schema)} (chart expects {sorted(EXPECTED_SECTIONS)})")
     serve_rs = (ROOT / "services/cli/src/serve.rs").read_text()
-    if not re.search(r"^\s*Worker\(", serve_rs, re.M):
-        problem("services/cli/src/serve.rs: no `serve worker` subcommand")
+    for variant, command in (("Worker", "serve worker"), ("Coordinator", "serve coordinator")):
+        if not re.search(rf"^\s*{variant}\(", serve_rs, re.M):
+            problem(f"services/cli/src/serve.rs: no `{command}` subcommand")
     for name, docs in rendered.items():
         kinds = {(d["kind"], d["metadata"]["name"]): d for d in docs}
         cms = [d for d in docs if d["kind"] == "ConfigMap" and "worker.yaml" in d.get("data", {})]
