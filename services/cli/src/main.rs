@@ -4,7 +4,7 @@
 //! - `parity`: check the implementation against a golden fixture folder;
 //! - `bench`: per-stage timings;
 //! - `model demo`: write the built-in demo model;
-//! - `serve worker`: run a worker node (gRPC);
+//! - `serve worker` / `serve coordinator`: run a worker node or the coordinator (gRPC);
 //! - `workers`: show the model, queue and counters of running workers.
 //!
 //! Each subcommand lives in its own module; this file only parses arguments and reports errors as one line.
