@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Subcommand;
+use mip_common::telemetry::TelemetryConfig;
 use mip_coordinator::config::CoordinatorConfig;
 use mip_worker::config::WorkerConfig;
 
@@ -67,82 +68,84 @@ fn log_filter(verbose: bool) -> String {
     std::env::var("RUST_LOG").unwrap_or_else(|_| if verbose { "info" } else { "warn" }.into())
 }
 
-fn run_coordinator(a: CoordinatorArgs, verbose: bool) -> Result<()> {
-    let mut overrides: Vec<(&str, &str)> = Vec::new();
-    for (key, value) in [("server.listen", &a.listen), ("redis.url", &a.redis)] {
-        if let Some(v) = value {
-            overrides.push((key, v.as_str()));
-        }
-    }
-    let mut config = CoordinatorConfig::load(a.config.as_deref(), true, &overrides)?;
-    if !a.workers.is_empty() {
-        config.coordinator.workers = a.workers.iter().filter(|w| !w.trim().is_empty()).cloned().collect();
-    }
-    config.validate()?;
+/// The flags that were given, as config overrides.
+fn overrides<'a>(flags: &[(&'a str, &'a Option<String>)]) -> Vec<(&'a str, &'a str)> {
+    flags
+        .iter()
+        .filter_map(|(key, value)| value.as_deref().map(|v| (*key, v)))
+        .collect()
+}
+
+/// Runs a service on a new runtime: telemetry, bind `listen`, print the address with `describe`, then `serve`
+/// until SIGTERM / Ctrl-C, and flush telemetry.
+fn serve<F, Fut>(telemetry: TelemetryConfig, listen: &str, describe: String, serve: F) -> Result<()>
+where
+    F: FnOnce(tokio::net::TcpListener) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async move {
-        let telemetry = mip_common::telemetry::TelemetryConfig {
-            otlp_endpoint: None,
-            sample_ratio: 1.0,
-            service_name: "mip-coordinator".into(),
-            log_filter: log_filter(verbose),
-        };
         let guard = mip_common::telemetry::init(&telemetry)?;
-        let listener = tokio::net::TcpListener::bind(&config.server.listen)
+        let listener = tokio::net::TcpListener::bind(listen)
             .await
-            .with_context(|| format!("binding server.listen {}", config.server.listen))?;
-        let addr = listener.local_addr()?;
+            .with_context(|| format!("binding server.listen {listen}"))?;
         println!(
-            "coordinator listening on {addr} ({} workers)",
-            config.coordinator.workers.len()
+            "{} listening on {} ({describe})",
+            telemetry.service_name.trim_start_matches("mip-"),
+            listener.local_addr()?
         );
-        let result = mip_coordinator::server::run(config, listener, mip_common::shutdown::signal()).await;
+        let result = serve(listener).await;
         guard.shutdown()?;
         result
     })
 }
 
+fn run_coordinator(a: CoordinatorArgs, verbose: bool) -> Result<()> {
+    let flags = overrides(&[("server.listen", &a.listen), ("redis.url", &a.redis)]);
+    let mut config = CoordinatorConfig::load(a.config.as_deref(), true, &flags)?;
+    if !a.workers.is_empty() {
+        config.coordinator.workers = a.workers.iter().filter(|w| !w.trim().is_empty()).cloned().collect();
+    }
+    config.validate()?;
+    let telemetry = TelemetryConfig {
+        otlp_endpoint: None,
+        sample_ratio: 1.0,
+        service_name: "mip-coordinator".into(),
+        log_filter: log_filter(verbose),
+    };
+    let listen = config.server.listen.clone();
+    let describe = format!("{} workers", config.coordinator.workers.len());
+    serve(telemetry, &listen, describe, |listener| {
+        mip_coordinator::server::run(config, listener, mip_common::shutdown::signal())
+    })
+}
+
 fn run_worker(a: WorkerArgs, verbose: bool) -> Result<()> {
-    let mut overrides: Vec<(&str, &str)> = Vec::new();
-    for (key, value) in [
+    let flags = overrides(&[
         ("server.listen", &a.listen),
         ("model.path", &a.model),
         ("redis.url", &a.redis),
         ("model.device", &a.device),
         ("model.dtype", &a.dtype),
-    ] {
-        if let Some(v) = value {
-            overrides.push((key, v.as_str()));
-        }
-    }
-    let mut config = WorkerConfig::load(a.config.as_deref(), true, &overrides)?;
+    ]);
+    let mut config = WorkerConfig::load(a.config.as_deref(), true, &flags)?;
     if config.model.path == "demo" {
         let (_, dir) = crate::model::resolve("demo")?;
         config.model.path = dir.display().to_string();
     }
     config.validate()?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    rt.block_on(async move {
-        let telemetry = mip_common::telemetry::TelemetryConfig {
-            otlp_endpoint: Some(config.telemetry.otlp_endpoint.clone()).filter(|e| !e.is_empty()),
-            sample_ratio: config.telemetry.sample_ratio,
-            service_name: "mip-worker".into(),
-            log_filter: log_filter(verbose),
-        };
-        let guard = mip_common::telemetry::init(&telemetry)?;
-        let listener = tokio::net::TcpListener::bind(&config.server.listen)
-            .await
-            .with_context(|| format!("binding server.listen {}", config.server.listen))?;
-        let addr = listener.local_addr()?;
-        println!("worker listening on {addr} (model {})", config.model.path);
-        let result = mip_worker::server::run(config, listener, mip_common::shutdown::signal()).await;
-        guard.shutdown()?;
-        result
+    let telemetry = TelemetryConfig {
+        otlp_endpoint: Some(config.telemetry.otlp_endpoint.clone()).filter(|e| !e.is_empty()),
+        sample_ratio: config.telemetry.sample_ratio,
+        service_name: "mip-worker".into(),
+        log_filter: log_filter(verbose),
+    };
+    let listen = config.server.listen.clone();
+    let describe = format!("model {}", config.model.path);
+    serve(telemetry, &listen, describe, |listener| {
+        mip_worker::server::run(config, listener, mip_common::shutdown::signal())
     })
 }
