@@ -151,6 +151,24 @@ async fn watch_all(c: &mut CoordinatorClient<Channel>, id: &str) -> (Vec<JobEven
     read_to_done(s).await
 }
 
+/// Submits `job` and waits (bounded) until one of its tasks reports progress; returns the job.
+async fn submit_until_progress(c: &mut CoordinatorClient<Channel>, job: SubmitJobRequest) -> Job {
+    let submitted = c.submit_job(job).await.expect("submit").into_inner();
+    let req = WatchJobRequest {
+        job_id: submitted.job_id.clone(),
+    };
+    let mut s = c.watch_job(req).await.expect("watch").into_inner();
+    tokio::time::timeout(BOUND, async {
+        while !matches!(
+            s.message().await.expect("ok").expect("event").event,
+            Some(Event::Progress(_))
+        ) {}
+    })
+    .await
+    .expect("progress");
+    submitted
+}
+
 /// The rest of a watch stream, until Done (bounded).
 async fn read_to_done(mut s: tonic::Streaming<JobEvent>) -> (Vec<JobEvent>, Job) {
     let mut events = Vec::new();
@@ -344,28 +362,7 @@ async fn cancel_affinity_generate_and_queue_limit() {
     .await;
 
     // Cancel a long job after its first progress event.
-    let long = coord
-        .client
-        .submit_job(job(30, 6, ""))
-        .await
-        .expect("submit")
-        .into_inner();
-    let mut s = coord
-        .client
-        .watch_job(WatchJobRequest {
-            job_id: long.job_id.clone(),
-        })
-        .await
-        .expect("watch")
-        .into_inner();
-    tokio::time::timeout(BOUND, async {
-        while !matches!(
-            s.message().await.expect("ok").expect("event").event,
-            Some(Event::Progress(_))
-        ) {}
-    })
-    .await
-    .expect("progress");
+    let long = submit_until_progress(&mut coord.client, job(30, 6, "")).await;
     let req = CancelJobRequest {
         job_id: long.job_id.clone(),
     };
@@ -464,28 +461,7 @@ async fn a_higher_priority_job_goes_first() {
     let refs: Vec<&TestWorker> = ws.iter().collect();
     let mut coord = Coord::start(&refs, &redis, |c| c.coordinator.worker_concurrency = 1).await;
     // One slot: one low task runs, seven wait (without priorities the high task would win the slot 1 time in 8).
-    let low = coord
-        .client
-        .submit_job(job(30, 8, ""))
-        .await
-        .expect("submit")
-        .into_inner();
-    let mut s = coord
-        .client
-        .watch_job(WatchJobRequest {
-            job_id: low.job_id.clone(),
-        })
-        .await
-        .expect("watch")
-        .into_inner();
-    tokio::time::timeout(BOUND, async {
-        while !matches!(
-            s.message().await.expect("ok").expect("event").event,
-            Some(Event::Progress(_))
-        ) {}
-    })
-    .await
-    .expect("progress");
+    let low = submit_until_progress(&mut coord.client, job(30, 8, "")).await;
     let mut high = job(2, 1, "");
     high.priority = 5;
     let high = coord.client.submit_job(high).await.expect("submit").into_inner();
