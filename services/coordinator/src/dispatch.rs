@@ -11,6 +11,7 @@ use mip_proto::v1::{generate_event, GenerateTask, JobImage};
 use tonic::{Code, Status};
 
 use crate::job::JobHandle;
+use crate::metrics::Metrics;
 use crate::placement;
 use crate::registry::{Permit, Registry};
 use crate::store::Store;
@@ -23,6 +24,7 @@ pub struct Dispatcher {
     pub registry: Arc<Registry>,
     pub store: Arc<Store>,
     pub max_attempts: u32,
+    pub metrics: Metrics,
     /// Tasks not yet started, across jobs.
     pub queued: Arc<std::sync::atomic::AtomicUsize>,
     /// Priorities of the tasks waiting for a slot (priority → count): a task takes a slot only while no task of a

@@ -15,6 +15,7 @@ pub mod config;
 pub mod dispatch;
 pub mod error;
 pub mod job;
+pub mod metrics;
 pub mod placement;
 pub mod registry;
 pub mod server;

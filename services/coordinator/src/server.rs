@@ -13,6 +13,7 @@ use tonic::transport::Server;
 
 use crate::api::CoordinatorApi;
 use crate::config::CoordinatorConfig;
+use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::service::Coordinator;
 use crate::store::Store;
@@ -43,7 +44,8 @@ pub async fn run(config: CoordinatorConfig, listener: TcpListener, shutdown: imp
         .build_v1()
         .context("building the reflection service")?;
     let max = cfg.max_message_bytes;
-    let core = Coordinator::new(cfg, registry, store);
+    let metrics = Metrics::new()?;
+    let core = Coordinator::new(cfg, registry, store, metrics);
     let api = CoordinatorServer::new(CoordinatorApi::new(core))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);

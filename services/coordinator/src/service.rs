@@ -11,6 +11,7 @@ use crate::config::ValidConfig;
 use crate::dispatch::Dispatcher;
 use crate::error::CoordinatorError;
 use crate::job::{is_final, JobHandle, TaskSpec};
+use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::store::Store;
 
@@ -42,11 +43,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Coordinator {
-    pub fn new(cfg: ValidConfig, registry: Arc<Registry>, store: Arc<Store>) -> Self {
+    pub fn new(cfg: ValidConfig, registry: Arc<Registry>, store: Arc<Store>, metrics: Metrics) -> Self {
         let dispatcher = Arc::new(Dispatcher {
             registry,
             store,
             max_attempts: cfg.max_attempts,
+            metrics,
             queued: Arc::new(AtomicUsize::new(0)),
             waiting: Mutex::new(Default::default()),
         });
