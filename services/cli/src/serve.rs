@@ -33,6 +33,12 @@ pub struct CoordinatorArgs {
     /// Job state store, e.g. redis://127.0.0.1:6379/0 (empty: memory only).
     #[arg(long)]
     redis: Option<String>,
+    /// Workers from DNS: NAME:PORT (e.g. a headless service), every address a worker, re-resolved periodically.
+    #[arg(long)]
+    workers_dns: Option<String>,
+    /// Bearer tokens of the public API, one per line (`#` comments); unset: no authentication.
+    #[arg(long)]
+    tokens_file: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -104,20 +110,35 @@ where
 }
 
 fn run_coordinator(a: CoordinatorArgs, verbose: bool) -> Result<()> {
-    let flags = overrides(&[("server.listen", &a.listen), ("redis.url", &a.redis)]);
+    let flags = overrides(&[
+        ("server.listen", &a.listen),
+        ("redis.url", &a.redis),
+        ("coordinator.workers_dns", &a.workers_dns),
+        ("auth.tokens_file", &a.tokens_file),
+    ]);
     let mut config = CoordinatorConfig::load(a.config.as_deref(), true, &flags)?;
     if !a.workers.is_empty() {
         config.coordinator.workers = a.workers.iter().filter(|w| !w.trim().is_empty()).cloned().collect();
     }
     config.validate()?;
     let telemetry = TelemetryConfig {
-        otlp_endpoint: None,
-        sample_ratio: 1.0,
+        otlp_endpoint: Some(config.telemetry.otlp_endpoint.clone()).filter(|e| !e.is_empty()),
+        sample_ratio: config.telemetry.sample_ratio,
         service_name: "mip-coordinator".into(),
         log_filter: log_filter(verbose),
     };
     let listen = config.server.listen.clone();
-    let describe = format!("{} workers", config.coordinator.workers.len());
+    let c = &config.coordinator;
+    let mut describe = format!("{} workers", c.workers.len());
+    if !c.workers_dns.is_empty() {
+        describe.push_str(&format!(" + dns {}", c.workers_dns));
+    }
+    if !config.auth.tokens_file.is_empty() {
+        describe.push_str(", bearer auth");
+    }
+    if !config.server.tls.cert.is_empty() {
+        describe.push_str(", tls");
+    }
     serve(telemetry, &listen, describe, |listener| {
         mip_coordinator::server::run(config, listener, mip_common::shutdown::signal())
     })

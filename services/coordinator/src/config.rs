@@ -2,8 +2,11 @@
 //! environment (loaded with `mip_common::config::load`); [`CoordinatorConfig::validate`] turns it once into the
 //! immutable [`ValidConfig`] the server runs from.
 
-use std::path::Path;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use mip_common::tls::{ClientTls, ServerTls};
 
 use serde::{Deserialize, Serialize};
 
@@ -16,6 +19,9 @@ pub struct CoordinatorConfig {
     pub server: ServerConfig,
     pub redis: RedisConfig,
     pub coordinator: SchedulingConfig,
+    pub worker_tls: WorkerTlsConfig,
+    pub auth: AuthConfig,
+    pub telemetry: TelemetryConfig,
 }
 
 /// `server`: the public gRPC endpoint.
@@ -23,7 +29,9 @@ pub struct CoordinatorConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     pub listen: String,
+    /// Largest gRPC message, both ways, on every hop (public API, worker calls, probes).
     pub max_message_bytes: usize,
+    pub tls: TlsConfig,
 }
 
 impl Default for ServerConfig {
@@ -31,6 +39,57 @@ impl Default for ServerConfig {
         Self {
             listen: "0.0.0.0:50050".into(),
             max_message_bytes: 64 << 20,
+            tls: TlsConfig::default(),
+        }
+    }
+}
+
+/// `server.tls`: PEM files; all empty = plaintext. `client_ca` set = mutual TLS (client certificates signed by it).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    pub cert: String,
+    pub key: String,
+    pub client_ca: String,
+}
+
+/// `worker_tls`: how the coordinator reaches its workers; empty `ca` = plaintext. `cert` + `key` = a client identity
+/// for workers that require one; `domain` = the name to verify instead of the URL's host (needed with DNS
+/// discovery, whose URLs hold IP addresses).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerTlsConfig {
+    pub ca: String,
+    pub cert: String,
+    pub key: String,
+    pub domain: String,
+}
+
+/// `auth`: bearer tokens of the public API; empty `tokens_file` = no authentication.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// One token per line; blank lines and `#` comments are skipped.
+    pub tokens_file: String,
+}
+
+/// `telemetry`: tracing export and the Prometheus endpoint (the same shape as the worker's).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// OTLP gRPC endpoint; empty = no export.
+    pub otlp_endpoint: String,
+    pub sample_ratio: f64,
+    /// `host:port` of `GET /metrics`; empty = not served.
+    pub metrics_listen: String,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: String::new(),
+            sample_ratio: 1.0,
+            metrics_listen: String::new(),
         }
     }
 }
@@ -59,6 +118,10 @@ impl Default for RedisConfig {
 pub struct SchedulingConfig {
     /// Worker URLs (`http://host:port`; a bare `host:port` gets `http://`).
     pub workers: Vec<String>,
+    /// `NAME:PORT` resolved on start and every `dns_interval_ms`; every address is a worker (`http://IP:PORT`, or
+    /// `https://` with `worker_tls`); empty = only `workers`.
+    pub workers_dns: String,
+    pub dns_interval_ms: u64,
     /// Tasks waiting for a worker across all jobs; beyond it SubmitJob answers RESOURCE_EXHAUSTED.
     pub max_queued_tasks: usize,
     /// Tries of one task (on different workers when possible).
@@ -74,6 +137,8 @@ impl Default for SchedulingConfig {
     fn default() -> Self {
         Self {
             workers: Vec::new(),
+            workers_dns: String::new(),
+            dns_interval_ms: 5000,
             max_queued_tasks: 1024,
             max_attempts: 3,
             worker_concurrency: 0,
@@ -91,6 +156,14 @@ pub struct ValidConfig {
     pub redis_url: Option<String>,
     pub ttl: Duration,
     pub workers: Vec<String>,
+    /// `(name, port)` of `coordinator.workers_dns`.
+    pub workers_dns: Option<(String, u16)>,
+    pub dns_interval: Duration,
+    pub server_tls: Option<ServerTls>,
+    pub worker_tls: Option<ClientTls>,
+    pub tokens_file: Option<PathBuf>,
+    pub metrics_listen: Option<SocketAddr>,
+    pub telemetry: TelemetryConfig,
     pub max_queued_tasks: usize,
     pub max_attempts: u32,
     pub worker_concurrency: Option<u32>,
@@ -112,19 +185,15 @@ impl CoordinatorConfig {
     /// Checks every field once.
     pub fn validate(&self) -> Result<ValidConfig, CoordinatorError> {
         let c = &self.coordinator;
-        if c.workers.is_empty() {
-            return Err(CoordinatorError::invalid(
-                "coordinator.workers",
-                "must name at least one worker",
-                "[]",
-            ));
-        }
+        let transport = self.transport()?;
+        let tls = transport.worker_tls.is_some();
         let workers = c
             .workers
             .iter()
-            .map(|w| normalize_url(w))
+            .map(|w| normalize_url(w, tls))
             .collect::<Result<Vec<_>, _>>()?;
-        let ranges: [(&'static str, u64, u64, u64); 5] = [
+        let ranges: [(&'static str, u64, u64, u64); 6] = [
+            ("coordinator.dns_interval_ms", c.dns_interval_ms, 10, 3_600_000),
             ("coordinator.max_queued_tasks", c.max_queued_tasks as u64, 1, 1 << 20),
             ("coordinator.max_attempts", c.max_attempts.into(), 1, 10),
             ("coordinator.health_interval_ms", c.health_interval_ms, 10, 600_000),
@@ -144,6 +213,13 @@ impl CoordinatorConfig {
             redis_url: (!self.redis.url.is_empty()).then(|| self.redis.url.clone()),
             ttl: Duration::from_secs(self.redis.ttl_seconds),
             workers,
+            workers_dns: transport.workers_dns,
+            dns_interval: Duration::from_millis(c.dns_interval_ms),
+            server_tls: transport.server_tls,
+            worker_tls: transport.worker_tls,
+            tokens_file: transport.tokens_file,
+            metrics_listen: transport.metrics_listen,
+            telemetry: self.telemetry.clone(),
             max_queued_tasks: c.max_queued_tasks,
             max_attempts: c.max_attempts,
             worker_concurrency: (c.worker_concurrency > 0).then_some(c.worker_concurrency),
@@ -154,19 +230,140 @@ impl CoordinatorConfig {
     }
 }
 
-/// `host:port` → `http://host:port`; URLs must parse as URIs with a host.
-fn normalize_url(w: &str) -> Result<String, CoordinatorError> {
+/// The transport and security settings, validated.
+struct Transport {
+    workers_dns: Option<(String, u16)>,
+    server_tls: Option<ServerTls>,
+    worker_tls: Option<ClientTls>,
+    tokens_file: Option<PathBuf>,
+    metrics_listen: Option<SocketAddr>,
+}
+
+impl CoordinatorConfig {
+    fn transport(&self) -> Result<Transport, CoordinatorError> {
+        let c = &self.coordinator;
+        let workers_dns = (!c.workers_dns.trim().is_empty())
+            .then(|| parse_dns(c.workers_dns.trim()))
+            .transpose()?;
+        if c.workers.is_empty() && workers_dns.is_none() {
+            return Err(CoordinatorError::invalid(
+                "coordinator.workers / coordinator.workers_dns",
+                "must name at least one worker or a DNS name (NAME:PORT)",
+                "[] / \"\"",
+            ));
+        }
+        let t = &self.telemetry;
+        if !(0.0..=1.0).contains(&t.sample_ratio) {
+            return Err(CoordinatorError::invalid(
+                "telemetry.sample_ratio",
+                "must be in 0..=1",
+                t.sample_ratio,
+            ));
+        }
+        let metrics_listen = match t.metrics_listen.trim() {
+            "" => None,
+            a => Some(a.parse().map_err(|_| {
+                CoordinatorError::invalid(
+                    "telemetry.metrics_listen",
+                    "must be IP:port or empty",
+                    format!("{a:?}"),
+                )
+            })?),
+        };
+        Ok(Transport {
+            workers_dns,
+            server_tls: server_tls(&self.server.tls)?,
+            worker_tls: worker_tls(&self.worker_tls)?,
+            tokens_file: (!self.auth.tokens_file.trim().is_empty()).then(|| PathBuf::from(self.auth.tokens_file.trim())),
+            metrics_listen,
+        })
+    }
+}
+
+fn non_empty(s: &str) -> Option<PathBuf> {
+    (!s.is_empty()).then(|| PathBuf::from(s))
+}
+
+fn server_tls(t: &TlsConfig) -> Result<Option<ServerTls>, CoordinatorError> {
+    match (t.cert.is_empty(), t.key.is_empty()) {
+        (true, true) if t.client_ca.is_empty() => Ok(None),
+        (false, false) => Ok(Some(ServerTls {
+            cert: PathBuf::from(&t.cert),
+            key: PathBuf::from(&t.key),
+            client_ca: non_empty(&t.client_ca),
+        })),
+        _ => Err(CoordinatorError::invalid(
+            "server.tls",
+            "needs both cert and key (client_ca only with them)",
+            format!("cert {:?}, key {:?}, client_ca {:?}", t.cert, t.key, t.client_ca),
+        )),
+    }
+}
+
+fn worker_tls(t: &WorkerTlsConfig) -> Result<Option<ClientTls>, CoordinatorError> {
+    if t.ca.is_empty() {
+        if t.cert.is_empty() && t.key.is_empty() && t.domain.is_empty() {
+            return Ok(None);
+        }
+        return Err(CoordinatorError::invalid(
+            "worker_tls.ca",
+            "must be set when worker_tls.cert, key or domain is",
+            "\"\"",
+        ));
+    }
+    if t.cert.is_empty() != t.key.is_empty() {
+        return Err(CoordinatorError::invalid(
+            "worker_tls.cert / worker_tls.key",
+            "must be both set or both empty",
+            format!("{:?} / {:?}", t.cert, t.key),
+        ));
+    }
+    Ok(Some(ClientTls {
+        ca: PathBuf::from(&t.ca),
+        cert: non_empty(&t.cert),
+        key: non_empty(&t.key),
+        domain: (!t.domain.is_empty()).then(|| t.domain.clone()),
+    }))
+}
+
+/// `NAME:PORT` (a bracketed IPv6 literal is accepted as the name).
+fn parse_dns(s: &str) -> Result<(String, u16), CoordinatorError> {
+    let bad = || CoordinatorError::invalid("coordinator.workers_dns", "must be NAME:PORT", format!("{s:?}"));
+    let (name, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    let name = name.trim_start_matches('[').trim_end_matches(']');
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    if name.is_empty() || port == 0 || name.contains('/') {
+        return Err(bad());
+    }
+    Ok((name.to_owned(), port))
+}
+
+/// The URL scheme of workers: `https` with `worker_tls`, else `http`.
+pub fn worker_scheme(tls: bool) -> &'static str {
+    if tls {
+        "https"
+    } else {
+        "http"
+    }
+}
+
+/// `host:port` → `http://host:port` (`https://` with worker TLS); URLs must parse as URIs with a host, and their
+/// scheme must match whether `worker_tls` is set.
+fn normalize_url(w: &str, tls: bool) -> Result<String, CoordinatorError> {
     let w = w.trim();
+    let scheme = worker_scheme(tls);
     let url = if w.contains("://") {
         w.to_owned()
     } else {
-        format!("http://{w}")
+        format!("{scheme}://{w}")
     };
     match url.parse::<tonic::transport::Uri>() {
-        Ok(u) if u.host().is_some_and(|h| !h.is_empty()) => Ok(url.trim_end_matches('/').to_owned()),
+        Ok(u) if u.host().is_some_and(|h| !h.is_empty()) && u.scheme_str() == Some(scheme) => {
+            Ok(url.trim_end_matches('/').to_owned())
+        }
         _ => Err(CoordinatorError::invalid(
             "coordinator.workers",
-            "must hold URLs like http://host:port",
+            format!("must hold URLs like {scheme}://host:port (https exactly when worker_tls is set)"),
             format!("{w:?}"),
         )),
     }
@@ -187,5 +384,45 @@ mod tests {
         c.coordinator.max_attempts = 0;
         let e = c.validate().expect_err("attempts");
         assert!(e.to_string().contains("coordinator.max_attempts"), "{e}");
+    }
+
+    #[test]
+    fn workers_or_dns_and_transport_sections() {
+        let mut c = CoordinatorConfig::default();
+        let e = c.validate().expect_err("no workers").to_string();
+        assert!(e.contains("coordinator.workers") && e.contains("coordinator.workers_dns"), "{e}");
+        c.coordinator.workers_dns = "mip-worker-headless:50051".into();
+        let v = c.validate().expect("dns only");
+        assert_eq!(v.workers_dns, Some(("mip-worker-headless".into(), 50051)));
+        assert_eq!(v.dns_interval, Duration::from_secs(5));
+        assert!(v.server_tls.is_none() && v.worker_tls.is_none() && v.tokens_file.is_none());
+        c.coordinator.workers_dns = "no-port".into();
+        assert!(c.validate().expect_err("dns").to_string().contains("coordinator.workers_dns"));
+        c.coordinator.workers_dns = "[::1]:7".into();
+        assert_eq!(c.validate().expect("v6").workers_dns, Some(("::1".into(), 7)));
+
+        c.coordinator.workers = vec!["h:1".into()];
+        c.worker_tls.ca = "/ca.pem".into();
+        c.worker_tls.domain = "workers".into();
+        let v = c.validate().expect("tls");
+        assert_eq!(v.workers, ["https://h:1"]);
+        assert_eq!(v.worker_tls.and_then(|t| t.domain).as_deref(), Some("workers"));
+        c.coordinator.workers = vec!["http://h:1".into()];
+        assert!(c.validate().expect_err("scheme").to_string().contains("https"));
+        c.coordinator.workers.clear();
+        c.worker_tls.cert = "/c.pem".into();
+        let e = c.validate().expect_err("half identity").to_string();
+        assert!(e.contains("worker_tls.cert"), "{e}");
+        c.worker_tls = WorkerTlsConfig::default();
+
+        c.server.tls.key = "/k.pem".into();
+        assert!(c.validate().expect_err("half").to_string().contains("server.tls"));
+        c.server.tls.cert = "/c.pem".into();
+        c.auth.tokens_file = "/tokens".into();
+        c.telemetry.metrics_listen = "127.0.0.1:9100".into();
+        let v = c.validate().expect("all");
+        assert!(v.server_tls.is_some() && v.tokens_file.is_some() && v.metrics_listen.is_some());
+        c.telemetry.metrics_listen = "localhost".into();
+        assert!(c.validate().expect_err("addr").to_string().contains("telemetry.metrics_listen"));
     }
 }

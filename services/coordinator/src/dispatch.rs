@@ -13,7 +13,7 @@ use tonic::{Code, Status};
 use crate::job::JobHandle;
 use crate::metrics::Metrics;
 use crate::placement;
-use crate::registry::{Permit, Registry};
+use crate::registry::{Permit, Registry, WorkerId};
 use crate::store::Store;
 
 /// Longest wait between placement tries (slots released and health changes also wake the waiter).
@@ -149,17 +149,25 @@ impl Dispatcher {
     }
 
     /// A slot on the first worker in placement order that has one, waiting while none has or while a task of a
-    /// higher priority waits.
-    async fn acquire(&self, key: &[u8; 32], excluded: &[usize], priority: i32) -> Permit {
+    /// higher priority waits. The chosen worker remembers the task's subjects, and the placement is counted in
+    /// `mip_coord_affinity_total` (tasks with subjects only).
+    async fn acquire(&self, key: &[u8; 32], excluded: &[WorkerId], priority: i32) -> Permit {
         let me = Waiting::new(&self.waiting, priority);
         loop {
             let wake = self.registry.changed();
             tokio::pin!(wake);
             wake.as_mut().enable();
             if me.is_first() {
-                let order = placement::order(key, &self.registry.candidates(excluded));
-                if let Some(p) = order.into_iter().find_map(|i| self.registry.try_acquire(i)) {
-                    return p;
+                let candidates = self.registry.candidates(excluded, key);
+                let placed = placement::order(key, &candidates)
+                    .into_iter()
+                    .find_map(|i| self.registry.try_acquire(candidates[i].id).map(|p| (i, p)));
+                if let Some((chosen, permit)) = placed {
+                    if placement::has_subjects(key) {
+                        self.metrics.placed(placement::classify(key, &candidates, chosen));
+                        permit.remember(key);
+                    }
+                    return permit;
                 }
             }
             let _ = tokio::time::timeout(RETRY_PLACEMENT, wake).await;

@@ -7,11 +7,13 @@
 //! Layout: [`config`] (file + environment, validated once), [`error`] (the boundary error enum and its gRPC
 //! mapping), [`registry`] (workers, health/Info polling, in-flight permits), [`placement`] (rendezvous hashing and
 //! the bounded-load rule), [`store`] (Redis job state), [`job`] (one job's in-memory state and event broadcast),
-//! [`dispatch`] (running one task on workers), [`service`] (the domain API), [`api`] (the gRPC adapter) and
-//! [`server`] (`run(config, listener, shutdown)`).
+//! [`dispatch`] (running one task on workers), [`service`] (the domain API), [`api`] (the gRPC adapter),
+//! [`auth`] (bearer tokens), [`discovery`] (workers from DNS) and [`server`] (`run(config, listener, shutdown)`).
 
 pub mod api;
+pub mod auth;
 pub mod config;
+pub mod discovery;
 pub mod dispatch;
 pub mod error;
 pub mod job;

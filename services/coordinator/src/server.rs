@@ -1,26 +1,65 @@
-//! Running a coordinator: [`run`] validates the configuration, connects the job store, starts the worker poller
-//! and serves `mip.v1.Coordinator`, `grpc.health.v1` and reflection on the listener until `shutdown` resolves.
+//! Running a coordinator: [`run`] validates the configuration, loads the TLS material and the tokens file, connects
+//! the job store, starts the worker poller (and DNS discovery, and the metrics endpoint, when configured) and serves
+//! `mip.v1.Coordinator` (behind bearer-token auth when `auth.tokens_file` is set), `grpc.health.v1` and reflection
+//! on the listener, over TLS when `server.tls` is set, until `shutdown` resolves.
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use mip_proto::v1::coordinator_server::{CoordinatorServer, SERVICE_NAME};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 
 use crate::api::CoordinatorApi;
-use crate::config::CoordinatorConfig;
+use crate::auth::{BearerAuth, Tokens};
+use crate::config::{worker_scheme, CoordinatorConfig, ValidConfig};
+use crate::discovery::DnsWorkers;
 use crate::metrics::Metrics;
-use crate::registry::Registry;
+use crate::registry::{Registry, RegistryOptions};
 use crate::service::Coordinator;
 use crate::store::Store;
+
+/// Background tasks that stop with the server.
+struct Background {
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Background {
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+    }
+}
 
 /// Runs a coordinator on `listener` until `shutdown` resolves.
 pub async fn run(config: CoordinatorConfig, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<()> {
     let cfg = config.validate()?;
+    let server_tls = match &cfg.server_tls {
+        Some(t) => Some(t.server_config().context("server.tls")?),
+        None => None,
+    };
+    let worker_tls = match &cfg.worker_tls {
+        Some(t) => Some(t.client_config().context("worker_tls")?),
+        None => None,
+    };
+    let tokens = cfg.tokens_file.as_deref().map(Tokens::load).transpose()?;
+    let metrics_listener = match cfg.metrics_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding telemetry.metrics_listen {addr}"))?,
+        ),
+        None => None,
+    };
+    let metrics = Metrics::new()?;
     let store = Arc::new(
         Store::connect(cfg.redis_url.as_deref(), cfg.ttl)
             .await
@@ -28,11 +67,14 @@ pub async fn run(config: CoordinatorConfig, listener: TcpListener, shutdown: imp
     );
     let registry = Arc::new(Registry::new(
         &cfg.workers,
-        cfg.worker_concurrency,
-        cfg.max_message_bytes,
+        RegistryOptions {
+            fixed_limit: cfg.worker_concurrency,
+            max_message_bytes: cfg.max_message_bytes,
+            tls: worker_tls,
+            metrics: metrics.clone(),
+        },
     )?);
-    let (stop_poll, poll_stopped) = watch::channel(false);
-    let poller = tokio::spawn(registry.clone().poll(cfg.health_interval, poll_stopped));
+    let background = start_background(&cfg, &registry, &metrics, metrics_listener).await;
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -44,19 +86,65 @@ pub async fn run(config: CoordinatorConfig, listener: TcpListener, shutdown: imp
         .build_v1()
         .context("building the reflection service")?;
     let max = cfg.max_message_bytes;
-    let metrics = Metrics::new()?;
+    let auth = BearerAuth::new(tokens, metrics.clone());
     let core = Coordinator::new(cfg, registry, store, metrics);
     let api = CoordinatorServer::new(CoordinatorApi::new(core))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
+    let api = InterceptedService::new(api, auth);
+    let mut builder = Server::builder();
+    if let Some(tls) = server_tls {
+        builder = builder.tls_config(tls).context("server.tls configuration")?;
+    }
     tracing::info!(addr = ?listener.local_addr().ok(), "coordinator listening");
-    let result = Server::builder()
+    let result = builder
         .add_service(health_service)
         .add_service(reflection)
         .add_service(api)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;
-    let _ = stop_poll.send(true);
-    let _ = poller.await;
+    background.stop().await;
     result.context("gRPC server")
+}
+
+/// The health poller, DNS discovery (first lookup done before returning) and the metrics endpoint.
+async fn start_background(
+    cfg: &ValidConfig,
+    registry: &Arc<Registry>,
+    metrics: &Metrics,
+    metrics_listener: Option<TcpListener>,
+) -> Background {
+    let (stop, stopped) = watch::channel(false);
+    let mut tasks = Vec::new();
+    if let Some((name, port)) = &cfg.workers_dns {
+        let dns = DnsWorkers {
+            name: name.clone(),
+            port: *port,
+            scheme: worker_scheme(cfg.worker_tls.is_some()),
+            fixed: cfg.workers.clone(),
+        };
+        dns.refresh(registry).await;
+        tasks.push(tokio::spawn(dns.follow(
+            registry.clone(),
+            cfg.dns_interval,
+            stopped.clone(),
+        )));
+    }
+    tasks.push(tokio::spawn(
+        registry.clone().poll(cfg.health_interval, stopped.clone()),
+    ));
+    if let Some(listener) = metrics_listener {
+        tracing::info!(addr = ?listener.local_addr().ok(), "metrics listening");
+        let mut stopped = stopped.clone();
+        let until = async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        };
+        let registry = metrics.registry().clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = mip_common::metrics_http::serve_metrics(listener, registry, until).await {
+                tracing::error!(error = %e, "metrics endpoint failed");
+            }
+        }));
+    }
+    Background { stop, tasks }
 }
