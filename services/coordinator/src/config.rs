@@ -263,18 +263,15 @@ impl CoordinatorConfig {
         let metrics_listen = match t.metrics_listen.trim() {
             "" => None,
             a => Some(a.parse().map_err(|_| {
-                CoordinatorError::invalid(
-                    "telemetry.metrics_listen",
-                    "must be IP:port or empty",
-                    format!("{a:?}"),
-                )
+                CoordinatorError::invalid("telemetry.metrics_listen", "must be IP:port or empty", format!("{a:?}"))
             })?),
         };
         Ok(Transport {
             workers_dns,
             server_tls: server_tls(&self.server.tls)?,
             worker_tls: worker_tls(&self.worker_tls)?,
-            tokens_file: (!self.auth.tokens_file.trim().is_empty()).then(|| PathBuf::from(self.auth.tokens_file.trim())),
+            tokens_file: (!self.auth.tokens_file.trim().is_empty())
+                .then(|| PathBuf::from(self.auth.tokens_file.trim())),
             metrics_listen,
         })
     }
@@ -390,14 +387,21 @@ mod tests {
     fn workers_or_dns_and_transport_sections() {
         let mut c = CoordinatorConfig::default();
         let e = c.validate().expect_err("no workers").to_string();
-        assert!(e.contains("coordinator.workers") && e.contains("coordinator.workers_dns"), "{e}");
+        assert!(
+            e.contains("coordinator.workers") && e.contains("coordinator.workers_dns"),
+            "{e}"
+        );
         c.coordinator.workers_dns = "mip-worker-headless:50051".into();
         let v = c.validate().expect("dns only");
         assert_eq!(v.workers_dns, Some(("mip-worker-headless".into(), 50051)));
         assert_eq!(v.dns_interval, Duration::from_secs(5));
         assert!(v.server_tls.is_none() && v.worker_tls.is_none() && v.tokens_file.is_none());
         c.coordinator.workers_dns = "no-port".into();
-        assert!(c.validate().expect_err("dns").to_string().contains("coordinator.workers_dns"));
+        assert!(c
+            .validate()
+            .expect_err("dns")
+            .to_string()
+            .contains("coordinator.workers_dns"));
         c.coordinator.workers_dns = "[::1]:7".into();
         assert_eq!(c.validate().expect("v6").workers_dns, Some(("::1".into(), 7)));
 
@@ -423,6 +427,10 @@ mod tests {
         let v = c.validate().expect("all");
         assert!(v.server_tls.is_some() && v.tokens_file.is_some() && v.metrics_listen.is_some());
         c.telemetry.metrics_listen = "localhost".into();
-        assert!(c.validate().expect_err("addr").to_string().contains("telemetry.metrics_listen"));
+        assert!(c
+            .validate()
+            .expect_err("addr")
+            .to_string()
+            .contains("telemetry.metrics_listen"));
     }
 }

@@ -101,7 +101,8 @@ mod tests {
         let urls = d.resolve().await.expect("localhost resolves");
         assert_eq!(urls[0], "http://w:1");
         assert!(
-            urls.iter().any(|u| u == "http://127.0.0.1:7001" || u == "http://[::1]:7001"),
+            urls.iter()
+                .any(|u| u == "http://127.0.0.1:7001" || u == "http://[::1]:7001"),
             "{urls:?}"
         );
         let v6: SocketAddr = "[fe80::1%2]:5".parse().expect("v6");
@@ -111,6 +112,9 @@ mod tests {
             ..d
         };
         let e = bad.resolve().await.expect_err("nxdomain").to_string();
-        assert!(e.contains("coordinator.workers_dns") && e.contains("no-such-host.invalid"), "{e}");
+        assert!(
+            e.contains("coordinator.workers_dns") && e.contains("no-such-host.invalid"),
+            "{e}"
+        );
     }
 }

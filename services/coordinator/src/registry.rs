@@ -278,7 +278,9 @@ impl Registry {
         let healthy = slots.iter().filter(|w| w.healthy.load(Ordering::SeqCst)).count() as i64;
         let gauge = &self.opts.metrics.workers;
         gauge.with_label_values(&["healthy"]).set(healthy);
-        gauge.with_label_values(&["unhealthy"]).set(slots.len() as i64 - healthy);
+        gauge
+            .with_label_values(&["unhealthy"])
+            .set(slots.len() as i64 - healthy);
     }
 
     /// Polls every worker now, then every `interval` (or at once when workers were added) until `stop` turns true.
@@ -371,9 +373,7 @@ mod tests {
         let key = [5u8; 32];
         let permit = r.try_acquire(0).expect("a has room");
 
-        let change = r
-            .set_workers(&["http://b:1".into(), "http://c:1".into()])
-            .expect("set");
+        let change = r.set_workers(&["http://b:1".into(), "http://c:1".into()]).expect("set");
         assert_eq!(change.added, ["http://c:1"]);
         assert_eq!(change.retired, ["http://a:1"]);
         assert_eq!(ids(&r), [(1, "http://b:1".into()), (2, "http://c:1".into())]);
@@ -401,7 +401,10 @@ mod tests {
     async fn limits_health_exclusion_and_warm_keys() {
         let r = registry(&["http://a:1", "http://b:1"]);
         let key = [7u8; 32];
-        assert!(r.candidates(&[], &key).iter().all(|c| !c.usable), "unhealthy until polled");
+        assert!(
+            r.candidates(&[], &key).iter().all(|c| !c.usable),
+            "unhealthy until polled"
+        );
         healthy_all(&r);
         let p1 = r.try_acquire(1).expect("1");
         let _p2 = r.try_acquire(1).expect("2");

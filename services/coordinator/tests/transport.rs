@@ -2,12 +2,12 @@
 //! loopback: TLS on the public API, mutual TLS towards the workers, bearer tokens, message size limits, workers
 //! from DNS, health rotation and subject affinity. Job state stays in memory (no Redis needed).
 
-#[path = "../../worker/tests/support/worker.rs"]
-#[allow(dead_code)]
-mod worker_support;
 #[path = "support/coord.rs"]
 #[allow(dead_code)]
 mod coord;
+#[path = "../../worker/tests/support/worker.rs"]
+#[allow(dead_code)]
+mod worker_support;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -83,7 +83,11 @@ async fn tls_on_the_api_and_mutual_tls_to_workers() {
     let tls = pki.client_tls(false).client_config().expect("client tls");
     let mut client = coordinator.client(Some(tls), None).await;
     wait_workers(&mut client, "healthy over mTLS", |w| w.len() == 1 && w[0].healthy).await;
-    let images = client.generate(request(cat())).await.expect("generate over TLS").into_inner();
+    let images = client
+        .generate(request(cat()))
+        .await
+        .expect("generate over TLS")
+        .into_inner();
     assert_eq!(images.images.len(), 1);
     assert_eq!(images.images[0].worker, worker_url);
 
@@ -151,14 +155,15 @@ async fn bearer_tokens_and_message_limits() {
         }
         let e = r.expect_err("refused");
         assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
-        assert_eq!(
-            mip_common::errors::reason_of(&e).as_deref(),
-            Some("unauthenticated")
-        );
+        assert_eq!(mip_common::errors::reason_of(&e).as_deref(), Some("unauthenticated"));
         let e = c.list_jobs(ListJobsRequest::default()).await.expect_err("refused");
         assert_eq!(e.code(), Code::Unauthenticated);
     }
-    let listed = valid.list_jobs(ListJobsRequest::default()).await.expect("list").into_inner();
+    let listed = valid
+        .list_jobs(ListJobsRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
     assert_eq!(listed.jobs.len(), 1, "refused calls created no job: {listed:?}");
 
     // Health stays open for probes.
@@ -180,9 +185,17 @@ async fn bearer_tokens_and_message_limits() {
     big.requests[0].subjects = vec![subject("cat", vec![vec![7u8; 2 << 20]])];
     let e = valid.submit_job(big).await.expect_err("too large");
     assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
-    let ok = valid.generate(request(cat())).await.expect("a normal call after").into_inner();
+    let ok = valid
+        .generate(request(cat()))
+        .await
+        .expect("a normal call after")
+        .into_inner();
     assert_eq!(ok.images.len(), 1);
-    let listed = valid.list_jobs(ListJobsRequest::default()).await.expect("list").into_inner();
+    let listed = valid
+        .list_jobs(ListJobsRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
     assert_eq!(listed.jobs.len(), 2, "the oversized job was not created");
 
     let text = http_get(metrics, "/metrics").await;
@@ -258,7 +271,10 @@ async fn the_same_subjects_land_hot() {
     })
     .await;
     let mut client = coordinator.client(None, None).await;
-    wait_workers(&mut client, "both healthy", |w| w.iter().filter(|w| w.healthy).count() == 2).await;
+    wait_workers(&mut client, "both healthy", |w| {
+        w.iter().filter(|w| w.healthy).count() == 2
+    })
+    .await;
     let jacket = || vec![subject("jacket", vec![image("jacket_0.png")])];
     let (status, first) = run_job(&mut client, jacket(), 1, 0).await;
     assert_eq!(status, JobStatus::Done as i32);

@@ -96,7 +96,10 @@ pub async fn connect(
         ep = ep.tls_config(tls)?;
     }
     let channel = ep.connect_timeout(Duration::from_secs(5)).connect().await?;
-    Ok(CoordinatorClient::with_interceptor(channel, Token(token.map(str::to_owned))))
+    Ok(CoordinatorClient::with_interceptor(
+        channel,
+        Token(token.map(str::to_owned)),
+    ))
 }
 
 /// Polls ListWorkers (bounded) until `pred` holds; returns that list.
