@@ -2,7 +2,7 @@
 //!
 //! - `generate`: run the whole pipeline in this process (embedded) on a model bundle or the built-in demo model;
 //! - `parity`: check the implementation against a golden fixture folder;
-//! - `bench`: per-stage timings;
+//! - `bench`: per-stage timings; `bench-cluster`: coordinator overhead and throughput against 1, 2 and 4 workers;
 //! - `model demo`: write the built-in demo model;
 //! - `serve worker` / `serve coordinator`: run a worker node or the coordinator (gRPC);
 //! - `workers`: show the model, queue and counters of running workers.
@@ -10,6 +10,7 @@
 //! Each subcommand lives in its own module; this file only parses arguments and reports errors as one line.
 
 mod bench;
+mod bench_cluster;
 mod device;
 mod generate;
 mod model;
@@ -38,6 +39,8 @@ enum Command {
     Parity(parity::Args),
     /// Time each stage of the pipeline.
     Bench(bench::Args),
+    /// Measure the coordinator's overhead per task and the throughput against 1, 2 and 4 workers.
+    BenchCluster(bench_cluster::Args),
     /// Model utilities.
     #[command(subcommand)]
     Model(model::Command),
@@ -54,6 +57,7 @@ fn main() {
         Command::Generate(a) => generate::run(a, cli.verbose),
         Command::Parity(a) => parity::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::BenchCluster(a) => bench_cluster::run(a),
         Command::Model(c) => model::run(c),
         Command::Serve(c) => serve::run(c, cli.verbose),
         Command::Workers(a) => workers::run(a),
