@@ -294,7 +294,11 @@ impl Dispatcher {
     async fn expire(&self, job: &JobHandle, index: usize, deadline_ms: u64) {
         let msg = format!("task {index} did not start within deadline_ms {deadline_ms}");
         self.metrics.reject("deadline_exceeded");
-        job.failed(job.tasks[index].index, &status(Kind::DeadlineExceeded, None, msg), false);
+        job.failed(
+            job.tasks[index].index,
+            &status(Kind::DeadlineExceeded, None, msg),
+            false,
+        );
         self.persist(job).await;
     }
 

@@ -127,7 +127,11 @@ impl JobHandle {
             }
         }
         job.done_tasks = images.len() as u32;
-        job.failed_tasks = job.tasks.iter().filter(|t| t.status == TaskStatus::Failed as i32).count() as u32;
+        job.failed_tasks = job
+            .tasks
+            .iter()
+            .filter(|t| t.status == TaskStatus::Failed as i32)
+            .count() as u32;
         job.status = if job.done_tasks + job.failed_tasks > 0 {
             JobStatus::Running
         } else {

@@ -142,8 +142,7 @@ impl Coordinator {
         tracing::info!(parent: &job.span, job_id = %id, pending = pending.len(), "job resumed");
         lock(&self.inner.jobs).insert(id.to_owned(), job.clone());
         lock(&self.inner.order).push(id.to_owned());
-        d.queued
-            .fetch_add(pending.len(), std::sync::atomic::Ordering::SeqCst);
+        d.queued.fetch_add(pending.len(), std::sync::atomic::Ordering::SeqCst);
         d.persist(&job).await;
         if pending.is_empty() {
             if let Some(done) = job.finish_if_complete() {

@@ -12,8 +12,8 @@ use tokio::sync::broadcast;
 
 use crate::config::ValidConfig;
 use crate::dispatch::Dispatcher;
-use crate::error::CoordinatorError;
 use crate::dispatch::WaitQueue;
+use crate::error::CoordinatorError;
 use crate::job::{is_final, JobHandle, QueuePlace, TaskSpec};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
@@ -104,7 +104,11 @@ impl Coordinator {
 
     /// [`submit`](Self::submit) with the caller's own deadline (a gRPC timeout): a task's deadline is the earlier
     /// of it and `deadline_ms`.
-    pub async fn submit_with(&self, req: SubmitJobRequest, rpc_deadline: Option<Duration>) -> Result<Job, CoordinatorError> {
+    pub async fn submit_with(
+        &self,
+        req: SubmitJobRequest,
+        rpc_deadline: Option<Duration>,
+    ) -> Result<Job, CoordinatorError> {
         let metrics = &self.inner.dispatcher.metrics;
         let tasks = self.split(&req).inspect_err(|_| metrics.reject("invalid_argument"))?;
         let id = format!("{:032x}", rand::random::<u128>());
@@ -178,8 +182,15 @@ impl Coordinator {
         trace: &[(String, String)],
     ) -> Result<(), CoordinatorError> {
         let d = &self.inner.dispatcher;
-        if !d.store.claim_lease(&job.job_id, &d.instance, self.inner.cfg.lease).await? {
-            return Err(CoordinatorError::Store(format!("job `{}` is leased already", job.job_id)));
+        if !d
+            .store
+            .claim_lease(&job.job_id, &d.instance, self.inner.cfg.lease)
+            .await?
+        {
+            return Err(CoordinatorError::Store(format!(
+                "job `{}` is leased already",
+                job.job_id
+            )));
         }
         d.store.save_new_job(job, req, trace).await
     }

@@ -217,7 +217,12 @@ impl Store {
     }
 
     /// Extends the leases `owner` still holds; one flag per id (false: the lease is gone or someone else's).
-    pub async fn renew_leases(&self, ids: &[String], owner: &str, ttl: Duration) -> Result<Vec<bool>, CoordinatorError> {
+    pub async fn renew_leases(
+        &self,
+        ids: &[String],
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<Vec<bool>, CoordinatorError> {
         let Some(mut c) = self.conn.clone() else {
             return Ok(vec![true; ids.len()]);
         };

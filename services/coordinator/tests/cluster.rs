@@ -9,8 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use common::*;
 use mip_proto::v1::job_event::Event;
 use mip_proto::v1::{
-    CancelJobRequest, GetJobRequest, JobStatus, ListJobsRequest, ListWorkersRequest, SubmitJobRequest,
-    WatchJobRequest,
+    CancelJobRequest, GetJobRequest, JobStatus, ListJobsRequest, ListWorkersRequest, SubmitJobRequest, WatchJobRequest,
 };
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn six_images_spread_watch_idempotency_and_restart() {

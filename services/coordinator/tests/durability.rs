@@ -38,19 +38,40 @@ async fn twelve_images_each_exactly_once_over_several_workers() {
     let ws = workers(3).await;
     let refs: Vec<&TestWorker> = ws.iter().collect();
     let mut coord = Coord::start(&refs, &redis, |_| {}).await;
-    let submitted = coord.client.submit_job(job(2, 12, "")).await.expect("submit").into_inner();
-    assert!(is_active(&redis, &submitted.job_id).await, "a running job is in mip:coord:active");
+    let submitted = coord
+        .client
+        .submit_job(job(2, 12, ""))
+        .await
+        .expect("submit")
+        .into_inner();
+    assert!(
+        is_active(&redis, &submitted.job_id).await,
+        "a running job is in mip:coord:active"
+    );
     let (events, done) = watch_all(&mut coord.client, &submitted.job_id).await;
     assert_eq!(done.status, JobStatus::Done as i32, "{done:?}");
     let got = wait_job(&mut coord.client, &submitted.job_id, is_final).await;
     assert_eq!(indices(&got.images), (0..12).collect::<Vec<u32>>());
     let used: BTreeSet<&String> = got.images.iter().map(|i| &i.worker).collect();
     assert!(used.len() > 1, "images on more than one worker: {used:?}");
-    let image_events = events.iter().filter(|e| matches!(e.event, Some(Event::Image(_)))).count();
+    let image_events = events
+        .iter()
+        .filter(|e| matches!(e.event, Some(Event::Image(_))))
+        .count();
     assert_eq!(image_events, 12, "one image event per task");
-    assert_eq!(stored_results(&redis, &submitted.job_id).await, (0..12).collect::<Vec<u32>>());
-    assert!(got.tasks.iter().all(|t| t.status == TaskStatus::Done as i32), "{:?}", got.tasks);
-    assert!(!is_active(&redis, &submitted.job_id).await, "a finished job leaves mip:coord:active");
+    assert_eq!(
+        stored_results(&redis, &submitted.job_id).await,
+        (0..12).collect::<Vec<u32>>()
+    );
+    assert!(
+        got.tasks.iter().all(|t| t.status == TaskStatus::Done as i32),
+        "{:?}",
+        got.tasks
+    );
+    assert!(
+        !is_active(&redis, &submitted.job_id).await,
+        "a finished job leaves mip:coord:active"
+    );
     let mut conn = redis_conn(&redis).await;
     let lease: Option<String> = redis::cmd("GET")
         .arg(format!("mip:coord:lease:{}", submitted.job_id))
@@ -74,7 +95,12 @@ async fn a_killed_coordinators_job_completes_on_a_new_one() {
         c.coordinator.worker_concurrency = 1;
     };
     let mut first = KillableCoord::start(&refs, &redis, edit).await;
-    let submitted = first.client.submit_job(job(12, 12, "")).await.expect("submit").into_inner();
+    let submitted = first
+        .client
+        .submit_job(job(12, 12, ""))
+        .await
+        .expect("submit")
+        .into_inner();
     let id = submitted.job_id.clone();
     // Kill it once some images are stored and others are not.
     let before = tokio::time::timeout(BOUND, async {
@@ -105,10 +131,17 @@ async fn a_killed_coordinators_job_completes_on_a_new_one() {
     assert_eq!(done.status, JobStatus::Done as i32, "{done:?}");
     assert_eq!(indices(&done.images), (0..12).collect::<Vec<u32>>(), "each image once");
     assert_eq!(stored_results(&redis, &id).await, (0..12).collect::<Vec<u32>>());
-    assert!(done.tasks.iter().all(|t| t.status == TaskStatus::Done as i32), "{:?}", done.tasks);
+    assert!(
+        done.tasks.iter().all(|t| t.status == TaskStatus::Done as i32),
+        "{:?}",
+        done.tasks
+    );
     for (idx, raw) in before.iter().zip(early) {
         let img = <JobImage as prost::Message>::decode(raw.as_slice()).expect("image");
-        assert_eq!(done.images[*idx as usize], img, "image {idx} from before the kill is kept");
+        assert_eq!(
+            done.images[*idx as usize], img,
+            "image {idx} from before the kill is kept"
+        );
     }
     assert!(!is_active(&redis, &id).await);
     // A watch on the new coordinator replays the whole job.
@@ -199,9 +232,18 @@ async fn an_expired_deadline_is_never_sent_to_a_worker() {
     let refs: Vec<&TestWorker> = ws.iter().collect();
     let mut coord = Coord::start(&refs, &redis, |c| c.coordinator.worker_concurrency = 1).await;
     // Every slot busy with a long task.
-    let busy = coord.client.submit_job(job(30, 3, "")).await.expect("submit").into_inner();
+    let busy = coord
+        .client
+        .submit_job(job(30, 3, ""))
+        .await
+        .expect("submit")
+        .into_inner();
     wait_job(&mut coord.client, &busy.job_id, |j| {
-        j.tasks.iter().filter(|t| t.status == TaskStatus::Running as i32).count() == 3
+        j.tasks
+            .iter()
+            .filter(|t| t.status == TaskStatus::Running as i32)
+            .count()
+            == 3
     })
     .await;
 
@@ -214,9 +256,9 @@ async fn an_expired_deadline_is_never_sent_to_a_worker() {
     assert_eq!(done.status, JobStatus::Failed as i32, "{done:?}");
     assert_eq!(done.tasks[0].status, TaskStatus::Failed as i32);
     assert_eq!(done.tasks[0].attempts, 0, "never sent: {:?}", done.tasks[0]);
-    assert!(events.iter().any(
-        |e| matches!(&e.event, Some(Event::Failed(f)) if f.code == "DeadlineExceeded" && !f.will_retry)
-    ));
+    assert!(events
+        .iter()
+        .any(|e| matches!(&e.event, Some(Event::Failed(f)) if f.code == "DeadlineExceeded" && !f.will_retry)));
 
     // The Generate call's own gRPC deadline.
     let mut req = tonic::Request::new(request(2, cat()));

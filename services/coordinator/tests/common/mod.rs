@@ -26,7 +26,11 @@ pub struct Coord {
 }
 
 impl Coord {
-    pub async fn start(workers: &[&TestWorker], redis: &RedisServer, edit: impl FnOnce(&mut CoordinatorConfig)) -> Self {
+    pub async fn start(
+        workers: &[&TestWorker],
+        redis: &RedisServer,
+        edit: impl FnOnce(&mut CoordinatorConfig),
+    ) -> Self {
         let urls = workers.iter().map(|w| format!("http://{}", w.addr)).collect();
         Self::start_urls(urls, workers.len(), redis, edit).await
     }
@@ -181,7 +185,6 @@ pub fn images_by_task(events: &[JobEvent]) -> BTreeMap<u32, Vec<String>> {
     m
 }
 
-
 /// The test configuration: `urls`, fast health polling, `redis`, then `edit`.
 pub fn config(urls: Vec<String>, redis: &RedisServer, edit: impl FnOnce(&mut CoordinatorConfig)) -> CoordinatorConfig {
     let mut cfg = CoordinatorConfig::default();
@@ -215,7 +218,11 @@ pub struct KillableCoord {
 }
 
 impl KillableCoord {
-    pub async fn start(workers: &[&TestWorker], redis: &RedisServer, edit: impl FnOnce(&mut CoordinatorConfig)) -> Self {
+    pub async fn start(
+        workers: &[&TestWorker],
+        redis: &RedisServer,
+        edit: impl FnOnce(&mut CoordinatorConfig),
+    ) -> Self {
         let urls = workers.iter().map(|w| format!("http://{}", w.addr)).collect();
         let cfg = config(urls, redis, edit);
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -241,7 +248,11 @@ impl KillableCoord {
     async fn wait_healthy(&mut self, n: usize) {
         tokio::time::timeout(BOUND, async {
             loop {
-                let w = self.client.list_workers(ListWorkersRequest {}).await.expect("list workers");
+                let w = self
+                    .client
+                    .list_workers(ListWorkersRequest {})
+                    .await
+                    .expect("list workers");
                 if w.into_inner().workers.iter().filter(|w| w.healthy).count() >= n {
                     return;
                 }
