@@ -91,8 +91,12 @@ struct Waiting<'a> {
 
 impl<'a> Waiting<'a> {
     fn new(queue: &'a WaitQueue, priority: i32) -> Self {
+        Self::since(queue, priority, Instant::now())
+    }
+
+    /// A task of `priority` waiting since `since`.
+    fn since(queue: &'a WaitQueue, priority: i32, since: Instant) -> Self {
         let ticket = queue.next.fetch_add(1, Ordering::SeqCst);
-        let since = Instant::now();
         lock(&queue.entries).insert(ticket, (priority, since));
         Self {
             queue,
@@ -441,5 +445,42 @@ impl Dispatcher {
                 ))
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aging_raises_a_waiting_tasks_priority() {
+        let q = WaitQueue::new(Some(Duration::from_millis(100)));
+        let t0 = Instant::now();
+        assert_eq!(q.effective(1, t0, t0), 1);
+        assert_eq!(q.effective(1, t0, t0 + Duration::from_millis(250)), 3);
+        let flat = WaitQueue::new(None);
+        assert_eq!(flat.effective(-2, t0, t0 + Duration::from_secs(3600)), -2);
+    }
+
+    #[test]
+    fn a_long_waiting_low_task_goes_before_a_new_high_one() {
+        let q = WaitQueue::new(Some(Duration::from_secs(10)));
+        let low = Waiting::new(&q, 0);
+        let high = Waiting::new(&q, 2);
+        assert!(high.is_first() && !low.is_first(), "strict priority while nobody aged");
+        drop(high);
+        let Some(long_ago) = Instant::now().checked_sub(Duration::from_secs(45)) else {
+            return; // a clock this close to its origin cannot express the wait
+        };
+        let old_low = Waiting::since(&q, 0, long_ago);
+        let newer = Waiting::new(&q, 2);
+        assert!(old_low.is_first() && !newer.is_first(), "aged 4 levels > 2");
+        assert_eq!(q.len(), 3);
+        drop((low, old_low, newer));
+        assert!(q.is_empty());
+        let flat = WaitQueue::new(None);
+        let old = Waiting::since(&flat, 0, long_ago);
+        let new = Waiting::new(&flat, 1);
+        assert!(new.is_first() && !old.is_first(), "no aging: strict classes");
     }
 }
