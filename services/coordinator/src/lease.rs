@@ -156,3 +156,46 @@ impl Coordinator {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_sdk::propagation::TraceContextPropagator;
+    use opentelemetry_sdk::trace::SdkTracerProvider;
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    use super::*;
+
+    fn traceparent(fields: &[(String, String)]) -> String {
+        fields
+            .iter()
+            .find(|(k, _)| k == "traceparent")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn a_resumed_job_span_continues_the_stored_trace() {
+        opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+        let provider = SdkTracerProvider::builder().build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("coordinator-test")));
+        tracing::subscriber::with_default(subscriber, || {
+            let first = tracing::info_span!(parent: None, "job");
+            let stored = trace_fields(&first);
+            let tp = traceparent(&stored);
+            assert_eq!(tp.len(), 55, "00-<trace>-<span>-<flags>: {tp:?}");
+            let resumed = tracing::info_span!(parent: None, "job", resumed = true);
+            continue_trace(&resumed, &stored);
+            let again = traceparent(&trace_fields(&resumed));
+            assert_eq!(again[3..35], tp[3..35], "same trace");
+            assert_ne!(again[36..52], tp[36..52], "a new span");
+            let unrelated = traceparent(&trace_fields(&tracing::info_span!(parent: None, "job")));
+            assert_ne!(unrelated[3..35], tp[3..35], "a fresh job starts its own trace");
+        });
+        assert!(
+            trace_fields(&tracing::Span::none()).is_empty(),
+            "no tracing: nothing stored"
+        );
+    }
+}
