@@ -131,6 +131,11 @@ pub struct SchedulingConfig {
     pub health_interval_ms: u64,
     pub max_requests: usize,
     pub max_samples: u32,
+    /// Lifetime of a job's ownership lease in Redis (renewed every third of it); a dead coordinator's jobs are
+    /// resumed by another (or the restarted) one after at most this long.
+    pub lease_ms: u64,
+    /// A waiting task's effective priority rises by 1 per this many milliseconds waited; 0 = no aging.
+    pub priority_aging_ms: u64,
 }
 
 impl Default for SchedulingConfig {
@@ -145,6 +150,8 @@ impl Default for SchedulingConfig {
             health_interval_ms: 1000,
             max_requests: 64,
             max_samples: 16,
+            lease_ms: 10_000,
+            priority_aging_ms: 30_000,
         }
     }
 }
@@ -170,6 +177,8 @@ pub struct ValidConfig {
     pub health_interval: Duration,
     pub max_requests: usize,
     pub max_samples: u32,
+    pub lease: Duration,
+    pub priority_aging: Option<Duration>,
 }
 
 impl CoordinatorConfig {
@@ -192,13 +201,15 @@ impl CoordinatorConfig {
             .iter()
             .map(|w| normalize_url(w, tls))
             .collect::<Result<Vec<_>, _>>()?;
-        let ranges: [(&'static str, u64, u64, u64); 6] = [
+        let ranges: [(&'static str, u64, u64, u64); 8] = [
             ("coordinator.dns_interval_ms", c.dns_interval_ms, 10, 3_600_000),
             ("coordinator.max_queued_tasks", c.max_queued_tasks as u64, 1, 1 << 20),
             ("coordinator.max_attempts", c.max_attempts.into(), 1, 10),
             ("coordinator.health_interval_ms", c.health_interval_ms, 10, 600_000),
             ("coordinator.max_requests", c.max_requests as u64, 1, 4096),
             ("coordinator.max_samples", c.max_samples.into(), 1, 1024),
+            ("coordinator.lease_ms", c.lease_ms, 200, 600_000),
+            ("coordinator.priority_aging_ms", c.priority_aging_ms, 0, 86_400_000),
         ];
         for (field, v, lo, hi) in ranges {
             if !(lo..=hi).contains(&v) {
@@ -226,6 +237,8 @@ impl CoordinatorConfig {
             health_interval: Duration::from_millis(c.health_interval_ms),
             max_requests: c.max_requests,
             max_samples: c.max_samples,
+            lease: Duration::from_millis(c.lease_ms),
+            priority_aging: (c.priority_aging_ms > 0).then(|| Duration::from_millis(c.priority_aging_ms)),
         })
     }
 }
@@ -381,6 +394,14 @@ mod tests {
         c.coordinator.max_attempts = 0;
         let e = c.validate().expect_err("attempts");
         assert!(e.to_string().contains("coordinator.max_attempts"), "{e}");
+        c.coordinator.max_attempts = 3;
+        assert_eq!(c.validate().expect("valid").lease, Duration::from_secs(10));
+        c.coordinator.lease_ms = 100;
+        let e = c.validate().expect_err("lease");
+        assert!(e.to_string().contains("coordinator.lease_ms"), "{e}");
+        c.coordinator.lease_ms = 600;
+        c.coordinator.priority_aging_ms = 0;
+        assert!(c.validate().expect("valid").priority_aging.is_none());
     }
 
     #[test]

@@ -1,10 +1,14 @@
 //! One job in memory: its tasks' states, its images, and the broadcast of its events. The state sits behind a
 //! short synchronous lock (never held across an await); events are sent under it, so a watcher that subscribes
-//! under the same lock sees a replay of the state and then every later event, with no gap.
+//! under the same lock sees a replay of the state and then every later event, with no gap. A job is either new
+//! ([`JobHandle::new`]) or resumed from the store ([`JobHandle::restore`]: tasks with a stored image are DONE); a
+//! job whose ownership lease was lost is [abandoned](JobHandle::abandon): its tasks stop here without the job
+//! being cancelled.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use mip_proto::v1::job_event::Event;
 use mip_proto::v1::{
@@ -38,6 +42,7 @@ struct State {
     images: BTreeMap<u32, JobImage>,
     progress: BTreeMap<u32, (u32, u32)>,
     queue_position: u32,
+    eta_ms: u64,
     /// gRPC code of the last final task failure.
     failure_code: i32,
 }
@@ -47,16 +52,35 @@ pub struct JobHandle {
     pub id: String,
     pub priority: i32,
     pub tasks: Vec<TaskSpec>,
-    /// Tasks not started by then fail with DEADLINE_EXCEEDED.
+    /// Tasks not started by then fail with DEADLINE_EXCEEDED (the instant, and the limit in ms for messages).
     pub deadline: Option<(tokio::time::Instant, u64)>,
+    /// The job's trace span; task attempts are its children.
+    pub span: tracing::Span,
     state: Mutex<State>,
     events: broadcast::Sender<JobEvent>,
     cancel: watch::Sender<bool>,
+    abandoned: AtomicBool,
+    /// Serializes writes of the job to the store, so a later snapshot is never overwritten by an earlier one.
+    pub persist_lock: tokio::sync::Mutex<()>,
+}
+
+/// Where a new job stands in the queue.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QueuePlace {
+    pub position: u32,
+    pub eta_ms: u64,
 }
 
 impl JobHandle {
-    /// A queued job; `deadline_ms` (0 = none) counts from now.
-    pub fn new(id: String, priority: i32, tasks: Vec<TaskSpec>, queue_position: u32, deadline_ms: u64) -> Self {
+    /// A queued job; `deadline` (None = none) counts from now.
+    pub fn new(
+        id: String,
+        priority: i32,
+        tasks: Vec<TaskSpec>,
+        place: QueuePlace,
+        deadline: Option<Duration>,
+        span: tracing::Span,
+    ) -> Self {
         let job = Job {
             job_id: id.clone(),
             status: JobStatus::Queued as i32,
@@ -73,27 +97,117 @@ impl JobHandle {
                 .collect(),
             ..Default::default()
         };
+        let deadline = deadline.map(|d| (tokio::time::Instant::now() + d, d.as_millis() as u64));
+        Self::build(job, BTreeMap::new(), tasks, place, deadline, span)
+    }
+
+    /// A job resumed from the store: tasks with an image are DONE, failed ones stay FAILED, the others are queued
+    /// again; the deadline is `created_at_ms + deadline_ms` (0 = none).
+    pub fn restore(
+        mut job: Job,
+        images: Vec<JobImage>,
+        tasks: Vec<TaskSpec>,
+        deadline_ms: u64,
+        span: tracing::Span,
+    ) -> Self {
+        let images: BTreeMap<u32, JobImage> = images
+            .into_iter()
+            .filter(|i| (i.task_index as usize) < tasks.len())
+            .map(|i| (i.task_index, i))
+            .collect();
+        job.total_tasks = tasks.len() as u32;
+        job.tasks.resize_with(tasks.len(), TaskState::default);
+        for (i, t) in job.tasks.iter_mut().enumerate() {
+            t.task_index = i as u32;
+            if let Some(img) = images.get(&(i as u32)) {
+                t.status = TaskStatus::Done as i32;
+                t.worker.clone_from(&img.worker);
+            } else if t.status != TaskStatus::Failed as i32 {
+                t.status = TaskStatus::Queued as i32;
+            }
+        }
+        job.done_tasks = images.len() as u32;
+        job.failed_tasks = job
+            .tasks
+            .iter()
+            .filter(|t| t.status == TaskStatus::Failed as i32)
+            .count() as u32;
+        job.status = if job.done_tasks + job.failed_tasks > 0 {
+            JobStatus::Running
+        } else {
+            JobStatus::Queued
+        } as i32;
+        let deadline = (deadline_ms > 0).then(|| {
+            let left = (job.created_at_ms + deadline_ms).saturating_sub(now_ms());
+            (tokio::time::Instant::now() + Duration::from_millis(left), deadline_ms)
+        });
+        let handle = Self::build(job, images, tasks, QueuePlace::default(), deadline, span);
+        if handle.lock().job.failed_tasks > 0 {
+            handle.lock().failure_code = tonic::Code::Unknown as i32;
+        }
+        handle
+    }
+
+    fn build(
+        job: Job,
+        images: BTreeMap<u32, JobImage>,
+        tasks: Vec<TaskSpec>,
+        place: QueuePlace,
+        deadline: Option<(tokio::time::Instant, u64)>,
+        span: tracing::Span,
+    ) -> Self {
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         let (cancel, _) = watch::channel(false);
-        let deadline = (deadline_ms > 0).then(|| {
-            let at = tokio::time::Instant::now() + std::time::Duration::from_millis(deadline_ms);
-            (at, deadline_ms)
-        });
         Self {
-            id,
-            priority,
+            id: job.job_id.clone(),
+            priority: job.priority,
             tasks,
             deadline,
+            span,
             state: Mutex::new(State {
                 job,
-                images: BTreeMap::new(),
+                images,
                 progress: BTreeMap::new(),
-                queue_position,
+                queue_position: place.position,
+                eta_ms: place.eta_ms,
                 failure_code: 0,
             }),
             events,
             cancel,
+            abandoned: AtomicBool::new(false),
+            persist_lock: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Indices of the tasks still to run (neither DONE nor FAILED).
+    pub fn pending_tasks(&self) -> Vec<usize> {
+        let s = self.lock();
+        if is_final(s.job.status) {
+            return Vec::new();
+        }
+        let open = |t: &&TaskState| t.status != TaskStatus::Done as i32 && t.status != TaskStatus::Failed as i32;
+        s.job.tasks.iter().filter(open).map(|t| t.task_index as usize).collect()
+    }
+
+    /// True while task `index` may still deliver an image.
+    pub fn task_open(&self, index: u32) -> bool {
+        open_in(&self.lock(), index)
+    }
+
+    /// Time left before the deadline: None without one, zero once passed.
+    pub fn remaining(&self) -> Option<Duration> {
+        self.deadline
+            .map(|(at, _)| at.saturating_duration_since(tokio::time::Instant::now()))
+    }
+
+    /// Stops this job's tasks here (another coordinator owns it now) without changing its state.
+    pub fn abandon(&self) {
+        self.abandoned.store(true, Ordering::SeqCst);
+        let _ = self.cancel.send(true);
+    }
+
+    pub fn is_abandoned(&self) -> bool {
+        self.abandoned.load(Ordering::SeqCst)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -137,6 +251,7 @@ impl JobHandle {
         if s.job.status == JobStatus::Queued as i32 {
             out.push(ev(Event::Queued(JobQueued {
                 position: s.queue_position,
+                eta_ms: s.eta_ms,
             })));
         }
         for t in &s.job.tasks {
@@ -204,14 +319,9 @@ impl JobHandle {
 
     /// Records the image of a task; false (and nothing recorded) when the task already ended.
     pub fn deliver(&self, image: JobImage) -> bool {
-        let mut s = self.lock();
         let idx = image.task_index;
-        let open = s
-            .job
-            .tasks
-            .get(idx as usize)
-            .is_some_and(|t| t.status == TaskStatus::Running as i32 || t.status == TaskStatus::Queued as i32);
-        if !open || is_final(s.job.status) || s.images.contains_key(&idx) {
+        let mut s = self.lock();
+        if !open_in(&s, idx) {
             return false;
         }
         if let Some(t) = s.job.tasks.get_mut(idx as usize) {
@@ -289,6 +399,15 @@ impl JobHandle {
         self.emit(Event::Done(JobDone { job: Some(job.clone()) }));
         job
     }
+}
+
+fn open_in(s: &State, index: u32) -> bool {
+    !is_final(s.job.status)
+        && !s.images.contains_key(&index)
+        && s.job
+            .tasks
+            .get(index as usize)
+            .is_some_and(|t| t.status == TaskStatus::Running as i32 || t.status == TaskStatus::Queued as i32)
 }
 
 /// DONE, FAILED or CANCELLED.

@@ -1,14 +1,15 @@
 //! The MIP Cluster coordinator: the public `mip.v1.Coordinator` gRPC service. A job (requests × samples) is split
 //! into one task per image; each task is placed on a worker (subject affinity by rendezvous hashing, bounded load,
 //! a per-worker concurrency limit), streamed from its `Generate` call and retried on another worker when the call
-//! fails with UNAVAILABLE or a transport error. Job state lives in memory and in Redis (so finished jobs survive a
-//! restart).
+//! fails with UNAVAILABLE or a transport error. Job state lives in memory and in Redis: every task state change and
+//! image is stored, and an unfinished job whose coordinator died is resumed by another (or the restarted) one.
 //!
 //! Layout: [`config`] (file + environment, validated once), [`error`] (the boundary error enum and its gRPC
 //! mapping), [`registry`] (workers, health/Info polling, in-flight permits), [`placement`] (rendezvous hashing and
 //! the bounded-load rule), [`store`] (Redis job state), [`job`] (one job's in-memory state and event broadcast),
-//! [`dispatch`] (running one task on workers), [`service`] (the domain API), [`api`] (the gRPC adapter),
-//! [`auth`] (bearer tokens), [`discovery`] (workers from DNS) and [`server`] (`run(config, listener, shutdown)`).
+//! [`dispatch`] (running one task on workers), [`lease`] (job ownership leases and resumption), [`service`] (the
+//! domain API), [`api`] (the gRPC adapter), [`auth`] (bearer tokens), [`discovery`] (workers from DNS) and
+//! [`server`] (`run(config, listener, shutdown)`).
 
 pub mod api;
 pub mod auth;
@@ -17,6 +18,7 @@ pub mod discovery;
 pub mod dispatch;
 pub mod error;
 pub mod job;
+pub mod lease;
 pub mod metrics;
 pub mod placement;
 pub mod registry;

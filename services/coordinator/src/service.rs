@@ -1,16 +1,20 @@
-//! The coordinator's domain API (no gRPC types beyond the messages): submit, watch, get, cancel, list.
+//! The coordinator's domain API (no gRPC types beyond the messages): submit, watch, get, cancel, list. With Redis
+//! every job is owned through a lease (see [`crate::lease`]): a job submitted here is leased to this instance
+//! before its tasks start, and jobs of a dead coordinator are resumed here once their lease expires.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use mip_proto::v1::{GenerationRequest, Job, JobEvent, JobStatus, ListJobsResponse, SubmitJobRequest, WorkerStatus};
 use tokio::sync::broadcast;
 
 use crate::config::ValidConfig;
 use crate::dispatch::Dispatcher;
+use crate::dispatch::WaitQueue;
 use crate::error::CoordinatorError;
-use crate::job::{is_final, JobHandle, TaskSpec};
+use crate::job::{is_final, JobHandle, QueuePlace, TaskSpec};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::store::Store;
@@ -21,15 +25,27 @@ pub const MAX_JOBS_IN_MEMORY: usize = 10_000;
 /// The coordinator; cheap to clone.
 #[derive(Clone)]
 pub struct Coordinator {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
-struct Inner {
-    cfg: ValidConfig,
-    dispatcher: Arc<Dispatcher>,
-    jobs: Mutex<HashMap<String, Arc<JobHandle>>>,
+pub(crate) struct Inner {
+    pub(crate) cfg: ValidConfig,
+    pub(crate) dispatcher: Arc<Dispatcher>,
+    pub(crate) jobs: Mutex<HashMap<String, Arc<JobHandle>>>,
     /// Job ids in submission order (ListJobs without Redis).
-    order: Mutex<Vec<String>>,
+    pub(crate) order: Mutex<Vec<String>>,
+}
+
+impl Drop for Inner {
+    /// The coordinator goes away: its unfinished jobs stop here (their leases expire and another coordinator, or
+    /// a restarted one, resumes them).
+    fn drop(&mut self) {
+        for job in lock(&self.jobs).values() {
+            if !job.is_finished() {
+                job.abandon();
+            }
+        }
+    }
 }
 
 /// A watch of one job: the replayed state, then live events (None when the job is only in the store).
@@ -38,11 +54,13 @@ pub struct JobWatch {
     pub live: Option<broadcast::Receiver<JobEvent>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Coordinator {
+    /// A coordinator with a fresh random instance id; inside a tokio runtime it also starts the lease loop (renewal
+    /// of its jobs' leases, resumption of unowned unfinished jobs), which ends when the coordinator is dropped.
     pub fn new(cfg: ValidConfig, registry: Arc<Registry>, store: Arc<Store>, metrics: Metrics) -> Self {
         let dispatcher = Arc::new(Dispatcher {
             registry,
@@ -50,25 +68,49 @@ impl Coordinator {
             max_attempts: cfg.max_attempts,
             metrics,
             queued: Arc::new(AtomicUsize::new(0)),
-            waiting: Mutex::new(Default::default()),
+            waiting: WaitQueue::new(cfg.priority_aging),
+            instance: format!("{:032x}", rand::random::<u128>()),
+            avg_task_ms: Default::default(),
         });
-        Self {
+        let me = Self {
             inner: Arc::new(Inner {
                 cfg,
                 dispatcher,
                 jobs: Mutex::new(HashMap::new()),
                 order: Mutex::new(Vec::new()),
             }),
+        };
+        if me.inner.dispatcher.store.persistent() {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(crate::lease::run(Arc::downgrade(&me.inner)));
+            }
         }
+        me
     }
 
-    fn job(&self, id: &str) -> Option<Arc<JobHandle>> {
+    /// This coordinator's instance id (the value of its job leases).
+    pub fn instance(&self) -> &str {
+        &self.inner.dispatcher.instance
+    }
+
+    pub(crate) fn job(&self, id: &str) -> Option<Arc<JobHandle>> {
         lock(&self.inner.jobs).get(id).cloned()
     }
 
     /// Validates, stores and starts a job; the same idempotency key returns the first job.
     pub async fn submit(&self, req: SubmitJobRequest) -> Result<Job, CoordinatorError> {
-        let tasks = self.split(&req)?;
+        self.submit_with(req, None).await
+    }
+
+    /// [`submit`](Self::submit) with the caller's own deadline (a gRPC timeout): a task's deadline is the earlier
+    /// of it and `deadline_ms`.
+    pub async fn submit_with(
+        &self,
+        req: SubmitJobRequest,
+        rpc_deadline: Option<Duration>,
+    ) -> Result<Job, CoordinatorError> {
+        let metrics = &self.inner.dispatcher.metrics;
+        let tasks = self.split(&req).inspect_err(|_| metrics.reject("invalid_argument"))?;
         let id = format!("{:032x}", rand::random::<u128>());
         if !req.idempotency_key.is_empty() {
             let owner = self
@@ -95,31 +137,62 @@ impl Coordinator {
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| {
                 (q + n <= limit).then_some(q + n)
             })
-            .map_err(|q| CoordinatorError::QueueFull {
-                queued: q,
-                asked: n,
-                limit,
+            .map_err(|q| {
+                metrics.reject("queue_full");
+                CoordinatorError::QueueFull {
+                    queued: q,
+                    asked: n,
+                    limit,
+                }
             })?;
-        let job = Arc::new(JobHandle::new(
-            id.clone(),
-            req.priority,
-            tasks,
-            before as u32,
-            req.deadline_ms,
-        ));
+        let deadline = [
+            (req.deadline_ms > 0).then(|| Duration::from_millis(req.deadline_ms)),
+            rpc_deadline,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let place = QueuePlace {
+            position: before as u32,
+            eta_ms: self.inner.dispatcher.eta_ms(before),
+        };
+        let span = tracing::info_span!(parent: None, "job", job_id = %id, tasks = n, priority = req.priority);
+        let trace = crate::lease::trace_fields(&span);
+        let job = Arc::new(JobHandle::new(id.clone(), req.priority, tasks, place, deadline, span));
         let snapshot = job.snapshot(false);
-        if let Err(e) = self.inner.dispatcher.store.save_new_job(&snapshot, &req).await {
+        if let Err(e) = self.store_new(&snapshot, &req, &trace).await {
             queued.fetch_sub(n, Ordering::SeqCst);
             return Err(e);
         }
         lock(&self.inner.jobs).insert(id.clone(), job.clone());
         lock(&self.inner.order).push(id.clone());
         self.evict_finished();
-        tracing::info!(job_id = %id, tasks = n, "job submitted");
+        tracing::info!(parent: &job.span, job_id = %id, tasks = n, "job submitted");
         for i in 0..n {
             tokio::spawn(self.inner.dispatcher.clone().run_task(job.clone(), i));
         }
         Ok(snapshot)
+    }
+
+    /// Leases a new job to this instance, then stores it.
+    async fn store_new(
+        &self,
+        job: &Job,
+        req: &SubmitJobRequest,
+        trace: &[(String, String)],
+    ) -> Result<(), CoordinatorError> {
+        let d = &self.inner.dispatcher;
+        if !d
+            .store
+            .claim_lease(&job.job_id, &d.instance, self.inner.cfg.lease)
+            .await?
+        {
+            return Err(CoordinatorError::Store(format!(
+                "job `{}` is leased already",
+                job.job_id
+            )));
+        }
+        d.store.save_new_job(job, req, trace).await
     }
 
     /// Keeps at most [`MAX_JOBS_IN_MEMORY`] jobs in memory by forgetting the oldest finished ones (with Redis they
@@ -142,7 +215,7 @@ impl Coordinator {
     }
 
     /// One task per image: request × sample; seed = request seed + sample index when a seed is given.
-    fn split(&self, req: &SubmitJobRequest) -> Result<Vec<TaskSpec>, CoordinatorError> {
+    pub(crate) fn split(&self, req: &SubmitJobRequest) -> Result<Vec<TaskSpec>, CoordinatorError> {
         let cfg = &self.inner.cfg;
         if req.requests.is_empty() || req.requests.len() > cfg.max_requests {
             return Err(CoordinatorError::invalid(
@@ -202,10 +275,8 @@ impl Coordinator {
             return self.get(id, false).await;
         };
         if let Some(job) = j.cancel() {
-            tracing::info!(job_id = %id, "job cancelled");
-            if let Err(e) = self.inner.dispatcher.store.save_job(&job).await {
-                tracing::warn!(job_id = %id, error = %e, "storing the cancelled job failed");
-            }
+            tracing::info!(parent: &j.span, job_id = %id, "job cancelled");
+            self.inner.dispatcher.finished(&j, &job).await;
             return Ok(job);
         }
         Ok(j.snapshot(false))
@@ -238,16 +309,21 @@ impl Coordinator {
     }
 
     /// Submits one request and waits for its images.
+    /// `rpc_deadline` (the caller's gRPC timeout) bounds the task like `deadline_ms` does.
     pub async fn generate(
         &self,
         req: GenerationRequest,
+        rpc_deadline: Option<Duration>,
     ) -> Result<(String, Vec<mip_proto::v1::JobImage>), CoordinatorError> {
         let job = self
-            .submit(SubmitJobRequest {
-                requests: vec![req],
-                samples: 1,
-                ..Default::default()
-            })
+            .submit_with(
+                SubmitJobRequest {
+                    requests: vec![req],
+                    samples: 1,
+                    ..Default::default()
+                },
+                rpc_deadline,
+            )
             .await?;
         let handle = self
             .job(&job.job_id)

@@ -1,10 +1,12 @@
-//! Job state in Redis (optional: without a URL everything stays in memory). Keys, all with the configured TTL:
+//! Job state in Redis (optional: without a URL everything stays in memory). Keys, with the configured TTL:
 //! `mip:coord:job:{id}` hash (`spec`: the encoded `SubmitJobRequest`, `job`: the encoded `Job` with its task
-//! states, `status`), `mip:coord:job:{id}:results`
-//! hash (task index → encoded `JobImage`), `mip:coord:idem:{key}` → job id, and the `mip:coord:jobs` sorted set
-//! (job ids by creation time) for ListJobs.
+//! states, rewritten on every task state change, `status`, `traceparent` / `tracestate`: the job span's W3C
+//! context), `mip:coord:job:{id}:results` hash (task index → encoded `JobImage`, written with HSETNX so each image
+//! is recorded once), `mip:coord:idem:{key}` → job id, and the `mip:coord:jobs` sorted set (job ids by creation
+//! time) for ListJobs. Without TTL: the `mip:coord:active` set of unfinished job ids, and per running job the
+//! ownership lease `mip:coord:lease:{id}` → the owning coordinator's instance id (PX = `coordinator.lease_ms`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -18,6 +20,45 @@ use crate::error::CoordinatorError;
 /// How long one Redis command may take.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 const PREFIX: &str = "mip:coord";
+
+/// Renews the leases in KEYS that still hold ARGV[1] (for ARGV[2] ms); one 1/0 per key.
+const RENEW: &str = r"
+local out = {}
+for i, k in ipairs(KEYS) do
+  if redis.call('GET', k) == ARGV[1] then
+    redis.call('PEXPIRE', k, ARGV[2])
+    out[i] = 1
+  else
+    out[i] = 0
+  end
+end
+return out
+";
+
+/// Deletes the lease KEYS[1] if it still holds ARGV[1].
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+/// A stored unfinished job, as needed to resume it.
+#[derive(Debug, Clone)]
+pub struct StoredJob {
+    pub spec: SubmitJobRequest,
+    pub job: Job,
+    pub images: Vec<JobImage>,
+    /// The job span's W3C fields (`traceparent`, `tracestate`), empty when it had none.
+    pub trace: Vec<(String, String)>,
+}
+
+/// The trace fields kept in the job hash.
+pub const TRACE_FIELDS: [&str; 2] = ["traceparent", "tracestate"];
+
+fn lease_key(job_id: &str) -> String {
+    format!("{PREFIX}:lease:{job_id}")
+}
 
 /// The job store.
 pub struct Store {
@@ -79,17 +120,24 @@ impl Store {
         Ok(existing.unwrap_or_else(|| job_id.to_owned()))
     }
 
-    /// Writes the job's spec, then [`save_job`](Self::save_job).
-    pub async fn save_new_job(&self, job: &Job, spec: &SubmitJobRequest) -> Result<(), CoordinatorError> {
+    /// Writes the job's spec and trace fields, then [`save_job`](Self::save_job).
+    pub async fn save_new_job(
+        &self,
+        job: &Job,
+        spec: &SubmitJobRequest,
+        trace: &[(String, String)],
+    ) -> Result<(), CoordinatorError> {
         let Some(mut c) = self.conn.clone() else {
             return Ok(());
         };
         let k = format!("{PREFIX}:job:{}", job.job_id);
-        timed(c.hset::<_, _, _, ()>(&k, "spec", spec.encode_to_vec())).await?;
+        let mut fields: Vec<(String, Vec<u8>)> = vec![("spec".into(), spec.encode_to_vec())];
+        fields.extend(trace.iter().map(|(f, v)| (f.clone(), v.clone().into_bytes())));
+        timed(c.hset_multiple::<_, _, _, ()>(&k, &fields)).await?;
         self.save_job(job).await
     }
 
-    /// Writes the job (without images) and indexes it.
+    /// Writes the job (without images), indexes it, and keeps it in `active` until it ends.
     pub async fn save_job(&self, job: &Job) -> Result<(), CoordinatorError> {
         let Some(mut c) = self.conn.clone() else {
             return Ok(());
@@ -107,22 +155,136 @@ impl Store {
             .ignore()
             .zadd(format!("{PREFIX}:jobs"), &job.job_id, job.created_at_ms)
             .ignore();
+        let active = format!("{PREFIX}:active");
+        if crate::job::is_final(job.status) {
+            pipe.srem(active, &job.job_id).ignore();
+        } else {
+            pipe.sadd(active, &job.job_id).ignore();
+        }
         timed(pipe.query_async::<()>(&mut c)).await
     }
 
-    /// Stores one image of a job.
-    pub async fn save_result(&self, job_id: &str, image: &JobImage) -> Result<(), CoordinatorError> {
+    /// Records one image of a job unless one is recorded for its task already: None when this one was recorded
+    /// (or there is no store), else the image recorded first.
+    pub async fn save_result(&self, job_id: &str, image: &JobImage) -> Result<Option<JobImage>, CoordinatorError> {
         let Some(mut c) = self.conn.clone() else {
-            return Ok(());
+            return Ok(None);
         };
         let k = format!("{PREFIX}:job:{job_id}:results");
         let mut pipe = redis::pipe();
         pipe.atomic()
-            .hset(&k, image.task_index, image.encode_to_vec())
-            .ignore()
+            .hset_nx(&k, image.task_index, image.encode_to_vec())
             .expire(&k, self.ttl_secs as i64)
             .ignore();
-        timed(pipe.query_async::<()>(&mut c)).await
+        let (set,): (bool,) = timed(pipe.query_async(&mut c)).await?;
+        if set {
+            return Ok(None);
+        }
+        let raw: Option<Vec<u8>> = timed(c.hget(&k, image.task_index)).await?;
+        match raw {
+            Some(raw) => Ok(Some(JobImage::decode(raw.as_slice()).map_err(err)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Ids of the unfinished jobs (of any coordinator).
+    pub async fn active_ids(&self) -> Result<Vec<String>, CoordinatorError> {
+        let Some(mut c) = self.conn.clone() else {
+            return Ok(Vec::new());
+        };
+        let ids: HashSet<String> = timed(c.smembers(format!("{PREFIX}:active"))).await?;
+        Ok(ids.into_iter().collect())
+    }
+
+    /// Drops a job from `active` (its state expired or it ended).
+    pub async fn forget_active(&self, job_id: &str) -> Result<(), CoordinatorError> {
+        let Some(mut c) = self.conn.clone() else {
+            return Ok(());
+        };
+        timed(c.srem::<_, _, ()>(format!("{PREFIX}:active"), job_id)).await
+    }
+
+    /// Takes the lease of a job nobody holds; true when it is now `owner`'s.
+    pub async fn claim_lease(&self, job_id: &str, owner: &str, ttl: Duration) -> Result<bool, CoordinatorError> {
+        let Some(mut c) = self.conn.clone() else {
+            return Ok(true);
+        };
+        let opts = redis::SetOptions::default()
+            .conditional_set(redis::ExistenceCheck::NX)
+            .with_expiration(redis::SetExpiry::PX(ttl.as_millis() as u64));
+        let set: Option<String> = timed(c.set_options(lease_key(job_id), owner, opts)).await?;
+        Ok(set.is_some())
+    }
+
+    /// Extends the leases `owner` still holds; one flag per id (false: the lease is gone or someone else's).
+    pub async fn renew_leases(
+        &self,
+        ids: &[String],
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<Vec<bool>, CoordinatorError> {
+        let Some(mut c) = self.conn.clone() else {
+            return Ok(vec![true; ids.len()]);
+        };
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let script = redis::Script::new(RENEW);
+        let mut inv = script.prepare_invoke();
+        for id in ids {
+            inv.key(lease_key(id));
+        }
+        inv.arg(owner).arg(ttl.as_millis() as u64);
+        let out: Vec<i64> = timed(inv.invoke_async(&mut c)).await?;
+        Ok(out.into_iter().map(|v| v == 1).collect())
+    }
+
+    /// Gives a lease up if `owner` still holds it.
+    pub async fn release_lease(&self, job_id: &str, owner: &str) -> Result<(), CoordinatorError> {
+        let Some(mut c) = self.conn.clone() else {
+            return Ok(());
+        };
+        let script = redis::Script::new(RELEASE);
+        timed(script.key(lease_key(job_id)).arg(owner).invoke_async::<i64>(&mut c)).await?;
+        Ok(())
+    }
+
+    /// Everything needed to resume a job; None when its state is gone.
+    pub async fn load_stored(&self, job_id: &str) -> Result<Option<StoredJob>, CoordinatorError> {
+        let Some(mut c) = self.conn.clone() else {
+            return Ok(None);
+        };
+        let k = format!("{PREFIX}:job:{job_id}");
+        let fields: HashMap<String, Vec<u8>> = timed(c.hgetall(&k)).await?;
+        let (Some(spec), Some(job)) = (fields.get("spec"), fields.get("job")) else {
+            return Ok(None);
+        };
+        let spec = SubmitJobRequest::decode(spec.as_slice()).map_err(err)?;
+        let job = Job::decode(job.as_slice()).map_err(err)?;
+        let trace = TRACE_FIELDS
+            .iter()
+            .filter_map(|f| {
+                let v = String::from_utf8_lossy(fields.get(*f)?).into_owned();
+                (!v.is_empty()).then(|| ((*f).to_owned(), v))
+            })
+            .collect();
+        let images = self.load_images(&mut c, job_id).await?;
+        Ok(Some(StoredJob {
+            spec,
+            job,
+            images,
+            trace,
+        }))
+    }
+
+    async fn load_images(&self, c: &mut ConnectionManager, job_id: &str) -> Result<Vec<JobImage>, CoordinatorError> {
+        let all: HashMap<u32, Vec<u8>> = timed(c.hgetall(format!("{PREFIX}:job:{job_id}:results"))).await?;
+        let mut images = all
+            .values()
+            .map(|v| JobImage::decode(v.as_slice()).map_err(err))
+            .collect::<Result<Vec<_>, _>>()?;
+        images.sort_by_key(|i| i.task_index);
+        Ok(images)
     }
 
     /// Reads a stored job (and its images when asked).
@@ -136,13 +298,7 @@ impl Store {
         };
         let mut job = Job::decode(raw.as_slice()).map_err(err)?;
         if include_images {
-            let all: HashMap<u32, Vec<u8>> = timed(c.hgetall(format!("{PREFIX}:job:{job_id}:results"))).await?;
-            let mut images = all
-                .values()
-                .map(|v| JobImage::decode(v.as_slice()).map_err(err))
-                .collect::<Result<Vec<_>, _>>()?;
-            images.sort_by_key(|i| i.task_index);
-            job.images = images;
+            job.images = self.load_images(&mut c, job_id).await?;
         }
         Ok(Some(job))
     }
