@@ -68,17 +68,26 @@ async fn twelve_images_each_exactly_once_over_several_workers() {
         "{:?}",
         got.tasks
     );
+    // The Done event goes out before the final state is written, so wait (bounded) for the store to catch up.
+    let released = tokio::time::timeout(BOUND, async {
+        loop {
+            let mut conn = redis_conn(&redis).await;
+            let lease: Option<String> = redis::cmd("GET")
+                .arg(format!("mip:coord:lease:{}", submitted.job_id))
+                .query_async(&mut conn)
+                .await
+                .expect("get");
+            if !is_active(&redis, &submitted.job_id).await && lease.is_none() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
     assert!(
-        !is_active(&redis, &submitted.job_id).await,
-        "a finished job leaves mip:coord:active"
+        released.is_ok(),
+        "a finished job leaves mip:coord:active and its lease is released"
     );
-    let mut conn = redis_conn(&redis).await;
-    let lease: Option<String> = redis::cmd("GET")
-        .arg(format!("mip:coord:lease:{}", submitted.job_id))
-        .query_async(&mut conn)
-        .await
-        .expect("get");
-    assert_eq!(lease, None, "the lease is released when the job ends");
     coord.stop().await;
     for w in ws {
         w.stop().await;
