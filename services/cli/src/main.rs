@@ -43,7 +43,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Generate images from a prompt and reference photos of each subject (on --coordinator, or embedded).
-    Generate(generate::Args),
+    Generate(Box<generate::Args>),
     /// Run every request of a JSONL or YAML manifest on a coordinator (resumable).
     Submit(submit::Args),
     /// Follow a job until it ends.
@@ -75,7 +75,7 @@ fn main() {
         _ => None,
     };
     let result = match cli.command {
-        Command::Generate(a) => generate::run(a, cli.verbose),
+        Command::Generate(a) => generate::run(*a, cli.verbose),
         Command::Submit(a) => submit::run(a),
         Command::Watch(a) => jobs::watch(a),
         Command::Jobs(a) => jobs::jobs(a),

@@ -90,12 +90,12 @@ mod tests {
     #[test]
     fn items_come_with_their_lines() {
         let text = "# jobs\n- prompt: a cat\n  steps: 2\n  guidance: 4.5\n\n- prompt: a dog\n  subjects: [{name: dog, images: [d.png]}]\n- 3\n";
-        let items = items(text).expect("parses");
-        assert_eq!(items.iter().map(|(l, _)| *l).collect::<Vec<_>>(), [2, 6, 8]);
-        let first = items[0].1.as_ref().expect("json");
+        let got = items(text).expect("parses");
+        assert_eq!(got.iter().map(|(l, _)| *l).collect::<Vec<_>>(), [2, 6, 8]);
+        let first = got[0].1.as_ref().expect("json");
         assert_eq!(first["steps"], 2);
         assert_eq!(first["guidance"], 4.5);
-        assert_eq!(items[1].1.as_ref().expect("json")["subjects"][0]["images"][0], "d.png");
+        assert_eq!(got[1].1.as_ref().expect("json")["subjects"][0]["images"][0], "d.png");
         assert!(items("a: 1").is_err());
         assert!(items("- [unclosed").is_err());
     }
