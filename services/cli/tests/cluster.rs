@@ -407,3 +407,56 @@ fn bad_lines_are_reported_with_their_numbers_and_the_rest_still_run() {
     assert_eq!(pngs(&yaml_out).len(), 2);
     assert!(server.terminate().success());
 }
+
+#[test]
+fn workers_over_https_are_verified_against_the_tls_ca() {
+    let dir = tmp("tls");
+    let model = fixture_setup(&dir);
+    let pki = mip_common::tls::testing::TestPki::generate(&dir).expect("pki");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mip"))
+        .args(["serve", "worker", "--listen", "127.0.0.1:0"])
+        .arg("--model")
+        .arg(&model)
+        .env("MIP_SERVER__TLS__CERT", &pki.server_cert)
+        .env("MIP_SERVER__TLS__KEY", &pki.server_key)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("mip serve worker starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("first line");
+    let addr = line
+        .split_whitespace()
+        .find(|w| w.starts_with("127.0.0.1:"))
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_owned();
+    let url = format!("https://{addr}");
+    let ca = pki.ca_cert.to_str().expect("utf-8").to_owned();
+    let start = Instant::now();
+    let info = loop {
+        let o = mip(&[
+            "workers",
+            "--workers",
+            &url,
+            "--tls-ca",
+            &ca,
+            "--token",
+            "t0ken",
+            "--json",
+        ]);
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+        if o.status.success() && v[0]["ready"] == true {
+            break v;
+        }
+        assert!(start.elapsed() < BOUND, "{}", text(&o));
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(info[0]["counters"]["generations"], 0, "{info}");
+    let o = mip(&["workers", "--workers", &url, "--json"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("--tls-ca"), "{}", text(&o));
+    let _ = child.kill();
+    let _ = child.wait();
+}
