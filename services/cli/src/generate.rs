@@ -1,13 +1,23 @@
-//! `mip generate`: the embedded default. Loads the model in this process, encodes the subjects, generates
-//! `--samples` images and writes each as a PNG (generation parameters in tEXt chunks) with a JSON sidecar.
+//! `mip generate`: one request, `--samples` images. With `--coordinator URL` it runs on that cluster; without, it
+//! starts an embedded cluster in this process (one worker on `--model`, in-memory cache unless `--redis`, and a
+//! coordinator on 127.0.0.1:0) and goes through the same gRPC client path: SubmitJob, WatchJob with a progress
+//! bar, GetJob with the images. Each image is written as a PNG (generation parameters in tEXt chunks) with a JSON
+//! sidecar, named `mip-{seed}-{sample}`.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use mip_worker::pipeline::{GenerateRequest, MipPipeline, SubjectRequest};
-use serde_json::json;
+use indicatif::ProgressBar;
+use mip_coordinator::config::CoordinatorConfig;
+use mip_proto::v1::{GenerationRequest, Subject, SubmitJobRequest};
+use mip_worker::config::WorkerConfig;
+use serde_json::{json, Map, Value};
 
+use crate::client::{status_error, ConnectArgs};
 use crate::device::{parse_size, DeviceArgs};
+use crate::jobs;
+use crate::local::LocalCluster;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -20,12 +30,12 @@ pub struct Args {
     /// Negative prompt (absent: zero negative embeddings, as SDXL does).
     #[arg(long)]
     negative_prompt: Option<String>,
-    /// Seed of the first sample (absent: drawn at random and printed).
+    /// Seed of the first sample (absent: drawn by the worker and printed).
     #[arg(long)]
     seed: Option<u64>,
     /// Denoising steps.
     #[arg(long, default_value_t = 30)]
-    steps: usize,
+    steps: u32,
     /// Image size WxH, multiples of 8 (default: the model's, 1024x1024 for SDXL).
     #[arg(long)]
     size: Option<String>,
@@ -37,16 +47,21 @@ pub struct Args {
     scale: Option<f64>,
     /// Number of images (seeds seed, seed+1, …).
     #[arg(long, default_value_t = 1)]
-    samples: usize,
+    samples: u32,
     /// euler, ddim or dpmpp_2m_karras.
     #[arg(long, default_value = "euler")]
     scheduler: String,
     /// Output folder.
     #[arg(long, default_value = "out")]
     out: PathBuf,
-    /// `demo` (the built-in demo model) or a model bundle folder (with mip.json).
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// Embedded mode: `demo` (the built-in demo model) or a model bundle folder (with mip.json).
     #[arg(long, default_value = "demo")]
     model: String,
+    /// Embedded mode: a shared subject cache, e.g. redis://127.0.0.1:6379/0 (default: in memory).
+    #[arg(long, value_name = "URL")]
+    redis: Option<String>,
     #[command(flatten)]
     run_on: DeviceArgs,
     /// Print one JSON object per image instead of text.
@@ -63,73 +78,125 @@ pub fn run(args: Args, verbose: bool) -> Result<()> {
         .iter()
         .map(|s| parse_subject(s))
         .collect::<Result<Vec<_>>>()?;
-    let (device, dtype) = args.run_on.resolve()?;
-    let (spec, _dir) = crate::model::resolve(&args.model)?;
     let (width, height) = match &args.size {
         Some(s) => parse_size(s)?,
-        None => spec.default_size.map(|[w, h]| (w, h)).unwrap_or((1024, 1024)),
+        None => (0, 0),
     };
-    if verbose {
-        eprintln!("loading model from {}", spec.base.display());
-    }
-    let pipeline = MipPipeline::load(&spec, &device, dtype)?;
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
-    let first_seed = args.seed.unwrap_or_else(rand_seed);
-    for k in 0..args.samples {
-        let request = GenerateRequest {
-            prompt: args.prompt.clone(),
-            negative_prompt: args.negative_prompt.clone(),
-            subjects: subjects.clone(),
-            width,
-            height,
-            steps: args.steps,
-            guidance: args.guidance,
-            scale: args.scale,
-            scheduler: args.scheduler.clone(),
-            seed: Some(first_seed.wrapping_add(k as u64)),
-        };
-        let valid = request.validate(pipeline.default_scale())?;
-        let generated = pipeline.generate(&valid, &mut |p| {
-            if verbose {
-                eprintln!("sample {}/{}: step {}/{}", k + 1, args.samples, p.step, p.total);
-            }
-            true
-        })?;
-        let stem = format!("mip-{}-{k}", generated.seed);
-        let png_path = args.out.join(format!("{stem}.png"));
-        std::fs::write(&png_path, &generated.png).with_context(|| format!("writing {}", png_path.display()))?;
-        let t = generated.timings;
-        let sidecar = json!({
-            "image": png_path.file_name().map(|n| n.to_string_lossy().into_owned()),
-            "prompt": valid.prompt, "negative_prompt": valid.negative_prompt,
-            "subjects": valid.subjects.iter().zip(&args.subjects).map(|(s, raw)| json!({"name": s.name, "arg": raw})).collect::<Vec<_>>(),
-            "width": valid.width, "height": valid.height, "steps": valid.steps, "guidance": valid.guidance,
-            "scale": valid.scale, "scheduler": valid.scheduler.to_string(), "seed": generated.seed,
-            "model": args.model, "variant": pipeline.variant().to_string(), "device": args.run_on.device, "dtype": args.run_on.dtype,
-            "timings_ms": {"text": t.text_ms, "subjects": t.subjects_ms, "denoise": t.denoise_ms, "decode": t.decode_ms, "png": t.png_ms},
-        });
-        let json_path = args.out.join(format!("{stem}.json"));
-        std::fs::write(&json_path, serde_json::to_vec_pretty(&sidecar)?)
-            .with_context(|| format!("writing {}", json_path.display()))?;
-        if args.json {
-            println!(
-                "{}",
-                json!({"png": png_path, "json": json_path, "seed": generated.seed})
-            );
+    let request = GenerationRequest {
+        prompt: args.prompt.clone(),
+        negative_prompt: args.negative_prompt.clone(),
+        subjects,
+        width: u32::try_from(width).context("`--size` width is too large")?,
+        height: u32::try_from(height).context("`--size` height is too large")?,
+        steps: args.steps,
+        guidance: Some(args.guidance),
+        scale: args.scale,
+        scheduler: args.scheduler.clone(),
+        seed: args.seed,
+    };
+    let job = SubmitJobRequest {
+        requests: vec![request],
+        samples: args.samples,
+        ..Default::default()
+    };
+    let rt = crate::client::runtime()?;
+    rt.block_on(async {
+        let _logs = if verbose {
+            Some(crate::serve_all::init_logs(verbose, "mip")?)
         } else {
-            println!(
-                "wrote {} (seed {}, {:.0} ms denoising)",
-                png_path.display(),
-                generated.seed,
-                t.denoise_ms
-            );
+            None
+        };
+        if args.connect.coordinator.is_some() {
+            return submit_and_write(&args, &args.connect, job).await;
+        }
+        let mut cluster = start_embedded(&args).await?;
+        let connect = ConnectArgs {
+            coordinator: Some(format!("http://{}", cluster.addr)),
+            ..args.connect.clone()
+        };
+        let ready = async {
+            let mut client = connect.connect().await?;
+            cluster.wait_healthy(&mut client, 1, Duration::from_secs(1800)).await
+        };
+        let result = match ready.await {
+            Ok(()) => submit_and_write(&args, &connect, job).await,
+            Err(e) => Err(e),
+        };
+        let stopped = cluster.stop().await;
+        result.and(stopped)
+    })
+}
+
+/// One worker on the model and a coordinator, on loopback ports.
+async fn start_embedded(args: &Args) -> Result<LocalCluster> {
+    let (_, dir) = crate::model::resolve(&args.model)?;
+    let mut worker = WorkerConfig::default();
+    worker.model.path = dir.display().to_string();
+    worker.model.device = args.run_on.device.clone();
+    worker.model.dtype = args.run_on.dtype.clone();
+    worker.redis.url = args.redis.clone().unwrap_or_default();
+    worker.server.drain_seconds = 5;
+    worker.server.worker_id = "embedded".into();
+    worker.validate()?;
+    let mut coordinator = CoordinatorConfig::default();
+    coordinator.coordinator.health_interval_ms = 50;
+    coordinator.coordinator.max_samples = 64;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("binding the embedded coordinator on 127.0.0.1:0")?;
+    LocalCluster::start(&worker, 1, coordinator, listener).await
+}
+
+/// SubmitJob, WatchJob (progress bar), GetJob with images, then the files.
+async fn submit_and_write(args: &Args, connect: &ConnectArgs, job: SubmitJobRequest) -> Result<()> {
+    let mut client = connect.connect().await?;
+    let submitted = client
+        .submit_job(job)
+        .await
+        .map_err(|s| status_error("submitting the job", &s))?
+        .into_inner();
+    let bar = if jobs::bars_enabled(args.json) {
+        ProgressBar::new(0)
+            .with_style(jobs::job_bar_style())
+            .with_prefix("generating")
+    } else {
+        ProgressBar::hidden()
+    };
+    let done = jobs::follow(&mut client, &submitted.job_id, &bar, &mut |_| {}).await?;
+    bar.finish_and_clear();
+    let full = jobs::get(&mut client, &submitted.job_id, true).await?;
+    let mut extra = Map::new();
+    extra.insert("negative_prompt".into(), json!(args.negative_prompt));
+    let subjects: Vec<Value> = args
+        .subjects
+        .iter()
+        .map(|raw| json!({"name": raw.split_once('=').map_or(raw.as_str(), |(n, _)| n), "arg": raw}))
+        .collect();
+    extra.insert("subjects".into(), Value::Array(subjects));
+    let model = if args.connect.coordinator.is_some() {
+        None
+    } else {
+        Some(&args.model)
+    };
+    extra.insert("model".into(), json!(model));
+    extra.insert("device".into(), json!(args.run_on.device));
+    extra.insert("dtype".into(), json!(args.run_on.dtype));
+    let mut images = full.images;
+    images.sort_by_key(|i| i.sample_index);
+    for img in &images {
+        let stem = format!("mip-{}-{}", img.seed, img.sample_index);
+        let w = crate::outputs::write_image(&args.out, &stem, img, &submitted.job_id, &extra)?;
+        if args.json {
+            println!("{}", w.to_json());
+        } else {
+            println!("wrote {} (seed {})", w.png.display(), w.seed);
         }
     }
-    Ok(())
+    jobs::finished_ok(&done)
 }
 
 /// `NAME=IMG[,IMG…]` into a subject with the images' bytes.
-fn parse_subject(s: &str) -> Result<SubjectRequest> {
+fn parse_subject(s: &str) -> Result<Subject> {
     let Some((name, images)) = s.split_once('=') else {
         bail!("`--subject` must look like NAME=IMG[,IMG…], got {s:?}");
     };
@@ -138,15 +205,9 @@ fn parse_subject(s: &str) -> Result<SubjectRequest> {
         .filter(|p| !p.is_empty())
         .map(|p| std::fs::read(Path::new(p)).with_context(|| format!("`--subject {name}`: cannot read {p}")))
         .collect::<Result<Vec<_>>>()?;
-    Ok(SubjectRequest {
+    Ok(Subject {
         name: name.to_owned(),
         images,
+        subject_key: String::new(),
     })
-}
-
-fn rand_seed() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
 }

@@ -1,22 +1,33 @@
 //! `mip`: the command-line front end of MIP Cluster.
 //!
-//! - `generate`: run the whole pipeline in this process (embedded) on a model bundle or the built-in demo model;
-//! - `parity`: check the implementation against a golden fixture folder;
-//! - `bench`: per-stage timings; `bench-cluster`: coordinator overhead and throughput against 1, 2 and 4 workers;
-//! - `model demo`: write the built-in demo model;
-//! - `serve worker` / `serve coordinator`: run a worker node or the coordinator (gRPC);
-//! - `workers`: show the model, queue and counters of running workers.
+//! - `generate`: one request on a cluster (`--coordinator`) or on an embedded one started in this process;
+//! - `submit`: a JSONL / YAML manifest of requests, resumable; `watch`, `jobs`, `cancel`: jobs on a coordinator;
+//! - `workers`: the workers of a coordinator, or of a list of worker URLs (model, queue, counters);
+//! - `serve worker` / `serve coordinator` / `serve all`: run the services (gRPC);
+//! - `parity`: check the implementation against a golden fixture folder; `bench`: per-stage timings;
+//!   `bench-cluster`: coordinator overhead per task and throughput against 1, 2 and 4 workers;
+//! - `model demo`: write the built-in demo model.
 //!
-//! Each subcommand lives in its own module; this file only parses arguments and reports errors as one line.
+//! Each subcommand lives in its own module (`client` holds the shared gRPC connection: URL, bearer token, TLS;
+//! `local` an in-process cluster; `outputs` the PNG + sidecar writer); this file only parses arguments and
+//! reports errors as one line with a non-zero exit.
 
 mod bench;
 mod bench_cluster;
+mod client;
 mod device;
 mod generate;
+mod jobs;
+mod local;
+mod manifest;
 mod model;
+mod outputs;
 mod parity;
 mod serve;
+mod serve_all;
+mod submit;
 mod workers;
+mod yaml;
 
 use clap::{Parser, Subcommand};
 
@@ -33,8 +44,16 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Generate images in this process from a prompt and reference photos of each subject.
-    Generate(generate::Args),
+    /// Generate images from a prompt and reference photos of each subject (on --coordinator, or embedded).
+    Generate(Box<generate::Args>),
+    /// Run every request of a JSONL or YAML manifest on a coordinator (resumable).
+    Submit(submit::Args),
+    /// Follow a job until it ends.
+    Watch(jobs::WatchArgs),
+    /// List the coordinator's jobs, newest first.
+    Jobs(jobs::JobsArgs),
+    /// Cancel a job.
+    Cancel(jobs::CancelArgs),
     /// Compare every tensor of a fixture folder against our implementation.
     Parity(parity::Args),
     /// Time each stage of the pipeline.
@@ -47,14 +66,24 @@ enum Command {
     /// Run a service.
     #[command(subcommand)]
     Serve(serve::Command),
-    /// Show the model, device, queue and counters of running workers.
+    /// Show the health, load, model and counters of workers (via --coordinator, or --workers URLs directly).
     Workers(workers::Args),
 }
 
 fn main() {
     let cli = Cli::parse();
+    // Services and `generate` set up their own logging; the client commands log with `-v` only.
+    let _logs = match &cli.command {
+        Command::Serve(_) | Command::Generate(_) => None,
+        _ if cli.verbose => serve_all::init_logs(true, "mip").ok(),
+        _ => None,
+    };
     let result = match cli.command {
-        Command::Generate(a) => generate::run(a, cli.verbose),
+        Command::Generate(a) => generate::run(*a, cli.verbose),
+        Command::Submit(a) => submit::run(a),
+        Command::Watch(a) => jobs::watch(a),
+        Command::Jobs(a) => jobs::jobs(a),
+        Command::Cancel(a) => jobs::cancel(a),
         Command::Parity(a) => parity::run(a),
         Command::Bench(a) => bench::run(a),
         Command::BenchCluster(a) => bench_cluster::run(a),

@@ -17,6 +17,8 @@ pub enum Command {
     Worker(WorkerArgs),
     /// Serve the public API (mip.v1.Coordinator): jobs split into tasks placed on workers.
     Coordinator(CoordinatorArgs),
+    /// A coordinator and N workers in one process (the workers on 127.0.0.1:0).
+    All(crate::serve_all::Args),
 }
 
 #[derive(Debug, clap::Args)]
@@ -67,6 +69,7 @@ pub fn run(cmd: Command, verbose: bool) -> Result<()> {
     match cmd {
         Command::Worker(a) => run_worker(a, verbose),
         Command::Coordinator(a) => run_coordinator(a, verbose),
+        Command::All(a) => crate::serve_all::run(a, verbose),
     }
 }
 

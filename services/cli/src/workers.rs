@@ -1,20 +1,28 @@
-//! `mip workers --workers URL[,URL…] [--json]`: calls `Info` on each worker and prints a table, or a JSON array with
-//! each worker's model, device, queue and counters. Unreachable workers are listed with their error, and make the
-//! command fail after printing.
+//! `mip workers --coordinator URL [--json]`: the coordinator's view (`ListWorkers`: health, load, limit, last
+//! error and each worker's `Info`). `mip workers --workers URL[,URL…] [--json]`: calls `Info` on each worker
+//! directly. Both print a table, or a JSON array with each worker's model, device, queue and counters. In the
+//! direct mode unreachable workers are listed with their error, and make the command fail after printing.
 
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use mip_proto::v1::worker_client::WorkerClient;
-use mip_proto::v1::{InfoRequest, WorkerInfo};
+use mip_proto::v1::{InfoRequest, ListWorkersRequest, WorkerInfo, WorkerStatus};
 use serde_json::{json, Value};
-use tonic::transport::Endpoint;
+
+use crate::client::{normalize, status_error, ConnectArgs};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Worker addresses (`host:port` or `http://host:port`), comma separated.
-    #[arg(long, value_delimiter = ',', required = true)]
+    /// Worker addresses (`host:port` or `http://host:port`), comma separated: ask them directly.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        required_unless_present = "coordinator",
+        conflicts_with = "coordinator"
+    )]
     workers: Vec<String>,
+    #[command(flatten)]
+    connect: ConnectArgs,
     /// Print a JSON array instead of a table.
     #[arg(long)]
     json: bool,
@@ -24,17 +32,16 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = crate::client::runtime()?;
+    if a.connect.coordinator.is_some() {
+        return rt.block_on(from_coordinator(&a));
+    }
     let timeout = Duration::from_secs(a.timeout);
     let results: Vec<(String, Result<WorkerInfo, String>)> = rt.block_on(async {
         let mut out = Vec::with_capacity(a.workers.len());
         for w in &a.workers {
-            let url = if w.contains("://") {
-                w.clone()
-            } else {
-                format!("http://{w}")
-            };
-            out.push((url.clone(), info(&url, timeout).await));
+            let url = normalize(w);
+            out.push((url.clone(), info(&a.connect, &url, timeout).await));
         }
         out
     });
@@ -51,17 +58,75 @@ pub fn run(a: Args) -> Result<()> {
     Ok(())
 }
 
-async fn info(url: &str, timeout: Duration) -> Result<WorkerInfo, String> {
-    let endpoint = Endpoint::from_shared(url.to_owned())
-        .map_err(|e| format!("bad address: {e}"))?
-        .connect_timeout(timeout)
-        .timeout(timeout);
-    let channel = endpoint.connect().await.map_err(|e| format!("cannot connect: {e}"))?;
-    let r = WorkerClient::new(channel)
-        .info(InfoRequest {})
+async fn info(connect: &ConnectArgs, url: &str, timeout: Duration) -> Result<WorkerInfo, String> {
+    let mut client = connect
+        .connect_worker(url, timeout)
         .await
-        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
-    Ok(r.into_inner())
+        .map_err(|e| format!("{e:#}"))?;
+    let call = tokio::time::timeout(timeout, client.info(InfoRequest {}));
+    match call.await {
+        Err(_) => Err(format!("no answer in {} s", timeout.as_secs())),
+        Ok(Err(s)) => Err(format!("{:?}: {}", s.code(), s.message())),
+        Ok(Ok(r)) => Ok(r.into_inner()),
+    }
+}
+
+/// `ListWorkers` on the coordinator, printed.
+async fn from_coordinator(a: &Args) -> Result<()> {
+    let mut client = a.connect.connect().await?;
+    let workers = client
+        .list_workers(ListWorkersRequest {})
+        .await
+        .map_err(|s| status_error("listing workers", &s))?
+        .into_inner()
+        .workers;
+    if a.json {
+        let rows: Vec<Value> = workers.iter().map(status_json).collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print_status_table(&workers);
+    }
+    Ok(())
+}
+
+/// A worker as the coordinator sees it: health and load, plus its `Info` (with counters) when known.
+fn status_json(w: &WorkerStatus) -> Value {
+    let mut v = match &w.info {
+        Some(i) => to_json(&w.url, &Ok(i.clone())),
+        None => json!({"url": w.url, "ok": false}),
+    };
+    if let Value::Object(m) = &mut v {
+        m.insert("healthy".into(), json!(w.healthy));
+        m.insert("load".into(), json!(w.load));
+        m.insert("limit".into(), json!(w.limit));
+        m.insert("last_error".into(), json!(w.last_error));
+    }
+    v
+}
+
+fn print_status_table(workers: &[WorkerStatus]) {
+    println!(
+        "{:<28} {:<8} {:>7} {:<16} {:<10} {:<8} {:>9} {:>16} {:>7} {:>11}  LAST ERROR",
+        "URL", "HEALTHY", "LOAD", "WORKER", "VARIANT", "DEVICE", "ENCODER", "HITS MEM/REDIS", "MISSES", "GENERATED"
+    );
+    for w in workers {
+        let i = w.info.clone().unwrap_or_default();
+        let c = i.counters.unwrap_or_default();
+        println!(
+            "{:<28} {:<8} {:>7} {:<16} {:<10} {:<8} {:>9} {:>16} {:>7} {:>11}  {}",
+            w.url,
+            if w.healthy { "yes" } else { "no" },
+            format!("{}/{}", w.load, w.limit),
+            i.worker_id,
+            i.variant,
+            i.device,
+            c.image_encoder_calls,
+            format!("{}/{}", c.subject_hits_memory, c.subject_hits_redis),
+            c.subject_misses,
+            format!("{}/{}", c.generations, c.generations + c.failed_generations),
+            w.last_error
+        );
+    }
 }
 
 fn to_json(url: &str, r: &Result<WorkerInfo, String>) -> Value {

@@ -1,0 +1,333 @@
+//! Jobs on a coordinator: [`follow`] watches one job to its end (driving a progress bar), and the commands
+//! `mip watch JOB_ID [--out DIR]`, `mip jobs [--page-size N] [--all]` and `mip cancel JOB_ID`, each with `--json`.
+//! [`job_json`] and [`event_json`] are the JSON shapes every command prints.
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use mip_proto::v1::job_event::Event;
+use mip_proto::v1::{
+    CancelJobRequest, GetJobRequest, Job, JobEvent, JobStatus, ListJobsRequest, TaskStatus, WatchJobRequest,
+};
+use serde_json::{json, Value};
+
+use crate::client::{runtime, status_error, ConnectArgs, Coordinator};
+
+#[derive(Debug, clap::Args)]
+pub struct WatchArgs {
+    /// The job to follow.
+    job_id: String,
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// Also write the job's images (PNG + JSON sidecar) into this folder when it ends.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Print each event as a JSON line, then the final job.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct JobsArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// Jobs per page (1..=500).
+    #[arg(long, default_value_t = 50)]
+    page_size: u32,
+    /// Continue from a previous page (the `next_page_token` it printed).
+    #[arg(long, default_value = "")]
+    page_token: String,
+    /// Follow the pages to the end.
+    #[arg(long)]
+    all: bool,
+    /// Print `{"jobs": [...], "next_page_token": "..."}`.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CancelArgs {
+    /// The job to cancel.
+    job_id: String,
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// Print the job as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A job's status as a lowercase word (`queued`, `running`, `done`, `failed`, `cancelled`).
+pub fn status_name(status: i32) -> String {
+    let name = JobStatus::try_from(status).map_or("JOB_STATUS_UNSPECIFIED", |s| s.as_str_name());
+    name.trim_start_matches("JOB_STATUS_").to_lowercase()
+}
+
+fn task_status_name(status: i32) -> String {
+    let name = TaskStatus::try_from(status).map_or("TASK_STATUS_UNSPECIFIED", |s| s.as_str_name());
+    name.trim_start_matches("TASK_STATUS_").to_lowercase()
+}
+
+/// A job without image bytes.
+pub fn job_json(j: &Job) -> Value {
+    json!({
+        "job_id": j.job_id, "status": status_name(j.status), "priority": j.priority,
+        "total_tasks": j.total_tasks, "done_tasks": j.done_tasks, "failed_tasks": j.failed_tasks,
+        "error": j.error, "created_at_ms": j.created_at_ms, "finished_at_ms": j.finished_at_ms,
+        "tasks": j.tasks.iter().map(|t| json!({
+            "task_index": t.task_index, "status": task_status_name(t.status), "attempts": t.attempts,
+            "worker": t.worker, "error": t.error,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// One event, image bytes left out.
+pub fn event_json(e: &JobEvent) -> Value {
+    let body = match &e.event {
+        None => json!({"type": "unknown"}),
+        Some(Event::Queued(q)) => json!({"type": "queued", "position": q.position}),
+        Some(Event::Started(s)) => {
+            json!({"type": "started", "task_index": s.task_index, "worker": s.worker, "attempt": s.attempt})
+        }
+        Some(Event::Progress(p)) => {
+            json!({"type": "progress", "task_index": p.task_index, "step": p.step, "total": p.total})
+        }
+        Some(Event::Image(i)) => json!({"type": "image", "task_index": i.task_index, "seed": i.seed,
+            "width": i.width, "height": i.height, "worker": i.worker, "bytes": i.png.len()}),
+        Some(Event::Failed(f)) => json!({"type": "failed", "task_index": f.task_index, "code": f.code,
+            "reason": f.reason, "message": f.message, "will_retry": f.will_retry}),
+        Some(Event::Done(d)) => json!({"type": "done", "job": d.job.as_ref().map(job_json)}),
+    };
+    json!({"job_id": e.job_id, "event": body})
+}
+
+/// The style of a per-job bar.
+pub fn job_bar_style() -> ProgressStyle {
+    ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} steps {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ")
+}
+
+/// Whether progress bars should be drawn (stderr is a terminal and no `--json`).
+pub fn bars_enabled(json: bool) -> bool {
+    !json && std::io::stderr().is_terminal()
+}
+
+/// Watches `job_id` until it ends and returns its final state (without images); `bar` follows the denoising steps
+/// of all its tasks, `on_event` sees every event. A broken stream is re-opened (a few times).
+pub async fn follow(
+    client: &mut Coordinator,
+    job_id: &str,
+    bar: &ProgressBar,
+    on_event: &mut dyn FnMut(&JobEvent),
+) -> Result<Job> {
+    let mut steps: HashMap<u32, (u64, u64)> = HashMap::new();
+    for attempt in 0..4 {
+        let stream = client
+            .watch_job(WatchJobRequest {
+                job_id: job_id.to_owned(),
+            })
+            .await;
+        let mut stream = match stream {
+            Ok(s) => s.into_inner(),
+            Err(s) => return Err(status_error(&format!("watching job {job_id}"), &s)),
+        };
+        loop {
+            let event = match stream.message().await {
+                Ok(Some(e)) => e,
+                Ok(None) => break,
+                Err(s) if attempt < 3 => {
+                    tracing::warn!(job_id, error = %s, "watch stream broke; re-opening");
+                    break;
+                }
+                Err(s) => return Err(status_error(&format!("watching job {job_id}"), &s)),
+            };
+            on_event(&event);
+            if let Some(done) = track(&event, &mut steps, bar) {
+                return Ok(done);
+            }
+        }
+        let job = get(client, job_id, false).await?;
+        if job.status >= JobStatus::Done as i32 {
+            return Ok(job);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bail!("job {job_id}: the watch stream kept closing before the job ended")
+}
+
+/// Moves the bar for one event; the job when the event says it ended.
+fn track(event: &JobEvent, steps: &mut HashMap<u32, (u64, u64)>, bar: &ProgressBar) -> Option<Job> {
+    match &event.event {
+        Some(Event::Queued(q)) => bar.set_message(format!("queued, {} ahead", q.position)),
+        Some(Event::Started(s)) => bar.set_message(format!("running on {}", s.worker)),
+        Some(Event::Progress(p)) => {
+            let e = steps.entry(p.task_index).or_default();
+            *e = (u64::from(p.step), u64::from(p.total));
+        }
+        Some(Event::Image(i)) => {
+            let e = steps.entry(i.task_index).or_default();
+            e.0 = e.1.max(1);
+            e.1 = e.1.max(1);
+        }
+        Some(Event::Failed(f)) if f.will_retry => bar.set_message(format!("task {} retrying", f.task_index)),
+        Some(Event::Failed(f)) => bar.set_message(format!("task {} failed: {}", f.task_index, f.message)),
+        Some(Event::Done(d)) => return Some(d.job.clone().unwrap_or_default()),
+        None => {}
+    }
+    let (pos, len) = steps.values().fold((0, 0), |(p, l), (s, t)| (p + s, l + t));
+    if len > 0 {
+        bar.set_length(len);
+        bar.set_position(pos);
+    }
+    None
+}
+
+/// `GetJob`.
+pub async fn get(client: &mut Coordinator, job_id: &str, include_images: bool) -> Result<Job> {
+    let request = GetJobRequest {
+        job_id: job_id.to_owned(),
+        include_images,
+    };
+    match client.get_job(request).await {
+        Ok(r) => Ok(r.into_inner()),
+        Err(s) => Err(status_error(&format!("getting job {job_id}"), &s)),
+    }
+}
+
+pub fn watch(a: WatchArgs) -> Result<()> {
+    runtime()?.block_on(async {
+        let mut client = a.connect.connect().await?;
+        let bar = if bars_enabled(a.json) {
+            ProgressBar::new(0).with_style(job_bar_style()).with_prefix("job")
+        } else {
+            ProgressBar::hidden()
+        };
+        let json = a.json;
+        let job = follow(&mut client, &a.job_id, &bar, &mut |e| {
+            if json {
+                println!("{}", event_json(e));
+            }
+        })
+        .await?;
+        bar.finish_and_clear();
+        let mut written = Vec::new();
+        if let Some(out) = &a.out {
+            let full = get(&mut client, &a.job_id, true).await?;
+            for img in &full.images {
+                let stem = format!("{}-{}-{}", a.job_id, img.request_index, img.sample_index);
+                written.push(crate::outputs::write_image(
+                    out,
+                    &stem,
+                    img,
+                    &a.job_id,
+                    &Default::default(),
+                )?);
+            }
+        }
+        if json {
+            let files: Vec<Value> = written.iter().map(|w| w.to_json()).collect();
+            println!("{}", json!({"job": job_json(&job), "images": files}));
+        } else {
+            for w in &written {
+                println!("wrote {} (seed {})", w.png.display(), w.seed);
+            }
+            print_job_line(&job);
+        }
+        finished_ok(&job)
+    })
+}
+
+/// An error unless the job ended DONE.
+pub fn finished_ok(job: &Job) -> Result<()> {
+    if job.status == JobStatus::Done as i32 {
+        return Ok(());
+    }
+    bail!(
+        "job {} ended {} ({} of {} tasks failed){}",
+        job.job_id,
+        status_name(job.status),
+        job.failed_tasks,
+        job.total_tasks,
+        if job.error.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", job.error)
+        }
+    )
+}
+
+fn print_job_line(j: &Job) {
+    println!(
+        "{:<34} {:<10} {:>5}/{:<5} {:>6}  {}",
+        j.job_id,
+        status_name(j.status),
+        j.done_tasks,
+        j.total_tasks,
+        j.failed_tasks,
+        j.error
+    );
+}
+
+pub fn jobs(a: JobsArgs) -> Result<()> {
+    if !(1..=500).contains(&a.page_size) {
+        bail!("`--page-size` must be in 1..=500, got {}", a.page_size);
+    }
+    runtime()?.block_on(async {
+        let mut client = a.connect.connect().await?;
+        let mut token = a.page_token.clone();
+        let mut all = Vec::new();
+        loop {
+            let request = ListJobsRequest {
+                page_size: a.page_size,
+                page_token: token.clone(),
+            };
+            let page = client
+                .list_jobs(request)
+                .await
+                .map_err(|s| status_error("listing jobs", &s))?
+                .into_inner();
+            all.extend(page.jobs);
+            token = page.next_page_token;
+            if !a.all || token.is_empty() {
+                break;
+            }
+        }
+        if a.json {
+            let jobs: Vec<Value> = all.iter().map(job_json).collect();
+            println!("{}", json!({"jobs": jobs, "next_page_token": token}));
+        } else {
+            println!(
+                "{:<34} {:<10} {:>11} {:>6}  ERROR",
+                "JOB", "STATUS", "DONE/TOTAL", "FAILED"
+            );
+            all.iter().for_each(print_job_line);
+            if !token.is_empty() {
+                println!("more: --page-token {token}");
+            }
+        }
+        Ok(())
+    })
+}
+
+pub fn cancel(a: CancelArgs) -> Result<()> {
+    runtime()?.block_on(async {
+        let mut client = a.connect.connect().await?;
+        let job = client
+            .cancel_job(CancelJobRequest {
+                job_id: a.job_id.clone(),
+            })
+            .await
+            .map_err(|s| status_error(&format!("cancelling job {}", a.job_id), &s))?
+            .into_inner();
+        if a.json {
+            println!("{}", job_json(&job));
+        } else {
+            print_job_line(&job);
+        }
+        Ok(())
+    })
+}

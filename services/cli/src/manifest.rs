@@ -1,0 +1,250 @@
+//! Reading a `mip submit` manifest: JSONL (`.jsonl`, `.ndjson`: one request per line, blank and `#` lines ignored)
+//! or YAML (`.yaml`, `.yml`: a sequence of items). Each item becomes an [`Entry`] with its line (and, for YAML, its
+//! index): either a [`Ready`] item (parsed with unknown fields refused, images read relative to the manifest,
+//! values checked with the worker's own request validation) or the one-line reason it is bad.
+//!
+//! A ready item's idempotency key is the blake3 of its canonical JSON and its images' bytes, so the same item
+//! with the same photos always maps to the same job and the same output names.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use mip_proto::v1::{GenerationRequest, Subject, SubmitJobRequest};
+use mip_worker::pipeline::{GenerateRequest, SubjectRequest};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// One request of the manifest, as written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Item {
+    pub prompt: String,
+    pub subjects: Vec<ItemSubject>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub negative_prompt: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub width: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub height: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub samples: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guidance: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduler: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i32>,
+}
+
+/// A subject: its name in the prompt and its photos (paths relative to the manifest).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ItemSubject {
+    pub name: String,
+    pub images: Vec<String>,
+}
+
+/// An item ready to submit.
+#[derive(Debug, Clone)]
+pub struct Ready {
+    pub item: Item,
+    pub job: SubmitJobRequest,
+    /// Hex blake3 of the canonical JSON and the images.
+    pub key: String,
+}
+
+impl Ready {
+    /// The output name of sample `k`.
+    pub fn stem(&self, k: u32) -> String {
+        format!("{}-{k}", &self.key[..20])
+    }
+
+    pub fn samples(&self) -> u32 {
+        self.item.samples.unwrap_or(1)
+    }
+}
+
+/// One item of the manifest: where it is and what became of it.
+#[derive(Debug)]
+pub struct Entry {
+    /// 1-based line where the item starts.
+    pub line: usize,
+    /// 0-based index among the manifest's items (YAML) or non-empty lines (JSONL).
+    pub index: usize,
+    pub item: std::result::Result<Ready, String>,
+}
+
+impl Entry {
+    /// `line 4` (JSONL) or `item 2 (line 9)` (YAML).
+    pub fn place(&self, yaml: bool) -> String {
+        if yaml {
+            format!("item {} (line {})", self.index, self.line)
+        } else {
+            format!("line {}", self.line)
+        }
+    }
+}
+
+/// Whether the manifest is YAML (by extension); JSONL otherwise; other extensions are an error.
+pub fn is_yaml(path: &Path) -> Result<bool> {
+    match path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        Some("yaml" | "yml") => Ok(true),
+        Some("jsonl" | "ndjson") => Ok(false),
+        _ => bail!(
+            "the manifest must end in .jsonl, .ndjson, .yaml or .yml, got {}",
+            path.display()
+        ),
+    }
+}
+
+/// Reads and checks every item of the manifest at `path`.
+pub fn read(path: &Path) -> Result<Vec<Entry>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading the manifest {}", path.display()))?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let raw = if is_yaml(path)? {
+        crate::yaml::items(&text).with_context(|| format!("{}", path.display()))?
+    } else {
+        jsonl_items(&text)
+    };
+    Ok(raw
+        .into_iter()
+        .enumerate()
+        .map(|(index, (line, value))| Entry {
+            line,
+            index,
+            item: value.and_then(|v| prepare(v, base)),
+        })
+        .collect())
+}
+
+/// `(line, value or parse error)` for every non-empty, non-comment line.
+fn jsonl_items(text: &str) -> Vec<(usize, std::result::Result<Value, String>)> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        .map(|(i, l)| (i + 1, serde_json::from_str(l).map_err(|e| format!("invalid JSON: {e}"))))
+        .collect()
+}
+
+/// A parsed value into a ready item: the shape, the images, the values, the key.
+fn prepare(value: Value, base: &Path) -> std::result::Result<Ready, String> {
+    let item: Item = serde_json::from_value(value).map_err(|e| format!("invalid item: {e}"))?;
+    let mut subjects = Vec::with_capacity(item.subjects.len());
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(b"mip-submit-v1\0");
+    let canonical = serde_json::to_vec(&item).map_err(|e| format!("invalid item: {e}"))?;
+    hasher.update(&(canonical.len() as u64).to_le_bytes());
+    hasher.update(&canonical);
+    for s in &item.subjects {
+        if s.images.is_empty() {
+            return Err(format!("subject {:?}: `images` must name at least one file", s.name));
+        }
+        let mut images = Vec::with_capacity(s.images.len());
+        for p in &s.images {
+            let full = base.join(p);
+            let bytes = std::fs::read(&full)
+                .map_err(|e| format!("subject {:?}: cannot read {}: {e}", s.name, full.display()))?;
+            hasher.update(&(bytes.len() as u64).to_le_bytes());
+            hasher.update(&bytes);
+            images.push(bytes);
+        }
+        subjects.push(Subject {
+            name: s.name.clone(),
+            images,
+            subject_key: String::new(),
+        });
+    }
+    check(&item, &subjects)?;
+    let request = GenerationRequest {
+        prompt: item.prompt.clone(),
+        negative_prompt: item.negative_prompt.clone(),
+        subjects,
+        width: item.width.unwrap_or(0),
+        height: item.height.unwrap_or(0),
+        steps: item.steps.unwrap_or(0),
+        guidance: item.guidance,
+        scale: item.scale,
+        scheduler: item.scheduler.clone().unwrap_or_default(),
+        seed: item.seed,
+    };
+    let key = hasher.finalize().to_hex().to_string();
+    let job = SubmitJobRequest {
+        requests: vec![request],
+        samples: item.samples.unwrap_or(1),
+        priority: item.priority.unwrap_or(0),
+        idempotency_key: format!("submit-{key}"),
+        deadline_ms: 0,
+    };
+    Ok(Ready { item, job, key })
+}
+
+/// The worker's own checks, with placeholders for the values the server fills in (size, scale).
+fn check(item: &Item, subjects: &[Subject]) -> std::result::Result<(), String> {
+    if let Some(s) = item.samples {
+        if !(1..=64).contains(&s) {
+            return Err(format!("`samples` must be in 1..=64, got {s}"));
+        }
+    }
+    let request = GenerateRequest {
+        prompt: item.prompt.clone(),
+        negative_prompt: item.negative_prompt.clone(),
+        subjects: subjects
+            .iter()
+            .map(|s| SubjectRequest {
+                name: s.name.clone(),
+                // Stand-ins with the same count and emptiness: the bytes are checked by the worker.
+                images: s
+                    .images
+                    .iter()
+                    .map(|b| if b.is_empty() { Vec::new() } else { vec![0] })
+                    .collect(),
+            })
+            .collect(),
+        width: item.width.unwrap_or(1024) as usize,
+        height: item.height.unwrap_or(1024) as usize,
+        steps: item.steps.unwrap_or(30) as usize,
+        guidance: item.guidance.unwrap_or(5.0),
+        scale: item.scale,
+        scheduler: item.scheduler.clone().unwrap_or_else(|| "euler".into()),
+        seed: item.seed,
+    };
+    request.validate(0.75).map(|_| ()).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jsonl_lines_keep_their_numbers() {
+        let items = jsonl_items("{\"a\":1}\n\n# note\n{broken\n");
+        assert_eq!(items.len(), 2);
+        assert_eq!(items[0].0, 1);
+        assert_eq!(items[1].0, 4);
+        assert!(items[1].1.as_ref().is_err_and(|e| e.contains("invalid JSON")));
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_refused() {
+        let dir = std::env::temp_dir();
+        let e = prepare(serde_json::json!({"prompt": "x", "subjects": [], "colour": 1}), &dir).expect_err("unknown");
+        assert!(e.contains("colour"), "{e}");
+        let e = prepare(
+            serde_json::json!({"prompt": "x", "subjects": [{"name": "cat", "images": []}]}),
+            &dir,
+        )
+        .expect_err("no images");
+        assert!(e.contains("images"), "{e}");
+    }
+}
