@@ -196,7 +196,7 @@ async fn submit_and_write(args: &Args, connect: &ConnectArgs, job: SubmitJobRequ
 }
 
 /// `NAME=IMG[,IMG…]` into a subject with the images' bytes.
-fn parse_subject(s: &str) -> Result<Subject> {
+pub(crate) fn parse_subject(s: &str) -> Result<Subject> {
     let Some((name, images)) = s.split_once('=') else {
         bail!("`--subject` must look like NAME=IMG[,IMG…], got {s:?}");
     };

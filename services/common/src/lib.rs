@@ -1,6 +1,7 @@
 //! Shared service plumbing for the worker and the coordinator.
 //!
 //! - [`config`]: one file (YAML or TOML) plus `MIP_…` environment overrides, into a typed struct.
+//! - [`deadline`]: the caller's deadline from the `grpc-timeout` header.
 //! - [`errors`]: the table from error kinds to gRPC codes, with a stable `reason` in the status metadata.
 //! - [`shutdown`]: a future that resolves on SIGTERM or Ctrl-C.
 //! - [`telemetry`]: log subscriber and OTLP trace export, with a guard that flushes on drop.
@@ -10,6 +11,7 @@
 //!   `test-pki` feature.
 
 pub mod config;
+pub mod deadline;
 pub mod errors;
 pub mod metrics_http;
 pub mod propagation;

@@ -36,6 +36,13 @@ pub fn metrics_router(registry: Registry) -> Router {
         .with_state(registry)
 }
 
+/// The registry in the Prometheus text exposition format (an error comment when encoding fails).
+pub fn render(registry: &Registry) -> String {
+    TextEncoder::new()
+        .encode_to_string(&registry.gather())
+        .unwrap_or_else(|e| format!("# error encoding metrics: {e}\n"))
+}
+
 async fn metrics(State(registry): State<Registry>) -> Response {
     let encoder = TextEncoder::new();
     match encoder.encode_to_string(&registry.gather()) {

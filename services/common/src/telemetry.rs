@@ -24,6 +24,28 @@ use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::EnvFilter;
 
+/// The `telemetry` section of a service's config file (worker and coordinator alike): trace export and the
+/// Prometheus endpoint. [`TelemetryConfig`] is what [`init`] takes, built from it by the service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetrySection {
+    /// OTLP gRPC endpoint; empty = no export.
+    pub otlp_endpoint: String,
+    pub sample_ratio: f64,
+    /// `host:port` of `GET /metrics`; empty = not served.
+    pub metrics_listen: String,
+}
+
+impl Default for TelemetrySection {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: String::new(),
+            sample_ratio: 1.0,
+            metrics_listen: String::new(),
+        }
+    }
+}
+
 /// The `telemetry` configuration section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

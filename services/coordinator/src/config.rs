@@ -73,26 +73,8 @@ pub struct AuthConfig {
     pub tokens_file: String,
 }
 
-/// `telemetry`: tracing export and the Prometheus endpoint (the same shape as the worker's).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TelemetryConfig {
-    /// OTLP gRPC endpoint; empty = no export.
-    pub otlp_endpoint: String,
-    pub sample_ratio: f64,
-    /// `host:port` of `GET /metrics`; empty = not served.
-    pub metrics_listen: String,
-}
-
-impl Default for TelemetryConfig {
-    fn default() -> Self {
-        Self {
-            otlp_endpoint: String::new(),
-            sample_ratio: 1.0,
-            metrics_listen: String::new(),
-        }
-    }
-}
+/// `telemetry`: tracing export and the Prometheus endpoint (shared with the other service).
+pub use mip_common::telemetry::TelemetrySection as TelemetryConfig;
 
 /// `redis`: where job state lives; empty url = memory only (nothing survives a restart).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -8,9 +8,7 @@
 //! `mip_coord_rejected_total{reason}` (queue_full, unauthenticated, invalid_argument, deadline_exceeded, …),
 //! `mip_coord_jobs_total{status}` (finished jobs) and `mip_coord_workers{state}` (healthy / unhealthy).
 
-use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
-};
+use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
 
 /// Every metric of one coordinator; cheap to clone (the families are shared).
 #[derive(Clone)]
@@ -125,11 +123,7 @@ impl Metrics {
 
     /// The Prometheus text exposition of the registry.
     pub fn render(&self) -> String {
-        let mut buf = Vec::new();
-        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
-            return format!("# error encoding metrics: {e}\n");
-        }
-        String::from_utf8_lossy(&buf).into_owned()
+        mip_common::metrics_http::render(&self.registry)
     }
 }
 

@@ -4,7 +4,6 @@
 //! metadata, so a job's trace continues from the coordinator into the worker. No domain logic lives here.
 
 use std::pin::Pin;
-use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use mip_proto::v1 as pb;
@@ -46,30 +45,8 @@ pub fn to_status(e: &WorkerError) -> Status {
     mip_common::errors::status(e.kind(), Some(e.reason()), e.to_string())
 }
 
-/// Parses a `grpc-timeout` value: up to 8 digits and a unit (`H`, `M`, `S`, `m`, `u`, `n`).
-pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
-    if v.len() < 2 || v.len() > 9 {
-        return None;
-    }
-    let (digits, unit) = v.split_at(v.len() - 1);
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n.saturating_mul(3600)),
-        "M" => Duration::from_secs(n.saturating_mul(60)),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
-}
-
 fn context<T>(req: &Request<T>) -> CallContext {
-    let timeout = req
-        .metadata()
-        .get("grpc-timeout")
-        .and_then(|v| v.to_str().ok())
-        .and_then(parse_grpc_timeout);
+    let timeout = mip_common::deadline::grpc_timeout(req.metadata());
     CallContext {
         deadline: timeout.map(|t| tokio::time::Instant::now() + t),
     }
@@ -148,15 +125,6 @@ impl<S: WorkerService> Worker for WorkerApi<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn grpc_timeout_values() {
-        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
-        assert_eq!(parse_grpc_timeout("3S"), Some(Duration::from_secs(3)));
-        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
-        assert_eq!(parse_grpc_timeout("5x"), None);
-        assert_eq!(parse_grpc_timeout("123456789m"), None);
-    }
 
     #[test]
     fn errors_keep_kind_and_reason() {

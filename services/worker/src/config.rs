@@ -150,26 +150,8 @@ impl Default for ExecutorConfig {
     }
 }
 
-/// `telemetry`: tracing export and the Prometheus endpoint.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TelemetryConfig {
-    /// OTLP gRPC endpoint; empty = no export.
-    pub otlp_endpoint: String,
-    pub sample_ratio: f64,
-    /// `host:port` of `GET /metrics`; empty = not served.
-    pub metrics_listen: String,
-}
-
-impl Default for TelemetryConfig {
-    fn default() -> Self {
-        Self {
-            otlp_endpoint: String::new(),
-            sample_ratio: 1.0,
-            metrics_listen: String::new(),
-        }
-    }
-}
+/// `telemetry`: tracing export and the Prometheus endpoint (shared with the other service).
+pub use mip_common::telemetry::TelemetrySection as TelemetryConfig;
 
 /// Which device the executor opens (on its own thread).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

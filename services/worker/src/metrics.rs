@@ -2,9 +2,7 @@
 //! workers can live in one process (tests) and the registry can be served by any HTTP endpoint
 //! ([`Metrics::render`] gives the text format).
 
-use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
-};
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 /// Every metric of one worker.
 #[derive(Clone)]
@@ -99,11 +97,7 @@ impl Metrics {
 
     /// The Prometheus text exposition of the registry.
     pub fn render(&self) -> String {
-        let mut buf = Vec::new();
-        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
-            return format!("# error encoding metrics: {e}\n");
-        }
-        String::from_utf8_lossy(&buf).into_owned()
+        mip_common::metrics_http::render(&self.registry)
     }
 }
 

@@ -17,8 +17,8 @@ use mip_coordinator::config::CoordinatorConfig;
 use mip_proto::v1::coordinator_client::CoordinatorClient;
 use mip_proto::v1::worker_client::WorkerClient;
 use mip_proto::v1::{
-    generate_event, job_event, GenerateTask, GenerationRequest, JobStatus, ListWorkersRequest, Subject,
-    SubmitJobRequest, WatchJobRequest,
+    generate_event, job_event, GenerateTask, GenerationRequest, JobStatus, ListWorkersRequest, SubmitJobRequest,
+    WatchJobRequest,
 };
 use serde_json::json;
 use tokio::sync::oneshot;
@@ -167,7 +167,10 @@ async fn start_real(args: &Args, max: usize) -> Result<(Vec<String>, Pool, Gener
     } else {
         args.subjects.clone()
     };
-    let subjects = subjects.iter().map(|s| parse_subject(s)).collect::<Result<Vec<_>>>()?;
+    let subjects = subjects
+        .iter()
+        .map(|s| crate::generate::parse_subject(s))
+        .collect::<Result<Vec<_>>>()?;
     let (w, h) = parse_size(&args.size)?;
     let mut stops = Vec::new();
     let mut urls = Vec::new();
@@ -206,22 +209,6 @@ async fn start_real(args: &Args, max: usize) -> Result<(Vec<String>, Pool, Gener
         },
         request,
     ))
-}
-
-fn parse_subject(s: &str) -> Result<Subject> {
-    let Some((name, images)) = s.split_once('=') else {
-        bail!("`--subject` must look like NAME=IMG[,IMG…], got {s:?}");
-    };
-    let images = images
-        .split(',')
-        .filter(|p| !p.is_empty())
-        .map(|p| std::fs::read(p).with_context(|| format!("`--subject {name}`: cannot read {p}")))
-        .collect::<Result<Vec<_>>>()?;
-    Ok(Subject {
-        name: name.to_owned(),
-        images,
-        subject_key: String::new(),
-    })
 }
 
 /// A coordinator in this process over `urls`, once all of them are healthy.
