@@ -3,7 +3,11 @@
 1. The chart: values files against values.schema.json (draft-07); `helm lint` through helm-sdkpy with the default
    values, with values-all-on.yaml and with its alternative choices (ALT_CHOICES) (any warning or error fails); a real Helm install of both against a throwaway
    in-process stand-in for the Kubernetes API (helm-sdkpy has no client-only `template`), whose manifest is then
-   checked: the worker ConfigMap's worker.yaml against the worker's config structs, container args against the CLI.
+   checked: worker.yaml and coordinator.yaml against the services' config structs (services/{worker,coordinator}/
+   src/config.rs), every `--flag` of the containers (and of compose) against the clap args of `mip serve SUB`
+   (services/cli/src/serve.rs, main.rs), config file paths against volumeMounts, ports against listen addresses,
+   workers_dns against the headless Service, worker TLS against the coordinator's worker_tls, the ServiceMonitor
+   against the metrics Services.
 2. The images: COPY sources exist, `-p mip-cli` and its `mip` binary match services/cli/Cargo.toml, compose commands.
 Set MIP_DEPLOY_DUMP=DIR to keep the rendered manifests. Prints nothing and exits 0 when everything holds; otherwise prints each problem and exits 1.
 """
@@ -30,13 +34,15 @@ CHART = ROOT / "deploy/helm/mip-cluster"
 VALUE_FILES = {"defaults": None, "all-on": ROOT / "deploy/values-all-on.yaml"}
 # `mip` subcommand paths the chart and compose may run (each is checked to exist in services/cli/src/serve.rs).
 ALLOWED_COMMANDS = {("serve", "worker"), ("serve", "coordinator")}
-# A third case: values-all-on.yaml with the other choices (KEDA, bundled Redis with persistence, a model PVC).
+# A third case: values-all-on.yaml with the other choices (KEDA, bundled Redis with persistence, a model PVC,
+# one-way TLS both to the workers and on the public API, no tokens).
 ALT_CHOICES = {
     "worker": {"autoscaling": {"kind": "keda"},
                "modelVolume": {"type": "pvc", "claimName": "mip-models", "hostPath": ""}},
     "redis": {"bundled": {"enabled": True, "persistence": {"enabled": True, "storageClassName": "fast"}},
               "externalUrl": ""},
-    "tls": {"mutualTls": False},
+    "tls": {"mutualTls": False, "workerDomain": ""},
+    "coordinator": {"tls": {"clientCa": False}, "auth": {"existingSecret": ""}, "config": {"telemetry": None}},
 }
 LINT_SEVERITY = {0: "UNKNOWN", 1: "INFO", 2: "WARNING", 3: "ERROR"}
 
