@@ -3,7 +3,11 @@
 1. The chart: values files against values.schema.json (draft-07); `helm lint` through helm-sdkpy with the default
    values, with values-all-on.yaml and with its alternative choices (ALT_CHOICES) (any warning or error fails); a real Helm install of both against a throwaway
    in-process stand-in for the Kubernetes API (helm-sdkpy has no client-only `template`), whose manifest is then
-   checked: the worker ConfigMap's worker.yaml against the worker's config structs, container args against the CLI.
+   checked: worker.yaml and coordinator.yaml against the services' config structs (services/{worker,coordinator}/
+   src/config.rs), every `--flag` of the containers (and of compose) against the clap args of `mip serve SUB`
+   (services/cli/src/serve.rs, main.rs), config file paths against volumeMounts, ports against listen addresses,
+   workers_dns against the headless Service, worker TLS against the coordinator's worker_tls, the ServiceMonitor
+   against the metrics Services.
 2. The images: COPY sources exist, `-p mip-cli` and its `mip` binary match services/cli/Cargo.toml, compose commands.
 Set MIP_DEPLOY_DUMP=DIR to keep the rendered manifests. Prints nothing and exits 0 when everything holds; otherwise prints each problem and exits 1.
 """
@@ -30,13 +34,15 @@ CHART = ROOT / "deploy/helm/mip-cluster"
 VALUE_FILES = {"defaults": None, "all-on": ROOT / "deploy/values-all-on.yaml"}
 # `mip` subcommand paths the chart and compose may run (each is checked to exist in services/cli/src/serve.rs).
 ALLOWED_COMMANDS = {("serve", "worker"), ("serve", "coordinator")}
-# A third case: values-all-on.yaml with the other choices (KEDA, bundled Redis with persistence, a model PVC).
+# A third case: values-all-on.yaml with the other choices (KEDA, bundled Redis with persistence, a model PVC,
+# one-way TLS both to the workers and on the public API, no tokens).
 ALT_CHOICES = {
     "worker": {"autoscaling": {"kind": "keda"},
                "modelVolume": {"type": "pvc", "claimName": "mip-models", "hostPath": ""}},
     "redis": {"bundled": {"enabled": True, "persistence": {"enabled": True, "storageClassName": "fast"}},
               "externalUrl": ""},
-    "tls": {"mutualTls": False},
+    "tls": {"mutualTls": False, "workerDomain": ""},
+    "coordinator": {"tls": {"clientCa": False}, "auth": {"existingSecret": ""}, "config": {"telemetry": None}},
 }
 LINT_SEVERITY = {0: "UNKNOWN", 1: "INFO", 2: "WARNING", 3: "ERROR"}
 
@@ -183,45 +189,192 @@ def render(values: dict[str, dict]) -> dict[str, list[dict]]:
     return out
 
 
-# --- the worker's config schema, read from its serde structs -----------------------------------------------------
+# --- the services' config schemas, read from their serde structs ------------------------------------------------
 
-def worker_config_schema() -> dict:
-    """Field tree of `WorkerConfig` from services/worker/src/{config,limits}.rs: {field: subtree or None}."""
+LIST = "list"  # a leaf that takes a sequence (Vec<_>)
+
+
+def config_schema(files: tuple[str, ...], root: str) -> dict:
+    """Field tree of struct `root` from the given sources: {field: subtree, LIST, or None for a scalar}."""
     structs: dict[str, dict[str, str]] = {}
-    for rel in ("services/worker/src/config.rs", "services/worker/src/limits.rs"):
+    for rel in files:
         text = (ROOT / rel).read_text()
         for m in re.finditer(r"pub struct (\w+) \{(.*?)\n\}", text, re.S):
             structs[m.group(1)] = dict(re.findall(r"^\s*pub (\w+): ([\w:<>]+),", m.group(2), re.M))
 
     def tree(name: str) -> dict:
-        return {f: (tree(t) if t in structs else None) for f, t in structs[name].items()}
+        return {f: (tree(t) if t in structs else LIST if t.startswith("Vec<") else None)
+                for f, t in structs[name].items()}
 
-    if "WorkerConfig" not in structs:
-        problem("services/worker/src/config.rs: struct WorkerConfig not found")
+    if root not in structs:
+        problem(f"{files[0]}: struct {root} not found")
         return {}
-    return tree("WorkerConfig")
+    return tree(root)
+
+
+def worker_config_schema() -> dict:
+    return config_schema(("services/worker/src/config.rs", "services/worker/src/limits.rs"), "WorkerConfig")
+
+
+def coordinator_config_schema() -> dict:
+    return config_schema(("services/coordinator/src/config.rs",), "CoordinatorConfig")
 
 
 EXPECTED_SECTIONS = {"server", "limits", "redis", "cache", "model", "executor", "telemetry"}
+COORDINATOR_SECTIONS = {"server", "redis", "coordinator", "worker_tls", "auth", "telemetry"}
 
 
-def check_keys(cfg, schema: dict, where: str) -> None:
+def check_keys(cfg, schema: dict, where: str, service: str = "worker") -> None:
     if not isinstance(cfg, dict):
         problem(f"{where}: expected a mapping, got {cfg!r}")
         return
     for k, v in cfg.items():
         if k not in schema:
-            problem(f"{where}.{k}: unknown field (the worker rejects unknown fields)")
+            problem(f"{where}.{k}: unknown field (the {service} rejects unknown fields)")
+        elif schema[k] == LIST:
+            if not isinstance(v, list) or any(isinstance(x, (dict, list)) for x in v):
+                problem(f"{where}.{k}: expected a list of scalars, got {v!r}")
         elif schema[k] is not None:
-            check_keys(v, schema[k], f"{where}.{k}")
+            check_keys(v, schema[k], f"{where}.{k}", service)
         elif isinstance(v, (dict, list)):
             problem(f"{where}.{k}: expected a scalar, got {v!r}")
+
+
+# --- the CLI's flags, read from its clap structs ----------------------------------------------------------------
+
+def kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def clap_flags(body: str, where: str) -> set[str]:
+    """`--long` / `-s` flags of the fields of one clap struct body."""
+    flags: set[str] = set()
+    for m in re.finditer(r"#\[(arg|command)\((.*?)\)\]\s*(?:pub(?:\([^)]*\))?\s+)?(\w+)\s*:", body, re.S):
+        kind, attrs, field = m.groups()
+        if kind == "command" and "flatten" in attrs:
+            problem(f"{where}: #[command(flatten)] {field}: flattened flags are not parsed by this check")
+            continue
+        long = re.search(r'\blong\s*(?:=\s*"([^"]+)")?', attrs)
+        if long:
+            flags.add("--" + (long.group(1) or kebab(field)))
+        short = re.search(r"\bshort\s*(?:=\s*'(.)')?", attrs)
+        if short:
+            flags.add("-" + (short.group(1) or field[0]))
+    return flags
+
+
+def struct_body(text: str, name: str) -> str | None:
+    m = re.search(rf"pub struct {name} \{{(.*?)\n\}}", text, re.S)
+    return m.group(1) if m else None
+
+
+def cli_flags() -> dict[tuple[str, str], set[str]]:
+    """Flags accepted by each `mip serve SUB` (its own plus the global ones of the top-level `Cli`)."""
+    main_rs = (ROOT / "services/cli/src/main.rs").read_text()
+    serve_rs = (ROOT / "services/cli/src/serve.rs").read_text()
+    cli = re.search(r"struct Cli \{(.*?)\n\}", main_rs, re.S)
+    global_flags = set()
+    if cli:
+        for m in re.finditer(r"#\[arg\(([^\]]*global\s*=\s*true[^\]]*)\)\]\s*(\w+)\s*:", cli.group(1)):
+            global_flags |= clap_flags(m.group(0), "services/cli/src/main.rs")
+    else:
+        problem("services/cli/src/main.rs: struct Cli not found")
+    global_flags |= {"--help", "-h"}
+    out = {}
+    enum = re.search(r"pub enum Command \{(.*?)\n\}", serve_rs, re.S)
+    variants = dict(re.findall(r"^\s*(\w+)\((\w+)\),", enum.group(1), re.M)) if enum else {}
+    for sub in ("Worker", "Coordinator"):
+        struct = variants.get(sub)
+        body = struct_body(serve_rs, struct) if struct else None
+        if body is None:
+            problem(f"services/cli/src/serve.rs: no args struct for `serve {sub.lower()}`")
+            continue
+        out[("serve", sub.lower())] = clap_flags(body, f"services/cli/src/serve.rs {struct}") | global_flags
+    return out
+
+
+def check_flags(args: list, flags: dict[tuple[str, str], set[str]], where: str) -> None:
+    known = flags.get(tuple(map(str, args[:2])))
+    if known is None:
+        return
+    for a in map(str, args[2:]):
+        if a.startswith("-") and a.split("=", 1)[0] not in known:
+            problem(f"{where}: `mip {args[0]} {args[1]}` has no flag {a.split('=', 1)[0]} (has {sorted(known)})")
+
+
+# --- the rendered manifests -------------------------------------------------------------------------------------
+
+def containers(docs: list[dict], name: str) -> list[tuple[dict, dict]]:
+    """(pod spec, container) of every Deployment/StatefulSet container called `name`."""
+    return [(d["spec"]["template"]["spec"], c) for d in docs if d["kind"] in ("Deployment", "StatefulSet")
+            for c in d["spec"]["template"]["spec"]["containers"] if c["name"] == name]
+
+
+def check_paths_mounted(paths: dict[str, str], container: dict, where: str) -> None:
+    """Every non-empty file path of the config lies under one of the container's volumeMounts."""
+    mounts = [m["mountPath"].rstrip("/") for m in container.get("volumeMounts", [])]
+    for field, path in paths.items():
+        if path and not any(path == m or path.startswith(m + "/") for m in mounts):
+            problem(f"{where}: {field} {path} is not under any volumeMount ({mounts})")
+
+
+def port_of(listen: str) -> int | None:
+    return int(listen.rsplit(":", 1)[1]) if listen and ":" in listen else None
+
+
+def check_coordinator(docs: list[dict], schema: dict, name: str) -> None:
+    cms = [d for d in docs if d["kind"] == "ConfigMap" and "coordinator.yaml" in d.get("data", {})]
+    if len(cms) != 1:
+        problem(f"[{name}]: expected one coordinator ConfigMap with coordinator.yaml, found {len(cms)}")
+        return
+    cfg = yaml.safe_load(cms[0]["data"]["coordinator.yaml"]) or {}
+    check_keys(cfg, schema, f"[{name}] coordinator.yaml", "coordinator")
+    if not isinstance(cfg, dict):
+        return
+    where = f"[{name}] coordinator"
+    sched = cfg.get("coordinator", {})
+    dns = sched.get("workers_dns", "")
+    if not dns and not sched.get("workers"):
+        problem(f"{where}: coordinator.yaml names no workers (coordinator.workers / workers_dns)")
+    if dns:
+        host, _, port = dns.rpartition(":")
+        svc = next((d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == host), None)
+        if svc is None or svc["spec"].get("clusterIP") != "None":
+            problem(f"{where}: workers_dns {dns}: {host} is not a headless Service of the chart")
+        elif int(port) not in [p["port"] for p in svc["spec"]["ports"]]:
+            problem(f"{where}: workers_dns {dns}: Service {host} has no port {port}")
+    worker_cm = next((d for d in docs if d["kind"] == "ConfigMap" and "worker.yaml" in d.get("data", {})), None)
+    wserver = (yaml.safe_load(worker_cm["data"]["worker.yaml"]) or {}).get("server", {}) if worker_cm else {}
+    wtls, ctls = wserver.get("tls") or {}, cfg.get("worker_tls") or {}
+    if bool(wtls.get("cert")) != bool(ctls.get("ca")):
+        problem(f"{where}: workers serve TLS {bool(wtls.get('cert'))} but worker_tls.ca is {ctls.get('ca')!r}")
+    if wtls.get("client_ca") and not (ctls.get("cert") and ctls.get("key")):
+        problem(f"{where}: workers require client certificates but worker_tls has no cert/key")
+    for spec, c in containers(docs, "coordinator"):
+        args = [str(a) for a in c.get("args") or []]
+        if "--config" not in args or args[args.index("--config") + 1:][:1] != ["/etc/mip/coordinator.yaml"]:
+            problem(f"{where}: args {args} do not pass --config /etc/mip/coordinator.yaml")
+        paths = {"--config": "/etc/mip/coordinator.yaml", "auth.tokens_file": cfg.get("auth", {}).get("tokens_file")}
+        for section, keys in (("server.tls", cfg.get("server", {}).get("tls") or {}), ("worker_tls", ctls)):
+            paths.update({f"{section}.{k}": v for k, v in keys.items() if k != "domain"})
+        check_paths_mounted(paths, c, where)
+        metrics = port_of(cfg.get("telemetry", {}).get("metrics_listen", ""))
+        ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+        if ports.get("metrics") != metrics:
+            problem(f"{where}: metrics containerPort {ports.get('metrics')} != telemetry.metrics_listen port {metrics}")
+        if ports.get("grpc") != port_of(cfg.get("server", {}).get("listen", "")):
+            problem(f"{where}: grpc containerPort {ports.get('grpc')} != server.listen {cfg.get('server')}")
 
 
 def check_manifests(rendered: dict[str, list[dict]], values: dict[str, dict]) -> None:
     schema = worker_config_schema()
     if schema and set(schema) != EXPECTED_SECTIONS:
         problem(f"worker config sections changed: {sorted(schema)} (chart expects {sorted(EXPECTED_SECTIONS)})")
+    cschema = coordinator_config_schema()
+    if cschema and set(cschema) != COORDINATOR_SECTIONS:
+        problem(f"coordinator config sections changed: {sorted(cschema)} (chart expects {sorted(COORDINATOR_SECTIONS)})")
+    check_values_schema_config(cschema)
+    flags = cli_flags()
     serve_rs = (ROOT / "services/cli/src/serve.rs").read_text()
     for variant, command in (("Worker", "serve worker"), ("Coordinator", "serve coordinator")):
         if not re.search(rf"^\s*{variant}\(", serve_rs, re.M):
@@ -244,6 +397,10 @@ def check_manifests(rendered: dict[str, list[dict]], values: dict[str, dict]) ->
                     if any(v.get("name") == "model" for v in spec.get("volumes", [])) and \
                             cfg["model"]["path"] not in mounts:
                         problem(f"[{name}]: model volume not mounted at model.path {cfg['model']['path']}")
+            for _, c in containers(docs, "worker"):
+                tls = cfg.get("server", {}).get("tls") or {}
+                check_paths_mounted({f"server.tls.{k}": v for k, v in tls.items()}, c, f"[{name}] worker")
+        check_coordinator(docs, cschema, name)
         for d in docs:
             if d["kind"] not in ("Deployment", "StatefulSet"):
                 continue
@@ -252,8 +409,46 @@ def check_manifests(rendered: dict[str, list[dict]], values: dict[str, dict]) ->
                 if c["name"] in ("worker", "coordinator") and tuple(args[:2]) not in ALLOWED_COMMANDS:
                     problem(f"[{name}] {d['kind']}/{d['metadata']['name']}: `mip {' '.join(args[:2])}` "
                             f"is not one of {sorted(ALLOWED_COMMANDS)}")
+                if c["name"] in ("worker", "coordinator"):
+                    check_flags(args, flags, f"[{name}] {d['kind']}/{d['metadata']['name']}")
+        check_service_monitor(docs, name)
         if not any(d["kind"] == "Pod" for d in docs) and not kinds:
             problem(f"[{name}]: nothing rendered")
+
+
+def check_service_monitor(docs: list[dict], name: str) -> None:
+    """The ServiceMonitor selects a Service with a `metrics` port for both the workers and the coordinators."""
+    for sm in (d for d in docs if d["kind"] == "ServiceMonitor"):
+        sel = sm["spec"]["selector"]
+        ports = {e["port"] for e in sm["spec"]["endpoints"]}
+
+        def matches(labels: dict) -> bool:
+            if any(labels.get(k) != v for k, v in sel.get("matchLabels", {}).items()):
+                return False
+            return all(labels.get(e["key"]) in e["values"] for e in sel.get("matchExpressions", [])
+                       if e["operator"] == "In")
+
+        scraped = {s["metadata"]["labels"].get("app.kubernetes.io/component") for s in docs
+                   if s["kind"] == "Service" and matches(s["metadata"].get("labels", {}))
+                   and ports & {p.get("name") for p in s["spec"]["ports"]}}
+        for component in ("worker", "coordinator"):
+            if component not in scraped:
+                problem(f"[{name}] ServiceMonitor/{sm['metadata']['name']}: scrapes no {component} metrics Service")
+
+
+def check_values_schema_config(cschema: dict) -> None:
+    """values.schema.json's coordinator.config names only fields of CoordinatorConfig."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    node = schema["properties"]["coordinator"]["properties"]["config"]
+
+    def walk(node: dict, tree, where: str) -> None:
+        for k, sub in (node.get("properties") or {}).items():
+            if not isinstance(tree, dict) or k not in tree:
+                problem(f"values.schema.json {where}.{k}: not a field of the coordinator config")
+            elif isinstance(tree[k], dict):
+                walk(sub, tree[k], f"{where}.{k}")
+
+    walk(node, cschema, "coordinator.config")
 
 
 def check_test_hook(values: dict) -> None:
@@ -299,11 +494,18 @@ def check_docker() -> None:
         if not re.search(r"^USER (?!root|0\b)", text, re.M):
             problem(f"{rel}: the runtime stage must run as a non-root USER")
     compose = yaml.safe_load((ROOT / "deploy/docker/compose.yaml").read_text())
+    flags = cli_flags()
     for svc, spec in compose.get("services", {}).items():
         if str(spec.get("image", "")).startswith("mip"):
             cmd = spec.get("command") or []
             if tuple(cmd[:2]) not in ALLOWED_COMMANDS:
                 problem(f"compose.yaml {svc}: `mip {' '.join(map(str, cmd[:2]))}` is not an allowed subcommand")
+            check_flags(cmd, flags, f"compose.yaml {svc}")
+            cmd = list(map(str, cmd))
+            if "--workers-dns" in cmd:
+                host = cmd[cmd.index("--workers-dns") + 1].rpartition(":")[0]
+                if host not in compose["services"]:
+                    problem(f"compose.yaml {svc}: --workers-dns {host} is not a compose service")
 
 
 def main() -> int:

@@ -97,3 +97,50 @@ app.kubernetes.io/component: {{ .component }}
 {{- $_ := set $c "telemetry" $tel -}}
 {{- toYaml $c -}}
 {{- end -}}
+
+{{/* The name the coordinator verifies on the workers' certificates (it dials pod IPs). */}}
+{{- define "mip.workerTlsDomain" -}}
+{{- default (printf "%s.%s.svc" (include "mip.workerHeadless" .) .Release.Namespace) .Values.tls.workerDomain -}}
+{{- end -}}
+
+{{/* The coordinator configuration file: the chart-owned fields, with coordinator.config merged over them, as YAML. */}}
+{{- define "mip.coordinatorConfig" -}}
+{{- $v := .Values.coordinator -}}
+{{- $server := dict "listen" (printf "0.0.0.0:%v" $v.port) -}}
+{{- with .Values.worker.config.server.max_message_bytes -}}{{- $_ := set $server "max_message_bytes" . -}}{{- end -}}
+{{- if $v.tls.enabled -}}
+{{- $tls := dict "cert" (printf "%s/tls.crt" $v.tls.mountPath) "key" (printf "%s/tls.key" $v.tls.mountPath) -}}
+{{- if $v.tls.clientCa -}}{{- $_ := set $tls "client_ca" (printf "%s/ca.crt" $v.tls.mountPath) -}}{{- end -}}
+{{- $_ := set $server "tls" $tls -}}
+{{- end -}}
+{{- $c := dict "server" $server -}}
+{{- $redisUrl := include "mip.redisUrl" . -}}
+{{- if $redisUrl -}}{{- $_ := set $c "redis" (dict "url" $redisUrl) -}}{{- end -}}
+{{- $_ := set $c "coordinator" (dict "workers_dns" (printf "%s:%v" (include "mip.workerHeadless" .) .Values.worker.port)) -}}
+{{- if .Values.tls.enabled -}}
+{{- $wt := dict "ca" (printf "%s/ca.crt" .Values.tls.mountPath) "domain" (include "mip.workerTlsDomain" .) -}}
+{{- if .Values.tls.mutualTls -}}
+{{- $_ := set $wt "cert" (printf "%s/tls.crt" .Values.tls.mountPath) -}}
+{{- $_ := set $wt "key" (printf "%s/tls.key" .Values.tls.mountPath) -}}
+{{- end -}}
+{{- $_ := set $c "worker_tls" $wt -}}
+{{- end -}}
+{{- if $v.auth.existingSecret -}}
+{{- $_ := set $c "auth" (dict "tokens_file" (printf "%s/%s" $v.auth.mountPath $v.auth.key)) -}}
+{{- end -}}
+{{- $tel := dict -}}
+{{- if .Values.otel.endpoint -}}
+{{- $_ := set $tel "otlp_endpoint" .Values.otel.endpoint -}}
+{{- $_ := set $tel "sample_ratio" .Values.otel.sampleRatio -}}
+{{- end -}}
+{{- if $v.metricsPort -}}{{- $_ := set $tel "metrics_listen" (printf "0.0.0.0:%v" $v.metricsPort) -}}{{- end -}}
+{{- if $tel -}}{{- $_ := set $c "telemetry" $tel -}}{{- end -}}
+{{- toYaml (mergeOverwrite $c (deepCopy ($v.config | default dict))) -}}
+{{- end -}}
+
+{{/* The port of the coordinator's telemetry.metrics_listen (after coordinator.config); empty when metrics are off. */}}
+{{- define "mip.coordinatorMetricsPort" -}}
+{{- $tel := (include "mip.coordinatorConfig" . | fromYaml).telemetry | default dict -}}
+{{- $listen := $tel.metrics_listen | default "" -}}
+{{- if $listen -}}{{- splitList ":" $listen | last -}}{{- end -}}
+{{- end -}}
