@@ -201,23 +201,30 @@ def config_schema(files: tuple[str, ...], root: str) -> dict:
         text = (ROOT / rel).read_text()
         for m in re.finditer(r"pub struct (\w+) \{(.*?)\n\}", text, re.S):
             structs[m.group(1)] = dict(re.findall(r"^\s*pub (\w+): ([\w:<>]+),", m.group(2), re.M))
+    # `pub use other::Struct as Alias;` re-exports a struct of another file (e.g. the shared telemetry section).
+    for rel in files:
+        text = (ROOT / rel).read_text()
+        for src, alias in re.findall(r"^pub use [\w:]*::(\w+) as (\w+);", text, re.M):
+            if src in structs:
+                structs[alias] = structs[src]
 
     def tree(name: str) -> dict:
         return {f: (tree(t) if t in structs else LIST if t.startswith("Vec<") else None)
                 for f, t in structs[name].items()}
 
     if root not in structs:
-        problem(f"{files[0]}: struct {root} not found")
+        problem(f"{', '.join(files)}: struct {root} not found")
         return {}
     return tree(root)
 
 
 def worker_config_schema() -> dict:
-    return config_schema(("services/worker/src/config.rs", "services/worker/src/limits.rs"), "WorkerConfig")
+    return config_schema(("services/common/src/telemetry.rs", "services/worker/src/config.rs", "services/worker/src/limits.rs"),
+                         "WorkerConfig")
 
 
 def coordinator_config_schema() -> dict:
-    return config_schema(("services/coordinator/src/config.rs",), "CoordinatorConfig")
+    return config_schema(("services/common/src/telemetry.rs", "services/coordinator/src/config.rs"), "CoordinatorConfig")
 
 
 EXPECTED_SECTIONS = {"server", "limits", "redis", "cache", "model", "executor", "telemetry"}
