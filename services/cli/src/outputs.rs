@@ -51,6 +51,11 @@ pub fn write_image(
     sidecar.insert("width".into(), json!(image.width));
     sidecar.insert("height".into(), json!(image.height));
     sidecar.insert("worker".into(), json!(image.worker));
+    if let Some(t) = &image.timings {
+        let ms = json!({"queue": t.queue_ms, "text": t.text_ms, "subjects": t.subjects_ms, "denoise": t.denoise_ms,
+            "decode": t.decode_ms, "png": t.png_ms});
+        sidecar.insert("timings_ms".into(), ms);
+    }
     for (k, v) in extra {
         sidecar.insert(k.clone(), v.clone());
     }

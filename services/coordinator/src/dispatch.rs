@@ -436,6 +436,7 @@ impl Dispatcher {
                             width: img.width,
                             height: img.height,
                             worker: permit.url().to_owned(),
+                            timings: img.timings,
                         })
                     }
                     None => {}
