@@ -151,7 +151,9 @@ impl UNet2DConditionModel {
         if ctx_batch != batch {
             candle_core::bail!("unet: encoder_hidden_states batch {ctx_batch} differs from the sample batch {batch}");
         }
-        let dtype = sample.dtype();
+        // Computed in the weights' dtype whatever the sample's.
+        let dtype = self.conv_in.weight().dtype();
+        let sample = &sample.to_dtype(dtype)?;
         let context = cond.encoder_hidden_states.to_dtype(dtype)?;
         let merge = match &cond.merge {
             Some(_) if !self.has_adapter => {
