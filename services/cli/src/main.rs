@@ -10,6 +10,7 @@
 //! Each subcommand lives in its own module; this file only parses arguments and reports errors as one line.
 
 mod bench;
+mod bench_sdxl;
 mod device;
 mod generate;
 mod model;
