@@ -116,7 +116,10 @@ pack() {
   xz -T1 -6 -f "$PACK/mip"
   cp -r "$fixtures" "$PACK/fixtures"
   cp "$bench"/*.py "$PACK/bench/"
-  if [[ -d "$ROOT/.whl" ]]; then cp -r "$ROOT/.whl" "$PACK/whl"; fi
+  cp "$ROOT/scripts/gpu/run.sh" "$PACK/"
+  # diffusers is not installed on the GPU machine (PyTorch and transformers are) and it has no network.
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d "$PACK/whl" \
+    diffusers==0.42.1 importlib_metadata zipp || log "could not download the diffusers wheels"
   ls -l "$PACK/mip.xz" >&2
   du -sh "$PACK" >&2
 }
