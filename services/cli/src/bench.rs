@@ -209,7 +209,11 @@ fn run_sdxl(args: &Args, device: candle_core::Device, dtype: candle_core::DType)
         None => (1024, 1024),
     };
     if size.0 % 64 != 0 || size.1 % 64 != 0 {
-        anyhow::bail!("`--size` must be a multiple of 64 on each side for --sdxl, got {}x{}", size.0, size.1);
+        anyhow::bail!(
+            "`--size` must be a multiple of 64 on each side for --sdxl, got {}x{}",
+            size.0,
+            size.1
+        );
     }
     let a = crate::bench_sdxl::SdxlArgs {
         device,

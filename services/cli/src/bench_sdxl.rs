@@ -96,7 +96,14 @@ fn configs(tiny: bool) -> Configs {
         vision["projection_dim"] = json!(32);
         pooled = 32;
     }
-    Configs { unet, vae, text_l, text_g, vision, pooled }
+    Configs {
+        unet,
+        vae,
+        text_l,
+        text_g,
+        vision,
+        pooled,
+    }
 }
 
 /// Peak device memory in use while alive (CUDA only), sampled by a thread every 2 ms.
@@ -136,7 +143,9 @@ impl MemSampler {
 #[cfg(feature = "cuda")]
 fn used_bytes_fn(device: &Device) -> Option<Box<dyn Fn() -> Option<usize> + Send>> {
     let ctx = device.as_cuda_device().ok()?.cuda_stream().context().clone();
-    Some(Box::new(move || ctx.mem_get_info().ok().map(|(free, total)| total - free)))
+    Some(Box::new(move || {
+        ctx.mem_get_info().ok().map(|(free, total)| total - free)
+    }))
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -213,7 +222,10 @@ pub fn run(a: &SdxlArgs) -> Result<Value> {
     let whole = text_ms + image_ms + a.steps as f64 * merged_ms + vae_ms;
     out.insert(format!("whole_image_ms_{}steps_estimated", a.steps), json!(whole));
     let plain_whole = text_ms + a.steps as f64 * plain_ms + vae_ms;
-    out.insert(format!("whole_image_ms_{}steps_plain_estimated", a.steps), json!(plain_whole));
+    out.insert(
+        format!("whole_image_ms_{}steps_plain_estimated", a.steps),
+        json!(plain_whole),
+    );
     if let Some(peak) = sampler.finish() {
         out.insert("peak_gpu_mem_gib".into(), json!(peak as f64 / (1u64 << 30) as f64));
     }

@@ -87,7 +87,10 @@ impl FlashAttn {
         // (b < B, h < H, row < L, col < D) is inside its buffer; `out` holds B*Lq*H*D elements.
         #[allow(unsafe_code)]
         unsafe { builder.launch(cfg) }.w()?;
-        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((b, lq, h * d))))
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            Shape::from((b, lq, h * d)),
+        ))
     }
 }
 
@@ -163,9 +166,15 @@ impl GroupNorm {
         let stats_fn = dev.get_or_load_custom_func(&format!("gn_stats_{suffix}"), module, code)?;
         let final_fn = dev.get_or_load_custom_func("gn_finalize", module, code)?;
         let apply_fn = dev.get_or_load_custom_func(&format!("gn_apply_{suffix}"), module, code)?;
-        let xs = x.as_cuda_slice::<T>()?.slice(xl.start_offset()..xl.start_offset() + total);
-        let gs = g.as_cuda_slice::<f32>()?.slice(gl.start_offset()..gl.start_offset() + c);
-        let bs = bt.as_cuda_slice::<f32>()?.slice(bl.start_offset()..bl.start_offset() + c);
+        let xs = x
+            .as_cuda_slice::<T>()?
+            .slice(xl.start_offset()..xl.start_offset() + total);
+        let gs = g
+            .as_cuda_slice::<f32>()?
+            .slice(gl.start_offset()..gl.start_offset() + c);
+        let bs = bt
+            .as_cuda_slice::<f32>()?
+            .slice(bl.start_offset()..bl.start_offset() + c);
         // SAFETY: gn_stats writes all (groups, chunks, 3) partials (empty chunks as zeros), gn_finalize all
         // (groups, 2) statistics, and gn_apply every output element (grid-stride loop over `total`).
         #[allow(unsafe_code)]
@@ -189,7 +198,11 @@ impl GroupNorm {
         #[allow(unsafe_code)]
         unsafe { builder.launch(cfg) }.w()?;
 
-        let (groups_i, chunks_i, eps) = (to_i32("B*groups", n_groups)?, to_i32("chunks", chunks)?, self.eps as f32);
+        let (groups_i, chunks_i, eps) = (
+            to_i32("B*groups", n_groups)?,
+            to_i32("chunks", chunks)?,
+            self.eps as f32,
+        );
         let mut builder = final_fn.builder();
         builder.arg(&part).arg(&stats).arg(&groups_i).arg(&chunks_i).arg(&eps);
         let cfg = LaunchConfig {
@@ -202,12 +215,26 @@ impl GroupNorm {
         #[allow(unsafe_code)]
         unsafe { builder.launch(cfg) }.w()?;
 
-        let (total_i, spatial_i, c_i, silu) = (total as i64, spatial as i64, to_i32("channels", c)?, i32::from(self.silu));
+        let (total_i, spatial_i, c_i, silu) = (
+            total as i64,
+            spatial as i64,
+            to_i32("channels", c)?,
+            i32::from(self.silu),
+        );
         let mut builder = apply_fn.builder();
         builder.arg(&xs).arg(&stats).arg(&gs).arg(&bs).arg(&out);
-        builder.arg(&total_i).arg(&group_len_i).arg(&spatial_i).arg(&c_i).arg(&silu);
+        builder
+            .arg(&total_i)
+            .arg(&group_len_i)
+            .arg(&spatial_i)
+            .arg(&c_i)
+            .arg(&silu);
         let cfg = LaunchConfig {
-            grid_dim: (to_u32("blocks", total.div_ceil(GN_THREADS as usize).min(1 << 20))?, 1, 1),
+            grid_dim: (
+                to_u32("blocks", total.div_ceil(GN_THREADS as usize).min(1 << 20))?,
+                1,
+                1,
+            ),
             block_dim: (GN_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
