@@ -3,7 +3,8 @@
 //! sequences, the ViT-bigG image encoder on 2 images, one CFG UNet step (batch 2) with the weighted merge of 2
 //! subjects and one without the adapter, the VAE decode of one image, and the whole image estimated as
 //! `encoders + steps x merged step + decode` (the anchor's formula). `--tiny` shrinks every model for CPU runs.
-//! On CUDA it also reports the peak device memory in use (sampled every 2 ms through the driver).
+//! On CUDA it also reports the peak device memory in use (sampled every 2 ms through the driver) and checks the
+//! fused kernels of `mip-kernels` against candle's unfused ops in SDXL shapes (max errors and timings).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -185,8 +186,12 @@ pub fn run(a: &SdxlArgs) -> Result<Value> {
     let cfg = configs(a.tiny);
     let (dev, dt) = (&a.device, a.dtype);
     let vb = VarBuilder::from_backend(Box::new(RandomWeights), dt, dev.clone());
-    let sampler = MemSampler::start(dev);
     let mut out = serde_json::Map::new();
+    if dev.is_cuda() {
+        let check = kernel_check(dev, dt, a.iters).unwrap_or_else(|e| json!(format!("error: {e:#}")));
+        out.insert("kernel_check".into(), check);
+    }
+    let sampler = MemSampler::start(dev);
 
     let text_l: ClipTextConfig = serde_json::from_value(cfg.text_l)?;
     let text_g: ClipTextConfig = serde_json::from_value(cfg.text_g)?;
@@ -274,4 +279,65 @@ fn unet_steps(a: &SdxlArgs, vb: &VarBuilder, cfg: Value, pooled: usize) -> Resul
     let merged_ms = median_ms(dev, a.iters, || Ok(unet.forward(&sample, 500.0, &merged)?))?;
     let plain_ms = median_ms(dev, a.iters, || Ok(unet.forward(&sample, 500.0, &plain)?))?;
     Ok((merged_ms, plain_ms))
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    let d = (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?.abs()?;
+    Ok(d.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+}
+
+/// The fused attention (self-attention 4096x4096, cross-attention 4096x77, an odd 100x77, head dim 64, 10 heads,
+/// batch 2) and GroupNorm+SiLU (2x640x64x64, 32 groups) against candle's unfused ops: max abs errors (the
+/// reference computed in f32 from the same half inputs) and median ms of each.
+fn kernel_check(dev: &Device, dt: DType, iters: usize) -> Result<Value> {
+    let mut res = serde_json::Map::new();
+    for (name, lq, lk) in [
+        ("self_4096", 4096, 4096),
+        ("cross_4096x77", 4096, 77),
+        ("odd_100x77", 100, 77),
+    ] {
+        let q = Tensor::randn(0f32, 1.0, (2, 10, lq, 64), dev)?.to_dtype(dt)?;
+        let k = Tensor::randn(0f32, 1.0, (2, 10, lk, 64), dev)?.to_dtype(dt)?;
+        let v = Tensor::randn(0f32, 1.0, (2, 10, lk, 64), dev)?.to_dtype(dt)?;
+        if !mip_kernels::flash_attn_supported(&q, &k) {
+            res.insert(name.into(), json!("unsupported dtype/device"));
+            continue;
+        }
+        let unfused = || -> Result<Tensor> {
+            let s = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * 0.125)?;
+            let p = candle_nn::ops::softmax_last_dim(&s)?.to_dtype(dt)?;
+            Ok(p.matmul(&v)?.transpose(1, 2)?.reshape((2, lq, 640))?)
+        };
+        let f32_ref = {
+            let (q, k, v) = (
+                q.to_dtype(DType::F32)?,
+                k.to_dtype(DType::F32)?,
+                v.to_dtype(DType::F32)?,
+            );
+            let p = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * 0.125)?)?;
+            p.matmul(&v)?.transpose(1, 2)?.reshape((2, lq, 640))?
+        };
+        let fused = mip_kernels::flash_attn(&q, &k, &v, 0.125)?;
+        res.insert(
+            name.into(),
+            json!({"max_abs_err_fused": max_abs_diff(&fused, &f32_ref)?,
+                   "max_abs_err_unfused": max_abs_diff(&unfused()?, &f32_ref)?,
+                   "fused_ms": median_ms(dev, iters, || Ok(mip_kernels::flash_attn(&q, &k, &v, 0.125)?))?,
+                   "unfused_ms": median_ms(dev, iters, unfused)?}),
+        );
+    }
+    let x = Tensor::randn(0f32, 1.0, (2, 640, 64, 64), dev)?.to_dtype(dt)?;
+    let gamma = Tensor::randn(1f32, 0.1, 640, dev)?;
+    let beta = Tensor::randn(0f32, 0.1, 640, dev)?;
+    let gn = candle_nn::GroupNorm::new(gamma.to_dtype(dt)?, beta.to_dtype(dt)?, 640, 32, 1e-5)?;
+    let unfused = || -> Result<Tensor> { Ok(candle_nn::ops::silu(&candle_core::Module::forward(&gn, &x)?)?) };
+    if mip_kernels::group_norm_supported(&x) {
+        let fused = || -> Result<Tensor> { Ok(mip_kernels::group_norm(&x, &gamma, &beta, 32, 1e-5, true)?) };
+        res.insert(
+            "group_norm_silu_2x640x64x64".into(),
+            json!({"max_abs_diff": max_abs_diff(&fused()?, &unfused()?)?,
+                   "fused_ms": median_ms(dev, iters, fused)?, "unfused_ms": median_ms(dev, iters, unfused)?}),
+        );
+    }
+    Ok(Value::Object(res))
 }
