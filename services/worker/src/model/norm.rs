@@ -22,8 +22,9 @@ pub struct GroupNormAct {
 
 /// Loads `weight` and `bias` of a GroupNorm under `vb`.
 pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<GroupNormAct> {
-    let weight = vb.get(channels, "weight")?;
-    let bias = vb.get(channels, "bias")?;
+    // The same init hints as candle-nn's `group_norm` (ones / zeros) for backends that create weights.
+    let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.))?;
+    let bias = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.))?;
     Ok(GroupNormAct {
         #[cfg(feature = "cuda")]
         weight_f32: weight.to_dtype(candle_core::DType::F32)?,
