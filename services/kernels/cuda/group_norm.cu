@@ -3,7 +3,8 @@
 //   gn_stats_*:  grid (chunks, B*G): each block reduces one chunk of one group to (mean, M2, count), f32, with
 //                the values shifted by the chunk's first element for accuracy;
 //   gn_finalize: one thread per group merges its chunks (Chan's parallel variance) into mean and 1/sqrt(var+eps);
-//   gn_apply_*:  elementwise (x - mean) * rstd * gamma[c] + beta[c], then SiLU when asked; gamma/beta are f32.
+//   gn_apply_*:  per (b, c) plane: x * (rstd * gamma[c]) + (beta[c] - mean * rstd * gamma[c]), then SiLU when
+//                asked; gamma/beta are f32.
 // Variance is the population variance (divide by n), as in PyTorch.
 #include "common.cuh"
 
@@ -61,17 +62,23 @@ __device__ void gn_stats(const T* __restrict__ x, float* __restrict__ part, long
   }
 }
 
+// Grid (x: blocks over the plane, y: one (b, c) plane); no per-element integer division.
 template <typename T>
 __device__ void gn_apply(const T* __restrict__ x, const float* __restrict__ stats, const float* __restrict__ gamma,
-                         const float* __restrict__ beta, T* __restrict__ y, long long total, long long group_len,
-                         long long spatial, int channels, int silu) {
-  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+                         const float* __restrict__ beta, T* __restrict__ y, long long spatial, int channels,
+                         int channels_per_group, int silu) {
+  const int plane = blockIdx.y;  // b * C + c
+  const int c = plane % channels;
+  const int group = plane / channels_per_group;  // b * G + c / (C / G)
+  const float scale = stats[2 * group + 1] * gamma[c];
+  const float shift = beta[c] - stats[2 * group] * scale;
+  const T* xp = x + (long long)plane * spatial;
+  T* yp = y + (long long)plane * spatial;
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < spatial;
        i += (long long)gridDim.x * blockDim.x) {
-    const long long group = i / group_len;
-    const int c = (int)((i / spatial) % channels);
-    float v = (to_f32(x[i]) - stats[2 * group]) * stats[2 * group + 1] * gamma[c] + beta[c];
+    float v = to_f32(xp[i]) * scale + shift;
     if (silu) v = v / (1.f + __expf(-v));
-    y[i] = from_f32<T>(v);
+    yp[i] = from_f32<T>(v);
   }
 }
 
@@ -102,9 +109,9 @@ extern "C" __global__ void gn_finalize(const float* part, float* stats, int grou
     gn_stats<T>(x, part, group_len, chunk_len);                                                                \
   }                                                                                                            \
   extern "C" __global__ void gn_apply_##SUFFIX(const T* x, const float* stats, const float* gamma,             \
-                                               const float* beta, T* y, long long total, long long group_len,  \
-                                               long long spatial, int channels, int silu) {                    \
-    gn_apply<T>(x, stats, gamma, beta, y, total, group_len, spatial, channels, silu);                          \
+                                               const float* beta, T* y, long long spatial, int channels,       \
+                                               int channels_per_group, int silu) {                             \
+    gn_apply<T>(x, stats, gamma, beta, y, spatial, channels, channels_per_group, silu);                        \
   }
 
 GROUP_NORM(f32, float)

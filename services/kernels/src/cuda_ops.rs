@@ -176,7 +176,7 @@ impl GroupNorm {
             .as_cuda_slice::<f32>()?
             .slice(bl.start_offset()..bl.start_offset() + c);
         // SAFETY: gn_stats writes all (groups, chunks, 3) partials (empty chunks as zeros), gn_finalize all
-        // (groups, 2) statistics, and gn_apply every output element (grid-stride loop over `total`).
+        // (groups, 2) statistics, and gn_apply every output element (each of the B*C planes, all `spatial` of it).
         #[allow(unsafe_code)]
         let (part, stats, out) = unsafe {
             (
@@ -215,31 +215,23 @@ impl GroupNorm {
         #[allow(unsafe_code)]
         unsafe { builder.launch(cfg) }.w()?;
 
-        let (total_i, spatial_i, c_i, silu) = (
-            total as i64,
-            spatial as i64,
-            to_i32("channels", c)?,
-            i32::from(self.silu),
-        );
+        let (spatial_i, c_i, silu) = (spatial as i64, to_i32("channels", c)?, i32::from(self.silu));
+        let cpg = to_i32("channels per group", c / self.groups)?;
         let mut builder = apply_fn.builder();
         builder.arg(&xs).arg(&stats).arg(&gs).arg(&bs).arg(&out);
-        builder
-            .arg(&total_i)
-            .arg(&group_len_i)
-            .arg(&spatial_i)
-            .arg(&c_i)
-            .arg(&silu);
+        builder.arg(&spatial_i).arg(&c_i).arg(&cpg).arg(&silu);
+        let per_plane = spatial.div_ceil(GN_THREADS as usize * 4).max(1);
         let cfg = LaunchConfig {
-            grid_dim: (
-                to_u32("blocks", total.div_ceil(GN_THREADS as usize).min(1 << 20))?,
-                1,
-                1,
-            ),
+            grid_dim: (to_u32("blocks per plane", per_plane)?, to_u32("B*C planes", b * c)?, 1),
             block_dim: (GN_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: matches `gn_apply_<dt>(x, stats, gamma, beta, y, long long total, long long group_len, long long
-        // spatial, int channels, int silu)`; indices stay below `total` (x, y), B*groups (stats) and C (gamma, beta).
+        if b * c > 65_535 {
+            candle_core::bail!("mip-group-norm: B*C = {} planes exceed the grid limit 65535", b * c);
+        }
+        // SAFETY: matches `gn_apply_<dt>(x, stats, gamma, beta, y, long long spatial, int channels, int
+        // channels_per_group, int silu)`; block (x, plane) touches x/y[plane*spatial .. (plane+1)*spatial] (inside
+        // `total` = B*C*spatial), stats[2*group ..] with group < B*groups, and gamma/beta[c] with c < C.
         #[allow(unsafe_code)]
         unsafe { builder.launch(cfg) }.w()?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), xl.shape().clone()))
