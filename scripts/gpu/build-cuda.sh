@@ -11,7 +11,7 @@
 # 4. strips and xz-compresses it into gpu-pack/ (ignored by git, carried to the GPU machine) with the fixture
 #    folder, the PyTorch anchor bench and scripts/gpu/run.sh.
 #
-# Environment: CARGO_BUILD_JOBS (default 1), MIP_CUDA_CACHE (default ~/.cache/mip-cuda),
+# Needs about 6 GB free on disk (toolkit 1.2 GB, target dir 4-5 GB). Environment: CARGO_BUILD_JOBS (default 1), MIP_CUDA_CACHE (default ~/.cache/mip-cuda),
 # MIP_CUDA_TARGET (default /root/.cache/mip-target-cuda), MIP_FIXTURES (default ../shared/fixtures/mip-tiny-sdxl).
 set -euo pipefail
 
