@@ -1,5 +1,6 @@
 //! `mip bench`: per-stage timings of the pipeline (text encode, image encode, one UNet step with CFG, VAE decode,
-//! the whole image), median and minimum over `--iters` runs after a warm-up, as a table or JSON.
+//! the whole image), median and minimum over `--iters` runs after a warm-up, as a table or JSON. `--sdxl` times
+//! random weights in the SDXL shapes instead (see [`crate::bench_sdxl`]).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -33,6 +34,13 @@ pub struct Args {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Random weights in the SDXL shapes (1024x1024 unless --size): text/image encoders, UNet step with and
+    /// without the weighted merge, VAE decode, estimated whole image, peak GPU memory on CUDA.
+    #[arg(long)]
+    sdxl: bool,
+    /// With --sdxl: tiny models of the same layout (for CPU runs).
+    #[arg(long, requires = "sdxl")]
+    tiny: bool,
 }
 
 struct Stage {
@@ -78,6 +86,9 @@ fn spec_for(model: &str) -> Result<ModelSpec> {
 
 pub fn run(args: Args) -> Result<()> {
     let (device, dtype) = args.run_on.resolve()?;
+    if args.sdxl {
+        return run_sdxl(&args, device, dtype);
+    }
     let spec = spec_for(&args.model)?;
     let (width, height) = match &args.size {
         Some(s) => parse_size(s)?,
@@ -187,6 +198,49 @@ pub fn run(args: Args) -> Result<()> {
         println!("{:<42} {:>12} {:>12}", "stage", "median ms", "min ms");
         for s in &stages {
             println!("{:<42} {:>12.2} {:>12.2}", s.name, s.median(), s.min());
+        }
+    }
+    Ok(())
+}
+
+fn run_sdxl(args: &Args, device: candle_core::Device, dtype: candle_core::DType) -> Result<()> {
+    let size = match &args.size {
+        Some(s) => parse_size(s)?,
+        None => (1024, 1024),
+    };
+    if size.0 % 64 != 0 || size.1 % 64 != 0 {
+        anyhow::bail!(
+            "`--size` must be a multiple of 64 on each side for --sdxl, got {}x{}",
+            size.0,
+            size.1
+        );
+    }
+    let a = crate::bench_sdxl::SdxlArgs {
+        device,
+        dtype,
+        size,
+        steps: args.steps,
+        subjects: args.subjects,
+        iters: args.iters,
+        tiny: args.tiny,
+    };
+    let t0 = Instant::now();
+    let mut res = crate::bench_sdxl::run(&a)?;
+    if let Some(obj) = res.as_object_mut() {
+        obj.insert("device".into(), json!(args.run_on.device));
+        obj.insert("dtype".into(), json!(args.run_on.dtype));
+        obj.insert("size".into(), json!(format!("{}x{}", size.0, size.1)));
+        obj.insert("steps".into(), json!(args.steps));
+        obj.insert("subjects".into(), json!(args.subjects));
+        obj.insert("tiny".into(), json!(args.tiny));
+        obj.insert("cuda_kernels".into(), json!(cfg!(feature = "cuda")));
+        obj.insert("bench_wall_s".into(), json!(t0.elapsed().as_secs_f64()));
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&res)?);
+    } else if let Some(obj) = res.as_object() {
+        for (k, v) in obj {
+            println!("{k:<40} {v}");
         }
     }
     Ok(())

@@ -4,7 +4,7 @@
 //! - `submit`: a JSONL / YAML manifest of requests, resumable; `watch`, `jobs`, `cancel`: jobs on a coordinator;
 //! - `workers`: the workers of a coordinator, or of a list of worker URLs (model, queue, counters);
 //! - `serve worker` / `serve coordinator` / `serve all`: run the services (gRPC);
-//! - `parity`: check the implementation against a golden fixture folder; `bench`: per-stage timings;
+//! - `parity`: check the implementation against a golden fixture folder; `bench`: per-stage timings (`--sdxl`: SDXL shapes);
 //!   `bench-cluster`: coordinator overhead per task and throughput against 1, 2 and 4 workers;
 //! - `model demo`: write the built-in demo model.
 //!
@@ -14,6 +14,7 @@
 
 mod bench;
 mod bench_cluster;
+mod bench_sdxl;
 mod client;
 mod device;
 mod generate;

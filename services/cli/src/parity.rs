@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use mip_worker::parity::{run_dir, RunOptions};
 
-use crate::device::parse_device;
+use crate::device::{parse_device, parse_dtype};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -15,6 +15,9 @@ pub struct Args {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// f32 (the fixture tolerances), or f16/bf16 (every scaled check loosened to 1e-2 relative).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
     /// Print only failures and the summary.
     #[arg(long)]
     quiet: bool,
@@ -23,6 +26,7 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let opts = RunOptions {
         device: parse_device(&args.device)?,
+        dtype: parse_dtype(&args.dtype)?,
     };
     let checks = run_dir(&args.dir, &opts, &mut |c| {
         if !args.quiet || !c.ok {

@@ -3,6 +3,7 @@
 
 pub mod clip;
 pub mod image_proj;
+pub mod norm;
 pub mod unet;
 pub mod vae;
 pub mod weights;

@@ -47,6 +47,8 @@ impl Tolerance {
     pub const LOOP: Tolerance = Tolerance::Scaled(1e-3);
     /// CLIP preprocessing (Pillow rounding).
     pub const PIXELS: Tolerance = Tolerance::AbsMean { max: 0.03, mean: 0.002 };
+    /// Every scaled check of a half-precision (f16/bf16) run.
+    pub const HALF: Tolerance = Tolerance::Scaled(1e-2);
 }
 
 /// The outcome of one comparison.

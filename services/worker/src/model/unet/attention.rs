@@ -6,16 +6,21 @@
 //! weights and the call carries a [`PreparedMerge`], as the weighted merge of [`super::merge`].
 
 use candle_core::{DType, Module, Tensor, D};
-use candle_nn::{
-    conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2d, GroupNorm, LayerNorm, Linear, VarBuilder,
-};
+use candle_nn::{conv2d, layer_norm, linear, linear_no_bias, Conv2d, LayerNorm, Linear, VarBuilder};
 
 use super::merge::{merged_cross_attention, MergeWeights, PreparedMerge};
+use crate::model::norm::{group_norm, GroupNormAct};
 
 /// `(B, L, H*d)` -> `(B, H, L, d)`, contiguous.
 pub fn split_heads(xs: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
     let (b, l, c) = xs.dims3()?;
     xs.reshape((b, l, heads, c / heads))?.transpose(1, 2)?.contiguous()
+}
+
+/// `(B, L, H*d)` -> `(B, H, L, d)` as a strided view (no copy).
+pub fn heads_view(xs: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+    let (b, l, c) = xs.dims3()?;
+    xs.reshape((b, l, heads, c / heads))?.transpose(1, 2)
 }
 
 /// `(B, H, L, d)` -> `(B, L, H*d)`.
@@ -62,11 +67,19 @@ impl Attention {
     }
 
     /// Multi-head attention of the split queries `q` `(B, H, L, d)` over keys/values projected from `ctx` by
-    /// `to_k`/`to_v`; returns `(B, L, H*d)` before `to_out`.
+    /// `to_k`/`to_v`; returns `(B, L, H*d)` before `to_out`. With the `cuda` feature, CUDA f16/bf16 tensors take
+    /// the fused kernel (keys/values read as head views of the projections, no split copies).
     pub fn attend(&self, q: &Tensor, ctx: &Tensor, to_k: &Linear, to_v: &Linear) -> candle_core::Result<Tensor> {
-        let k = split_heads(&to_k.forward(ctx)?, self.heads)?;
-        let v = split_heads(&to_v.forward(ctx)?, self.heads)?;
-        let p = self.probs(q, &k)?.to_dtype(v.dtype())?;
+        let k = to_k.forward(ctx)?;
+        let v = to_v.forward(ctx)?;
+        #[cfg(feature = "cuda")]
+        if mip_kernels::flash_attn_supported(q, &k) {
+            let (k, v) = (heads_view(&k, self.heads)?, heads_view(&v, self.heads)?);
+            return mip_kernels::flash_attn(q, &k, &v, self.scale as f32);
+        }
+        let k = split_heads(&k, self.heads)?;
+        let v = split_heads(&v, self.heads)?;
+        let p = self.probs(&q.contiguous()?, &k)?.to_dtype(v.dtype())?;
         merge_heads(&p.matmul(&v)?)
     }
 
@@ -77,7 +90,13 @@ impl Attention {
 
     /// Plain attention of `xs` `(B, L, C)` over `ctx` `(B, S, C_ctx)` (self-attention when `ctx` is `xs`).
     pub fn forward(&self, xs: &Tensor, ctx: &Tensor) -> candle_core::Result<Tensor> {
-        let q = split_heads(&self.to_q.forward(xs)?, self.heads)?;
+        let q = self.to_q.forward(xs)?;
+        // The fused kernel reads q through its strides; the CPU path wants it contiguous.
+        let q = if cfg!(feature = "cuda") && q.device().is_cuda() {
+            heads_view(&q, self.heads)?
+        } else {
+            split_heads(&q, self.heads)?
+        };
         self.project_out(&self.attend(&q, ctx, &self.to_k, &self.to_v)?)
     }
 }
@@ -187,7 +206,7 @@ impl Proj {
 /// `Transformer2DModel` over continuous inputs.
 #[derive(Debug, Clone)]
 pub struct Transformer2DModel {
-    norm: GroupNorm,
+    norm: GroupNormAct,
     proj_in: Proj,
     blocks: Vec<BasicTransformerBlock>,
     proj_out: Proj,

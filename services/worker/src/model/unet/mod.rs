@@ -21,7 +21,9 @@ pub mod resnet;
 mod tests;
 
 use candle_core::{Module, Tensor};
-use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{conv2d, Conv2d, Conv2dConfig, VarBuilder};
+
+use crate::model::norm::{group_norm, GroupNormAct};
 
 use attention::CrossContext;
 use blocks::{AdapterCursor, BlockCommon, DownBlock, MidBlock, UpBlock};
@@ -63,7 +65,7 @@ pub struct UNet2DConditionModel {
     down_blocks: Vec<DownBlock>,
     mid_block: MidBlock,
     up_blocks: Vec<UpBlock>,
-    conv_norm_out: GroupNorm,
+    conv_norm_out: GroupNormAct,
     conv_out: Conv2d,
     num_processors: usize,
     has_adapter: bool,
@@ -149,7 +151,9 @@ impl UNet2DConditionModel {
         if ctx_batch != batch {
             candle_core::bail!("unet: encoder_hidden_states batch {ctx_batch} differs from the sample batch {batch}");
         }
-        let dtype = sample.dtype();
+        // Computed in the weights' dtype whatever the sample's.
+        let dtype = self.conv_in.weight().dtype();
+        let sample = &sample.to_dtype(dtype)?;
         let context = cond.encoder_hidden_states.to_dtype(dtype)?;
         let merge = match &cond.merge {
             Some(_) if !self.has_adapter => {
@@ -180,7 +184,7 @@ impl UNet2DConditionModel {
         for block in &self.up_blocks {
             h = block.forward(&h, &temb, &ctx, &mut skips)?;
         }
-        let h = candle_nn::ops::silu(&self.conv_norm_out.forward(&h)?)?;
+        let h = self.conv_norm_out.forward_silu(&h)?;
         self.conv_out.forward(&h)
     }
 }

@@ -2,15 +2,17 @@
 //! (nearest-neighbour resize then conv).
 
 use candle_core::{Module, Tensor, D};
-use candle_nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{conv2d, linear, Conv2d, Conv2dConfig, Linear, VarBuilder};
+
+use crate::model::norm::{group_norm, GroupNormAct};
 
 /// `ResnetBlock2D`: `(shortcut(x) + conv2(silu(norm2(conv1(silu(norm1(x))) + proj(silu(temb)))))) / scale`.
 #[derive(Debug, Clone)]
 pub struct ResnetBlock2D {
-    norm1: GroupNorm,
+    norm1: GroupNormAct,
     conv1: Conv2d,
     time_emb_proj: Linear,
-    norm2: GroupNorm,
+    norm2: GroupNormAct,
     conv2: Conv2d,
     conv_shortcut: Option<Conv2d>,
     output_scale_factor: f64,
@@ -57,11 +59,11 @@ impl ResnetBlock2D {
 
     /// `xs` `(B, C_in, H, W)`, `temb` `(B, temb_channels)` -> `(B, C_out, H, W)`.
     pub fn forward(&self, xs: &Tensor, temb: &Tensor) -> candle_core::Result<Tensor> {
-        let h = candle_nn::ops::silu(&self.norm1.forward(xs)?)?;
+        let h = self.norm1.forward_silu(xs)?;
         let h = self.conv1.forward(&h)?;
         let t = self.time_emb_proj.forward(&candle_nn::ops::silu(temb)?)?;
         let h = h.broadcast_add(&t.unsqueeze(D::Minus1)?.unsqueeze(D::Minus1)?)?;
-        let h = candle_nn::ops::silu(&self.norm2.forward(&h)?)?;
+        let h = self.norm2.forward_silu(&h)?;
         let h = self.conv2.forward(&h)?;
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(xs)?,

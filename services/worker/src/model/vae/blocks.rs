@@ -7,7 +7,9 @@
 //! 16384^2 score matrix at once.
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{conv2d, linear, Conv2d, Conv2dConfig, Linear, VarBuilder};
+
+use crate::model::norm::{group_norm, GroupNormAct};
 
 /// GroupNorm eps used throughout the VAE (diffusers `resnet_eps=1e-6`).
 pub const VAE_NORM_EPS: f64 = 1e-6;
@@ -27,9 +29,9 @@ fn conv3x3(cin: usize, cout: usize, stride: usize, padding: usize, vb: VarBuilde
 /// `ResnetBlock2D` without time embedding: `shortcut(x) + conv2(silu(norm2(conv1(silu(norm1(x))))))`.
 #[derive(Debug, Clone)]
 pub struct ResnetBlock2D {
-    norm1: GroupNorm,
+    norm1: GroupNormAct,
     conv1: Conv2d,
-    norm2: GroupNorm,
+    norm2: GroupNormAct,
     conv2: Conv2d,
     conv_shortcut: Option<Conv2d>,
 }
@@ -53,9 +55,9 @@ impl ResnetBlock2D {
 
 impl Module for ResnetBlock2D {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.norm1.forward(x)?.silu()?;
+        let h = self.norm1.forward_silu(x)?;
         let h = self.conv1.forward(&h)?;
-        let h = self.norm2.forward(&h)?.silu()?;
+        let h = self.norm2.forward_silu(&h)?;
         let h = self.conv2.forward(&h)?;
         let residual = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
@@ -121,7 +123,7 @@ fn linear_either(vb: &VarBuilder, channels: usize, new: &str, legacy: &str) -> R
 /// front and a residual connection (diffusers `Attention(..., residual_connection=True, upcast_softmax=True)`).
 #[derive(Debug, Clone)]
 pub struct VaeAttention {
-    group_norm: GroupNorm,
+    group_norm: GroupNormAct,
     to_q: Linear,
     to_k: Linear,
     to_v: Linear,

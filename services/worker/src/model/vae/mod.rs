@@ -17,7 +17,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{conv2d, Conv2d, Conv2dConfig, VarBuilder};
+
+use crate::model::norm::{group_norm, GroupNormAct};
 
 pub use blocks::{Downsample2D, MidBlock, ResnetBlock2D, Upsample2D, VaeAttention, VAE_NORM_EPS};
 pub use config::VaeConfig;
@@ -69,7 +71,7 @@ pub struct Encoder {
     conv_in: Conv2d,
     down_blocks: Vec<Stage<Downsample2D>>,
     mid_block: MidBlock,
-    conv_norm_out: GroupNorm,
+    conv_norm_out: GroupNormAct,
     conv_out: Conv2d,
 }
 
@@ -110,7 +112,7 @@ impl Module for Encoder {
             h = b.forward(&h)?;
         }
         let h = self.mid_block.forward(&h)?;
-        let h = self.conv_norm_out.forward(&h)?.silu()?;
+        let h = self.conv_norm_out.forward_silu(&h)?;
         self.conv_out.forward(&h)
     }
 }
@@ -121,7 +123,7 @@ pub struct Decoder {
     conv_in: Conv2d,
     mid_block: MidBlock,
     up_blocks: Vec<Stage<Upsample2D>>,
-    conv_norm_out: GroupNorm,
+    conv_norm_out: GroupNormAct,
     conv_out: Conv2d,
 }
 
@@ -164,7 +166,7 @@ impl Module for Decoder {
         for b in &self.up_blocks {
             h = b.forward(&h)?;
         }
-        let h = self.conv_norm_out.forward(&h)?.silu()?;
+        let h = self.conv_norm_out.forward_silu(&h)?;
         self.conv_out.forward(&h)
     }
 }

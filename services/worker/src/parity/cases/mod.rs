@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use super::{compare, Check, Tolerance};
@@ -55,15 +55,27 @@ struct Index {
     cases: Vec<PathBuf>,
 }
 
-/// Where the run happens.
+/// Where and in which precision the run happens. In half precision (f16/bf16) every scaled tolerance is
+/// replaced by [`Tolerance::HALF`].
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     pub device: Device,
+    pub dtype: DType,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        Self { device: Device::Cpu }
+        Self {
+            device: Device::Cpu,
+            dtype: DType::F32,
+        }
+    }
+}
+
+impl RunOptions {
+    /// Whether the run is in f16 or bf16.
+    pub fn is_half(&self) -> bool {
+        matches!(self.dtype, DType::F16 | DType::BF16)
     }
 }
 
@@ -109,20 +121,35 @@ pub fn run_dir(dir: &Path, opts: &RunOptions, report: &mut dyn FnMut(&Check)) ->
     Ok(checks)
 }
 
-/// Tensors of a fixture file by name.
+/// Tensors of a fixture file by name, on the run's device (in their stored dtype).
 pub(crate) struct Golden {
     tensors: HashMap<String, Tensor>,
     file: PathBuf,
+    half: bool,
 }
 
 impl Golden {
-    pub(crate) fn load(file: &Path) -> Result<Self, String> {
-        let tensors = candle_core::safetensors::load(file, &Device::Cpu)
+    pub(crate) fn load(file: &Path, opts: &RunOptions) -> Result<Self, String> {
+        let tensors = candle_core::safetensors::load(file, &opts.device)
             .map_err(|e| format!("cannot read `{}`: {e}", file.display()))?;
         Ok(Self {
             tensors,
             file: file.to_owned(),
+            half: opts.is_half(),
         })
+    }
+
+    /// Whether the run is in half precision.
+    pub(crate) fn is_half(&self) -> bool {
+        self.half
+    }
+
+    /// `tol`, loosened to [`Tolerance::HALF`] for scaled tolerances in a half-precision run.
+    pub(crate) fn tol(&self, tol: Tolerance) -> Tolerance {
+        match tol {
+            Tolerance::Scaled(_) if self.half => Tolerance::HALF,
+            t => t,
+        }
     }
 
     pub(crate) fn get(&self, key: &str) -> Result<&Tensor, String> {
@@ -139,7 +166,7 @@ impl Golden {
     pub(crate) fn check(&self, prefix: &str, key: &str, got: &Tensor, tol: Tolerance) -> Check {
         let name = format!("{prefix}/{key}");
         match self.get(key) {
-            Ok(want) => compare(&name, got, want, tol),
+            Ok(want) => compare(&name, got, want, self.tol(tol)),
             Err(e) => Check::failed(name, e),
         }
     }

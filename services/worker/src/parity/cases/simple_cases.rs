@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use serde::Deserialize;
 
 use super::Golden;
@@ -122,7 +122,7 @@ fn relative(name: String, got: &[f64], want: &[f64], rel: f64) -> Check {
 pub(crate) fn preprocess(dir: &Path, name: &str, push: &mut dyn FnMut(Check)) {
     let run = |push: &mut dyn FnMut(Check)| -> Result<(), String> {
         let files: Vec<String> = read_json(&dir.join("images.json")).map_err(|e| e.to_string())?;
-        let golden = Golden::load(&dir.join("pixel_values.safetensors"))?;
+        let golden = Golden::load(&dir.join("pixel_values.safetensors"), &super::RunOptions::default())?;
         let pre = ClipPreprocessor::new(PreprocessConfig::default(), DEFAULT_MAX_PIXELS);
         for f in files {
             let bytes = std::fs::read(dir.join(&f)).map_err(|e| format!("{f}: {e}"))?;
@@ -142,16 +142,16 @@ pub(crate) fn preprocess(dir: &Path, name: &str, push: &mut dyn FnMut(Check)) {
 /// One UNet call without the adapter: `sample`, `timestep`, context, pooled, time ids -> `noise_pred`.
 pub(crate) fn plain_unet(dir: &Path, name: &str, base: &Path, opts: &super::RunOptions, push: &mut dyn FnMut(Check)) {
     let run = || -> Result<Check, String> {
-        let g = Golden::load(&dir.join("tensors.safetensors"))?;
+        let g = Golden::load(&dir.join("tensors.safetensors"), opts)?;
         let unet_dir = base.join("unet");
         let cfg: UNetConfig = read_json(&unet_dir.join("config.json")).map_err(|e| e.to_string())?;
         let file = find_weights(&unet_dir, &["diffusion_pytorch_model"]).map_err(|e| e.to_string())?;
         let ws = Arc::new(WeightSet::from_safetensors(&file).map_err(|e| e.to_string())?);
         let unet = ws
-            .build(DType::F32, &opts.device, |vb| UNet2DConditionModel::new(vb, &cfg, None))
+            .build(opts.dtype, &opts.device, |vb| UNet2DConditionModel::new(vb, &cfg, None))
             .map_err(|e| e.to_string())?;
         ws.ensure_all_used().map_err(|e| e.to_string())?;
-        let dev = |k: &str| -> Result<Tensor, String> { g.get(k)?.to_device(&opts.device).map_err(|e| e.to_string()) };
+        let dev = |k: &str| -> Result<Tensor, String> { g.get(k).cloned() };
         let cond = UNetCond {
             encoder_hidden_states: dev("encoder_hidden_states")?,
             text_embeds: dev("text_embeds")?,

@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# The one prepared GPU script: unpack the CUDA `mip`, check parity on the fixtures in f32 (fixture tolerances)
+# and f16/bf16 (scaled checks within 1e-2 relative), time `mip bench --sdxl` beside the PyTorch anchor bench in
+# the same run, and print a summary with ratios. Everything it writes lands in $OUT.
+#
+# On the GPU machine (carry gpu-pack):   bash gpu-pack/run.sh
+# Tried on the CPU (plumbing only):
+#   MIP_BIN=/root/.cache/mip-target/debug/mip MIP_DEVICE=cpu MIP_DTYPES="f32 f16" MIP_BENCH_DTYPES=f32 \
+#   MIP_BENCH_ARGS="--tiny --size 128x128 --steps 4 --iters 2" ANCHOR_ARGS="--tiny --reps 2" \
+#   PACK=gpu-pack OUT=/tmp/mip-out bash scripts/gpu/run.sh
+#
+# Environment: PACK (folder with mip.xz, fixtures/, bench/, whl/; default: this script's folder), OUT,
+# MIP_BIN (a ready binary instead of PACK/mip.xz), MIP_DEVICE (cuda), MIP_DTYPES (parity: "f32 f16 bf16"),
+# MIP_BENCH_DTYPES ("f16"), MIP_BENCH_ARGS (extra `mip bench --sdxl` flags), ANCHOR_ARGS, ANCHOR_PYTHON (python3),
+# STEP_TIMEOUT (seconds per step, 240).
+set -u
+
+HERE="$(cd "$(dirname "$0")" && pwd)"
+PACK="${PACK:-$HERE}"
+OUT="${OUT:-/tmp/mip-out}"
+DEVICE="${MIP_DEVICE:-cuda}"
+DTYPES="${MIP_DTYPES:-f32 f16 bf16}"
+BENCH_DTYPES="${MIP_BENCH_DTYPES:-f16}"
+BENCH_ARGS="${MIP_BENCH_ARGS:-}"
+ANCHOR_ARGS="${ANCHOR_ARGS:-}"
+PY="${ANCHOR_PYTHON:-python3}"
+STEP_TIMEOUT="${STEP_TIMEOUT:-240}"
+mkdir -p "$OUT"
+WORK="$(mktemp -d)"
+T0=$SECONDS
+
+say() { printf '[run %4ds] %s\n' $((SECONDS - T0)) "$*"; }
+
+# 1. the binary
+if [[ -n "${MIP_BIN:-}" ]]; then
+  MIP="$MIP_BIN"
+else
+  MIP="$WORK/mip"
+  xz -dc "$PACK/mip.xz" >"$MIP" && chmod +x "$MIP" || { say "cannot unpack $PACK/mip.xz"; exit 2; }
+fi
+
+# 2. CUDA libraries from python3's wheels (cublas, cublasLt, curand, nvrtc, cudart; cudnn)
+SP="$($PY -c 'import site; print(site.getsitepackages()[0])' 2>/dev/null || true)"
+for d in "$SP/nvidia/cu13/lib" "$SP/nvidia/cudnn/lib"; do
+  [[ -d "$d" ]] && export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+done
+say "device $DEVICE; LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+
+# 3. diffusers for the anchor bench (wheels brought along; the GPU machine has no network)
+if [[ -d "$PACK/whl" ]] && ! $PY -c 'import diffusers' 2>/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" "$PACK"/whl/*.whl &&
+    export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+# 4. parity
+declare -A PARITY
+for dt in $DTYPES; do
+  say "parity $dt"
+  timeout "$STEP_TIMEOUT" "$MIP" parity "$PACK/fixtures" --device "$DEVICE" --dtype "$dt" >"$OUT/parity_$dt.log" 2>&1
+  rc=$?
+  grep -E '^FAIL|passed' "$OUT/parity_$dt.log" | head -20
+  PARITY[$dt]="$(grep -E 'passed, [0-9]+ failed' "$OUT/parity_$dt.log" | tail -1) (rc $rc)"
+done
+
+# 5. benchmarks, ours then PyTorch's, in the same run
+for dt in $BENCH_DTYPES; do
+  say "mip bench --sdxl $dt $BENCH_ARGS"
+  # shellcheck disable=SC2086
+  timeout "$STEP_TIMEOUT" "$MIP" bench --sdxl --device "$DEVICE" --dtype "$dt" --json $BENCH_ARGS \
+    >"$OUT/mip_bench_$dt.json" 2>"$OUT/mip_bench_$dt.err" || { say "mip bench $dt failed"; tail -5 "$OUT/mip_bench_$dt.err"; }
+done
+say "anchor_bench.py $ANCHOR_ARGS"
+# shellcheck disable=SC2086
+PYTHONUNBUFFERED=1 timeout "$STEP_TIMEOUT" $PY "$PACK/bench/anchor_bench.py" $ANCHOR_ARGS >"$OUT/anchor.json" \
+  2>"$OUT/anchor.err" || { say "anchor bench failed"; tail -5 "$OUT/anchor.err"; }
+
+# 6. summary
+{
+  echo "== parity"
+  for dt in $DTYPES; do echo "$dt: ${PARITY[$dt]}"; done
+  echo "== bench"
+  $PY - "$OUT" $BENCH_DTYPES <<'EOF'
+import json, os, sys
+out, dts = sys.argv[1], sys.argv[2:]
+def load(p):
+    try:
+        with open(p) as f:
+            return json.load(f)
+    except Exception as e:  # noqa: BLE001
+        print(f"({os.path.basename(p)}: {e})")
+        return {}
+a = load(os.path.join(out, "anchor.json"))
+ms = lambda k: a[k] * 1e3 if k in a else None
+pairs = [("unet step, weighted merge", "unet_step_ms_merge", ["unet_step_s_mip_official", "unet_step_s_mip_sdpa", "unet_step_s_mip_fast"]),
+         ("unet step, plain", "unet_step_ms_plain", ["unet_step_s_plain_sdpa"]),
+         ("vae decode", "vae_decode_ms_1img", ["vae_decode_s_1img"]),
+         ("text encode", "text_encode_ms_6seqs_both", ["text_encode_s_6seqs_both"]),
+         ("image encode", "image_encode_ms_2imgs", ["image_encode_s_2imgs_bigG"]),
+         ("whole image", "whole_image_ms_30steps_estimated", ["e2e_30steps_s_mip_official", "e2e_30steps_s_mip_fast"])]
+print(f"anchor: {a.get('device')} {a.get('dtype')} torch {a.get('torch')}")
+for dt in dts:
+    m = load(os.path.join(out, f"mip_bench_{dt}.json"))
+    print(f"-- mip {dt} (peak GPU mem {m.get('peak_gpu_mem_gib', 'n/a')} GiB)")
+    for label, mk, aks in pairs:
+        ours = m.get(mk)
+        if ours is None:
+            ours = next((v for k, v in m.items() if k.startswith(mk.rsplit("_", 2)[0])), None) if mk.startswith("whole") else None
+        row = f"{label:<28} mip {ours if ours is None else round(ours, 2)} ms"
+        for ak in aks:
+            ref = ms(ak)
+            if ref is not None and ours:
+                row += f" | {ak} {ref:.2f} ms, ratio torch/mip {ref / ours:.2f}x"
+        print(row)
+EOF
+} | tee "$OUT/summary.txt"
+rm -rf "$WORK"
+say "done"
