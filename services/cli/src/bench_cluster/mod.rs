@@ -224,6 +224,7 @@ impl Coordinator {
         cfg.coordinator.workers = urls.to_vec();
         cfg.coordinator.health_interval_ms = 100;
         cfg.coordinator.max_queued_tasks = 1 << 16;
+        cfg.coordinator.max_samples = 1024;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
         let (stop, stopped) = oneshot::channel::<()>();
@@ -289,10 +290,13 @@ async fn run_job(client: &mut CoordinatorClient<Channel>, request: &GenerationRe
         .context("benchmark job timed out")?
 }
 
-/// Median milliseconds of `reps` one-image calls straight to the worker at `url`, and through a coordinator.
+/// Median milliseconds of `reps` one-image calls straight to the worker at `url`, and through a coordinator
+/// (interleaved, so both see the same host load; the first pair warms caches and is not counted).
 async fn overhead(url: &str, request: &GenerationRequest, reps: usize) -> Result<(f64, f64)> {
     let mut worker = WorkerClient::connect(url.to_owned()).await?;
-    let mut direct = Vec::new();
+    let coordinator = Coordinator::start(&[url.to_owned()]).await?;
+    let mut client = coordinator.client.clone();
+    let (mut direct, mut through) = (Vec::new(), Vec::new());
     for i in 0..=reps {
         let t = Instant::now();
         let task = GenerateTask {
@@ -305,17 +309,11 @@ async fn overhead(url: &str, request: &GenerationRequest, reps: usize) -> Result
                 break;
             }
         }
-        if i > 0 {
-            direct.push(t.elapsed().as_secs_f64() * 1e3);
-        }
-    }
-    let coordinator = Coordinator::start(&[url.to_owned()]).await?;
-    let mut client = coordinator.client.clone();
-    let mut through = Vec::new();
-    for i in 0..=reps {
+        let d = t.elapsed().as_secs_f64() * 1e3;
         let t = Instant::now();
         client.generate(request.clone()).await?;
         if i > 0 {
+            direct.push(d);
             through.push(t.elapsed().as_secs_f64() * 1e3);
         }
     }
