@@ -1,7 +1,6 @@
 //! The coordinator against real workers: a real redis-server, in-process workers on the fixture model (64x64,
 //! few steps) and the coordinator on 127.0.0.1:0, driven over gRPC.
 
-#[allow(dead_code)]
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -64,11 +63,7 @@ async fn six_images_spread_watch_idempotency_and_restart() {
     assert_eq!(listed.jobs.len(), 1);
 
     // The spec is in Redis next to the job.
-    let mut conn = redis::Client::open(redis.url())
-        .expect("client")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis");
+    let mut conn = redis_conn(&redis).await;
     let key = format!("mip:coord:job:{}", submitted.job_id);
     let spec: Vec<u8> = redis::cmd("HGET")
         .arg(&key)
@@ -107,7 +102,7 @@ async fn six_images_spread_watch_idempotency_and_restart() {
 async fn a_stopped_worker_does_not_stop_the_job() {
     let redis = RedisServer::start();
     // No drain: stopping a worker cuts its running task, which must go to another worker.
-    let mut ws = workers_with(3, |c| c.server.drain_seconds = 0).await;
+    let mut ws = workers_with(3, no_drain).await;
     let refs: Vec<&TestWorker> = ws.iter().collect();
     let mut coord = Coord::start(&refs, &redis, |c| c.coordinator.worker_concurrency = 1).await;
     let submitted = coord
@@ -189,7 +184,7 @@ async fn cancel_affinity_generate_and_queue_limit() {
     assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
 
     // Affinity: the same subjects go back to the worker that served them.
-    let subjects = || vec![worker_support::subject("jacket", vec![image("jacket_0.png")])];
+    let subjects = || vec![subject("jacket", vec![image("jacket_0.png")])];
     let mut first_worker = None;
     for round in 0..3 {
         let req = SubmitJobRequest {

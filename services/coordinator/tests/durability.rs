@@ -2,7 +2,6 @@
 //! the death of its coordinator (resumed by a new one after the lease expired), cancellation of queued and running
 //! tasks, and deadlines that keep expired tasks off the workers.
 
-#[allow(dead_code)]
 mod common;
 
 use std::collections::BTreeSet;
