@@ -94,7 +94,10 @@ fn tokens_from_the_flag_or_the_environment_and_refusals_in_one_line() {
         &coordinator.mip("jobs", &["--json", "--token", "right-token"], None),
         "--token RIGHT",
     );
-    served(&coordinator.mip("jobs", &["--json"], Some("right-token")), "MIP_TOKEN=RIGHT");
+    served(
+        &coordinator.mip("jobs", &["--json"], Some("right-token")),
+        "MIP_TOKEN=RIGHT",
+    );
     served(
         &coordinator.mip("workers", &["--json", "--token", "right-token"], None),
         "workers --token RIGHT",
@@ -105,8 +108,14 @@ fn tokens_from_the_flag_or_the_environment_and_refusals_in_one_line() {
         "--token WRONG",
     );
     refused(&coordinator.mip("jobs", &["--json"], None), "no token");
-    refused(&coordinator.mip("jobs", &["--json"], Some("wrong-token")), "MIP_TOKEN=WRONG");
-    refused(&coordinator.mip("workers", &["--json"], None), "workers without a token");
+    refused(
+        &coordinator.mip("jobs", &["--json"], Some("wrong-token")),
+        "MIP_TOKEN=WRONG",
+    );
+    refused(
+        &coordinator.mip("workers", &["--json"], None),
+        "workers without a token",
+    );
     // The flag wins over the environment.
     refused(
         &coordinator.mip("jobs", &["--json", "--token", "wrong-token"], Some("right-token")),

@@ -31,7 +31,13 @@ impl SpanExporter for Spans {
 impl Spans {
     /// The spans exported so far that `pred` accepts.
     fn matching(&self, pred: impl Fn(&SpanData) -> bool) -> Vec<SpanData> {
-        self.0.lock().expect("spans").iter().filter(|s| pred(s)).cloned().collect()
+        self.0
+            .lock()
+            .expect("spans")
+            .iter()
+            .filter(|s| pred(s))
+            .cloned()
+            .collect()
     }
 
     /// Waits (bounded) until `pred` accepts at least `n` exported spans; returns them.
@@ -52,18 +58,19 @@ impl Spans {
 
 /// The span's attribute `key` as a string.
 fn attr(s: &SpanData, key: &str) -> Option<String> {
-    s.attributes.iter().find(|kv| kv.key.as_str() == key).map(|kv| match &kv.value {
-        Value::String(v) => v.as_str().to_owned(),
-        other => other.to_string(),
-    })
+    s.attributes
+        .iter()
+        .find(|kv| kv.key.as_str() == key)
+        .map(|kv| match &kv.value {
+            Value::String(v) => v.as_str().to_owned(),
+            other => other.to_string(),
+        })
 }
 
 /// Installs the in-memory exporter behind the global subscriber and the W3C propagator.
 fn install() -> Spans {
     let spans = Spans::default();
-    let provider = SdkTracerProvider::builder()
-        .with_simple_exporter(spans.clone())
-        .build();
+    let provider = SdkTracerProvider::builder().with_simple_exporter(spans.clone()).build();
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let subscriber = tracing_subscriber::registry()
         .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("coordinator-trace-test")));
@@ -78,14 +85,21 @@ async fn one_trace_per_job_reaches_the_workers() {
     let urls = ws.iter().map(|w| url(w, "http")).collect();
     let mut coord = Coord::run(config(urls, None, |_| {}), None, None).await;
     wait_healthy(&mut coord.client, 2).await;
-    let submitted = coord.client.submit_job(job(2, 2, "")).await.expect("submit").into_inner();
+    let submitted = coord
+        .client
+        .submit_job(job(2, 2, ""))
+        .await
+        .expect("submit")
+        .into_inner();
     let (_, done) = watch_all(&mut coord.client, &submitted.job_id).await;
     assert_eq!(done.status, mip_proto::v1::JobStatus::Done as i32, "{done:?}");
     let id = submitted.job_id.clone();
 
     // The coordinator's task spans (children of the job span) end with their tasks.
     let tasks = spans
-        .wait_for(2, "task", |s| s.name == "task" && attr(s, "job_id").as_deref() == Some(id.as_str()))
+        .wait_for(2, "task", |s| {
+            s.name == "task" && attr(s, "job_id").as_deref() == Some(id.as_str())
+        })
         .await;
     let trace: HashSet<TraceId> = tasks.iter().map(|s| s.span_context.trace_id()).collect();
     assert_eq!(trace.len(), 1, "the job's tasks share one trace: {tasks:?}");
@@ -98,7 +112,11 @@ async fn one_trace_per_job_reaches_the_workers() {
     let generate = |s: &SpanData| s.name == "mip.v1.Worker" && attr(s, "rpc.method").as_deref() == Some("Generate");
     let calls = spans.wait_for(2, "worker Generate", generate).await;
     for c in &calls {
-        assert_eq!(c.span_context.trace_id(), trace, "a worker span outside the job's trace: {c:?}");
+        assert_eq!(
+            c.span_context.trace_id(),
+            trace,
+            "a worker span outside the job's trace: {c:?}"
+        );
         assert!(task_ids.contains(&c.parent_span_id), "parent is a task span: {c:?}");
         assert!(c.parent_span_is_remote, "the parent came over gRPC metadata: {c:?}");
     }
@@ -109,7 +127,9 @@ async fn one_trace_per_job_reaches_the_workers() {
         w.stop().await;
     }
     let job = spans
-        .wait_for(1, "job", |s| s.name == "job" && attr(s, "job_id").as_deref() == Some(id.as_str()))
+        .wait_for(1, "job", |s| {
+            s.name == "job" && attr(s, "job_id").as_deref() == Some(id.as_str())
+        })
         .await;
     assert_eq!(job[0].span_context.trace_id(), trace);
     assert_eq!(Some(&job[0].span_context.span_id()), job_span.iter().next());

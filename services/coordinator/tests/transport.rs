@@ -300,7 +300,10 @@ async fn mutual_tls_on_the_api_serves_only_clients_with_a_ca_signed_certificate(
     );
     assert!(refused(coordinator.addr, None).await, "plaintext is refused too");
     // The refusals did not disturb the server: the authenticated client still gets answers.
-    let listed = client.list_jobs(ListJobsRequest::default()).await.expect("still served");
+    let listed = client
+        .list_jobs(ListJobsRequest::default())
+        .await
+        .expect("still served");
     assert_eq!(listed.into_inner().jobs.len(), 1);
     coordinator.stop().await;
 }

@@ -102,7 +102,10 @@ pub async fn wait_workers(c: &mut Client, what: &str, pred: impl Fn(&[WorkerStat
 
 /// Waits (bounded) until at least `n` workers are healthy.
 pub async fn wait_healthy(c: &mut Client, n: usize) {
-    wait_workers(c, &format!("{n} healthy"), |w| w.iter().filter(|w| w.healthy).count() >= n).await;
+    wait_workers(c, &format!("{n} healthy"), |w| {
+        w.iter().filter(|w| w.healthy).count() >= n
+    })
+    .await;
 }
 
 /// A coordinator running in the test's runtime.
