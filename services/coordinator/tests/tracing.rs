@@ -85,12 +85,7 @@ async fn one_trace_per_job_reaches_the_workers() {
     let urls = ws.iter().map(|w| url(w, "http")).collect();
     let mut coord = Coord::run(config(urls, None, |_| {}), None, None).await;
     wait_healthy(&mut coord.client, 2).await;
-    let submitted = coord
-        .client
-        .submit_job(job(2, 2, ""))
-        .await
-        .expect("submit")
-        .into_inner();
+    let submitted = submit(&mut coord.client, job(2, 2, "")).await;
     let (_, done) = watch_all(&mut coord.client, &submitted.job_id).await;
     assert_eq!(done.status, mip_proto::v1::JobStatus::Done as i32, "{done:?}");
     let id = submitted.job_id.clone();
@@ -122,10 +117,7 @@ async fn one_trace_per_job_reaches_the_workers() {
     }
 
     // The job span itself ends (at the latest) when the coordinator stops, with the same trace.
-    coord.stop().await;
-    for w in ws {
-        w.stop().await;
-    }
+    stop_all(coord, ws).await;
     let job = spans
         .wait_for(1, "job", |s| {
             s.name == "job" && attr(s, "job_id").as_deref() == Some(id.as_str())

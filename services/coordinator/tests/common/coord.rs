@@ -48,7 +48,7 @@ pub fn config(
     cfg
 }
 
-fn urls(workers: &[&TestWorker]) -> Vec<String> {
+fn urls(workers: &[TestWorker]) -> Vec<String> {
     workers.iter().map(|w| super::url(w, "http")).collect()
 }
 
@@ -119,11 +119,7 @@ pub struct Coord {
 
 impl Coord {
     /// A coordinator over `workers` and `redis` (after `edit`), once all the workers are healthy.
-    pub async fn start(
-        workers: &[&TestWorker],
-        redis: &RedisServer,
-        edit: impl FnOnce(&mut CoordinatorConfig),
-    ) -> Self {
+    pub async fn start(workers: &[TestWorker], redis: &RedisServer, edit: impl FnOnce(&mut CoordinatorConfig)) -> Self {
         Self::start_urls(urls(workers), workers.len(), redis, edit).await
     }
 
@@ -178,11 +174,7 @@ pub struct KillableCoord {
 }
 
 impl KillableCoord {
-    pub async fn start(
-        workers: &[&TestWorker],
-        redis: &RedisServer,
-        edit: impl FnOnce(&mut CoordinatorConfig),
-    ) -> Self {
+    pub async fn start(workers: &[TestWorker], redis: &RedisServer, edit: impl FnOnce(&mut CoordinatorConfig)) -> Self {
         let cfg = config(urls(workers), Some(redis), edit);
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -217,5 +209,13 @@ impl Drop for KillableCoord {
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_background();
         }
+    }
+}
+
+/// Stops `coord`, then each of `workers`, checking that every one of them returns Ok.
+pub async fn stop_all(coord: Coord, workers: Vec<TestWorker>) {
+    coord.stop().await;
+    for w in workers {
+        w.stop().await;
     }
 }

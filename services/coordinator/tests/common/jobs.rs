@@ -40,6 +40,11 @@ pub fn job(steps: u32, samples: u32, key: &str) -> SubmitJobRequest {
     }
 }
 
+/// Submits `req`, which must be accepted; the job as submitted.
+pub async fn submit(c: &mut Client, req: SubmitJobRequest) -> Job {
+    c.submit_job(req).await.expect("submit").into_inner()
+}
+
 /// Every event of a job until Done (bounded), and the final job.
 pub async fn watch_all(c: &mut Client, id: &str) -> (Vec<JobEvent>, Job) {
     let s = c
@@ -77,7 +82,7 @@ pub async fn run_job(c: &mut Client, subjects: Vec<Subject>, samples: u32, deadl
         deadline_ms,
         ..Default::default()
     };
-    let job = c.submit_job(req).await.expect("submit").into_inner();
+    let job = submit(c, req).await;
     let (events, done) = watch_all(c, &job.job_id).await;
     let workers = events
         .into_iter()
@@ -91,7 +96,7 @@ pub async fn run_job(c: &mut Client, subjects: Vec<Subject>, samples: u32, deadl
 
 /// Submits `job` and waits (bounded) until one of its tasks reports progress; returns the job.
 pub async fn submit_until_progress(c: &mut Client, job: SubmitJobRequest) -> Job {
-    let submitted = c.submit_job(job).await.expect("submit").into_inner();
+    let submitted = submit(c, job).await;
     let req = WatchJobRequest {
         job_id: submitted.job_id.clone(),
     };
