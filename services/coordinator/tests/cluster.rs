@@ -1,7 +1,6 @@
 //! The coordinator against real workers: a real redis-server, in-process workers on the fixture model (64x64,
 //! few steps) and the coordinator on 127.0.0.1:0, driven over gRPC.
 
-#[allow(dead_code)]
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -15,14 +14,8 @@ use mip_proto::v1::{
 async fn six_images_spread_watch_idempotency_and_restart() {
     let redis = RedisServer::start();
     let ws = workers(3).await;
-    let refs: Vec<&TestWorker> = ws.iter().collect();
-    let mut coord = Coord::start(&refs, &redis, |_| {}).await;
-    let submitted = coord
-        .client
-        .submit_job(job(2, 6, "k-1"))
-        .await
-        .expect("submit")
-        .into_inner();
+    let mut coord = Coord::start(&ws, &redis, |_| {}).await;
+    let submitted = submit(&mut coord.client, job(2, 6, "k-1")).await;
     assert_eq!(submitted.total_tasks, 6);
     let (events, done) = watch_all(&mut coord.client, &submitted.job_id).await;
     assert_eq!(done.status, JobStatus::Done as i32, "{done:?}");
@@ -48,12 +41,7 @@ async fn six_images_spread_watch_idempotency_and_restart() {
         "seed = request seed + sample index"
     );
 
-    let again = coord
-        .client
-        .submit_job(job(2, 6, "k-1"))
-        .await
-        .expect("resubmit")
-        .into_inner();
+    let again = submit(&mut coord.client, job(2, 6, "k-1")).await;
     assert_eq!(again.job_id, submitted.job_id);
     let listed = coord
         .client
@@ -64,11 +52,7 @@ async fn six_images_spread_watch_idempotency_and_restart() {
     assert_eq!(listed.jobs.len(), 1);
 
     // The spec is in Redis next to the job.
-    let mut conn = redis::Client::open(redis.url())
-        .expect("client")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis");
+    let mut conn = redis_conn(&redis).await;
     let key = format!("mip:coord:job:{}", submitted.job_id);
     let spec: Vec<u8> = redis::cmd("HGET")
         .arg(&key)
@@ -81,7 +65,7 @@ async fn six_images_spread_watch_idempotency_and_restart() {
 
     // A fresh coordinator on the same Redis still knows the finished job and its images.
     coord.stop().await;
-    let mut coord = Coord::start(&refs, &redis, |_| {}).await;
+    let mut coord = Coord::start(&ws, &redis, |_| {}).await;
     let req = GetJobRequest {
         job_id: submitted.job_id.clone(),
         include_images: true,
@@ -90,32 +74,18 @@ async fn six_images_spread_watch_idempotency_and_restart() {
     assert_eq!(got.status, JobStatus::Done as i32);
     let idx: Vec<u32> = got.images.iter().map(|i| i.task_index).collect();
     assert_eq!(idx, (0..6).collect::<Vec<u32>>());
-    let same = coord
-        .client
-        .submit_job(job(2, 6, "k-1"))
-        .await
-        .expect("resubmit")
-        .into_inner();
+    let same = submit(&mut coord.client, job(2, 6, "k-1")).await;
     assert_eq!(same.job_id, submitted.job_id);
-    coord.stop().await;
-    for w in ws {
-        w.stop().await;
-    }
+    stop_all(coord, ws).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stopped_worker_does_not_stop_the_job() {
     let redis = RedisServer::start();
     // No drain: stopping a worker cuts its running task, which must go to another worker.
-    let mut ws = workers_with(3, |c| c.server.drain_seconds = 0).await;
-    let refs: Vec<&TestWorker> = ws.iter().collect();
-    let mut coord = Coord::start(&refs, &redis, |c| c.coordinator.worker_concurrency = 1).await;
-    let submitted = coord
-        .client
-        .submit_job(job(20, 6, ""))
-        .await
-        .expect("submit")
-        .into_inner();
+    let mut ws = workers_with(3, no_drain).await;
+    let mut coord = Coord::start(&ws, &redis, |c| c.coordinator.worker_concurrency = 1).await;
+    let submitted = submit(&mut coord.client, job(20, 6, "")).await;
     let mut s = coord
         .client
         .watch_job(WatchJobRequest {
@@ -156,18 +126,14 @@ async fn a_stopped_worker_does_not_stop_the_job() {
         .iter()
         .any(|e| matches!(&e.event, Some(Event::Failed(f)) if f.task_index == victim_task && f.will_retry));
     assert!(retried, "a retry event for task {victim_task}");
-    coord.stop().await;
-    for w in ws {
-        w.stop().await;
-    }
+    stop_all(coord, ws).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cancel_affinity_generate_and_queue_limit() {
     let redis = RedisServer::start();
     let ws = workers(3).await;
-    let refs: Vec<&TestWorker> = ws.iter().collect();
-    let mut coord = Coord::start(&refs, &redis, |c| {
+    let mut coord = Coord::start(&ws, &redis, |c| {
         c.coordinator.worker_concurrency = 1;
         c.coordinator.max_queued_tasks = 12;
     })
@@ -189,7 +155,7 @@ async fn cancel_affinity_generate_and_queue_limit() {
     assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
 
     // Affinity: the same subjects go back to the worker that served them.
-    let subjects = || vec![worker_support::subject("jacket", vec![image("jacket_0.png")])];
+    let subjects = || vec![subject("jacket", vec![image("jacket_0.png")])];
     let mut first_worker = None;
     for round in 0..3 {
         let req = SubmitJobRequest {
@@ -197,7 +163,7 @@ async fn cancel_affinity_generate_and_queue_limit() {
             samples: 1,
             ..Default::default()
         };
-        let j = coord.client.submit_job(req).await.expect("submit").into_inner();
+        let j = submit(&mut coord.client, req).await;
         let (events, done) = watch_all(&mut coord.client, &j.job_id).await;
         assert_eq!(done.status, JobStatus::Done as i32, "{done:?}");
         let w = images_by_task(&events).remove(&0).expect("image").remove(0);
@@ -217,10 +183,7 @@ async fn cancel_affinity_generate_and_queue_limit() {
     assert_eq!(r.images.len(), 1);
     assert!(r.images[0].png.starts_with(b"\x89PNG"));
     assert_eq!(r.images[0].seed, 10);
-    coord.stop().await;
-    for w in ws {
-        w.stop().await;
-    }
+    stop_all(coord, ws).await;
 }
 
 #[tokio::test]
@@ -234,7 +197,7 @@ async fn no_worker_deadline_and_validation() {
     let mut coord = Coord::start_urls(vec![dead], 0, &redis, |_| {}).await;
     let mut req = job(2, 2, "");
     req.deadline_ms = 200;
-    let j = coord.client.submit_job(req).await.expect("submit").into_inner();
+    let j = submit(&mut coord.client, req).await;
     let (events, done) = watch_all(&mut coord.client, &j.job_id).await;
     assert_eq!(done.status, JobStatus::Failed as i32, "{done:?}");
     assert_eq!(done.failed_tasks, 2);
@@ -270,13 +233,12 @@ async fn no_worker_deadline_and_validation() {
 async fn a_higher_priority_job_goes_first() {
     let redis = RedisServer::start();
     let ws = workers(1).await;
-    let refs: Vec<&TestWorker> = ws.iter().collect();
-    let mut coord = Coord::start(&refs, &redis, |c| c.coordinator.worker_concurrency = 1).await;
+    let mut coord = Coord::start(&ws, &redis, |c| c.coordinator.worker_concurrency = 1).await;
     // One slot: one low task runs, seven wait (without priorities the high task would win the slot 1 time in 8).
     let low = submit_until_progress(&mut coord.client, job(30, 8, "")).await;
     let mut high = job(2, 1, "");
     high.priority = 5;
-    let high = coord.client.submit_job(high).await.expect("submit").into_inner();
+    let high = submit(&mut coord.client, high).await;
     let (_, done) = watch_all(&mut coord.client, &high.job_id).await;
     assert_eq!(done.status, JobStatus::Done as i32);
     let req = GetJobRequest {
@@ -293,8 +255,5 @@ async fn a_higher_priority_job_goes_first() {
         .cancel_job(CancelJobRequest { job_id: low.job_id })
         .await
         .expect("cancel");
-    coord.stop().await;
-    for w in ws {
-        w.stop().await;
-    }
+    stop_all(coord, ws).await;
 }

@@ -2,7 +2,6 @@
 //! the death of its coordinator (resumed by a new one after the lease expired), cancellation of queued and running
 //! tasks, and deadlines that keep expired tasks off the workers.
 
-#[allow(dead_code)]
 mod common;
 
 use std::collections::BTreeSet;
@@ -36,14 +35,8 @@ async fn is_active(redis: &RedisServer, id: &str) -> bool {
 async fn twelve_images_each_exactly_once_over_several_workers() {
     let redis = RedisServer::start();
     let ws = workers(3).await;
-    let refs: Vec<&TestWorker> = ws.iter().collect();
-    let mut coord = Coord::start(&refs, &redis, |_| {}).await;
-    let submitted = coord
-        .client
-        .submit_job(job(2, 12, ""))
-        .await
-        .expect("submit")
-        .into_inner();
+    let mut coord = Coord::start(&ws, &redis, |_| {}).await;
+    let submitted = submit(&mut coord.client, job(2, 12, "")).await;
     assert!(
         is_active(&redis, &submitted.job_id).await,
         "a running job is in mip:coord:active"
@@ -88,28 +81,19 @@ async fn twelve_images_each_exactly_once_over_several_workers() {
         released.is_ok(),
         "a finished job leaves mip:coord:active and its lease is released"
     );
-    coord.stop().await;
-    for w in ws {
-        w.stop().await;
-    }
+    stop_all(coord, ws).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_coordinators_job_completes_on_a_new_one() {
     let redis = RedisServer::start();
     let ws = workers(3).await;
-    let refs: Vec<&TestWorker> = ws.iter().collect();
     let edit = |c: &mut mip_coordinator::config::CoordinatorConfig| {
         c.coordinator.lease_ms = 600;
         c.coordinator.worker_concurrency = 1;
     };
-    let mut first = KillableCoord::start(&refs, &redis, edit).await;
-    let submitted = first
-        .client
-        .submit_job(job(12, 12, ""))
-        .await
-        .expect("submit")
-        .into_inner();
+    let mut first = KillableCoord::start(&ws, &redis, edit).await;
+    let submitted = submit(&mut first.client, job(12, 12, "")).await;
     let id = submitted.job_id.clone();
     // Kill it once some images are stored and others are not.
     let before = tokio::time::timeout(BOUND, async {
@@ -135,7 +119,7 @@ async fn a_killed_coordinators_job_completes_on_a_new_one() {
         .await
         .expect("hmget");
 
-    let mut second = Coord::start(&refs, &redis, edit).await;
+    let mut second = Coord::start(&ws, &redis, edit).await;
     let done = wait_job(&mut second.client, &id, is_final).await;
     assert_eq!(done.status, JobStatus::Done as i32, "{done:?}");
     assert_eq!(indices(&done.images), (0..12).collect::<Vec<u32>>(), "each image once");
@@ -157,18 +141,14 @@ async fn a_killed_coordinators_job_completes_on_a_new_one() {
     let (events, watched) = watch_all(&mut second.client, &id).await;
     assert_eq!(watched.status, JobStatus::Done as i32);
     assert_eq!(images_by_task(&events).len(), 12);
-    second.stop().await;
-    for w in ws {
-        w.stop().await;
-    }
+    stop_all(second, ws).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cancel_stops_queued_and_running_tasks() {
     let redis = RedisServer::start();
     let ws = workers(3).await;
-    let refs: Vec<&TestWorker> = ws.iter().collect();
-    let mut coord = Coord::start(&refs, &redis, |c| c.coordinator.worker_concurrency = 1).await;
+    let mut coord = Coord::start(&ws, &redis, |c| c.coordinator.worker_concurrency = 1).await;
     // 3 slots, 9 tasks: some run, some wait.
     let long = submit_until_progress(&mut coord.client, job(40, 9, "")).await;
     let watch = coord
@@ -228,25 +208,16 @@ async fn cancel_stops_queued_and_running_tasks() {
     assert_eq!(after.done_tasks, done.done_tasks, "no image arrived after the cancel");
     assert_eq!(after.images.len() as u32, done.done_tasks);
     assert_eq!(stored_results(&redis, &long.job_id).await.len() as u32, done.done_tasks);
-    coord.stop().await;
-    for w in ws {
-        w.stop().await;
-    }
+    stop_all(coord, ws).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_expired_deadline_is_never_sent_to_a_worker() {
     let redis = RedisServer::start();
     let ws = workers(3).await;
-    let refs: Vec<&TestWorker> = ws.iter().collect();
-    let mut coord = Coord::start(&refs, &redis, |c| c.coordinator.worker_concurrency = 1).await;
+    let mut coord = Coord::start(&ws, &redis, |c| c.coordinator.worker_concurrency = 1).await;
     // Every slot busy with a long task.
-    let busy = coord
-        .client
-        .submit_job(job(30, 3, ""))
-        .await
-        .expect("submit")
-        .into_inner();
+    let busy = submit(&mut coord.client, job(30, 3, "")).await;
     wait_job(&mut coord.client, &busy.job_id, |j| {
         j.tasks
             .iter()
@@ -260,7 +231,7 @@ async fn an_expired_deadline_is_never_sent_to_a_worker() {
     let mut short = job(2, 1, "");
     short.deadline_ms = 300;
     short.priority = 10;
-    let short = coord.client.submit_job(short).await.expect("submit").into_inner();
+    let short = submit(&mut coord.client, short).await;
     let (events, done) = watch_all(&mut coord.client, &short.job_id).await;
     assert_eq!(done.status, JobStatus::Failed as i32, "{done:?}");
     assert_eq!(done.tasks[0].status, TaskStatus::Failed as i32);
@@ -299,8 +270,5 @@ async fn an_expired_deadline_is_never_sent_to_a_worker() {
     let busy_done = wait_job(&mut coord.client, &busy.job_id, is_final).await;
     assert_eq!(busy_done.status, JobStatus::Done as i32, "{busy_done:?}");
     assert_eq!(generation_counts(&ws).await, (3, 0));
-    coord.stop().await;
-    for w in ws {
-        w.stop().await;
-    }
+    stop_all(coord, ws).await;
 }

@@ -2,89 +2,62 @@
 //! loopback: TLS on the public API, mutual TLS towards the workers, bearer tokens, message size limits, workers
 //! from DNS, health rotation and subject affinity. Job state stays in memory (no Redis needed).
 
-#[path = "support/coord.rs"]
-#[allow(dead_code)]
-mod coord;
-#[path = "../../worker/tests/support/worker.rs"]
-#[allow(dead_code)]
-mod worker_support;
+mod common;
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use coord::{cat, connect, http_get, request, wait_workers, Client, Coord, Worker};
+use common::*;
 use mip_common::tls::testing::TestPki;
-use mip_proto::v1::job_event::Event;
-use mip_proto::v1::{JobStatus, ListJobsRequest, Subject, SubmitJobRequest, WatchJobRequest};
+use mip_coordinator::config::CoordinatorConfig;
+use mip_proto::v1::{JobStatus, ListJobsRequest, SubmitJobRequest};
 use tonic::Code;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
-use worker_support::{image, subject, BOUND};
 
-fn s(p: &std::path::Path) -> String {
-    p.display().to_string()
+/// A memory-only coordinator configuration over `urls`, after `edit`.
+fn memory(urls: Vec<String>, edit: impl FnOnce(&mut CoordinatorConfig)) -> CoordinatorConfig {
+    config(urls, None, edit)
 }
 
-/// A loopback address nothing listens on right now.
-fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr")
-}
-
-/// Submits `samples` images of `subjects`, waits (bounded) for the end; returns the final status and the workers of
-/// the images.
-async fn run_job(c: &mut Client, subjects: Vec<Subject>, samples: u32, deadline_ms: u64) -> (i32, Vec<String>) {
-    let req = SubmitJobRequest {
-        requests: vec![request(subjects)],
-        samples,
-        deadline_ms,
-        ..Default::default()
-    };
-    let job = c.submit_job(req).await.expect("submit").into_inner();
-    let watch = WatchJobRequest { job_id: job.job_id };
-    let mut stream = c.watch_job(watch).await.expect("watch").into_inner();
-    let mut workers = Vec::new();
-    loop {
-        let e = tokio::time::timeout(BOUND, stream.message())
-            .await
-            .expect("event in time")
-            .expect("stream ok")
-            .expect("stream ends only after Done");
-        match e.event {
-            Some(Event::Image(i)) => workers.push(i.worker),
-            Some(Event::Done(d)) => return (d.job.expect("job").status, workers),
-            _ => {}
+/// Whether a connection with `tls` to `addr` gets nowhere: it fails, or its first call does (bounded).
+async fn refused(addr: std::net::SocketAddr, tls: Option<tonic::transport::ClientTlsConfig>) -> bool {
+    tokio::time::timeout(BOUND, async {
+        match connect(addr, tls, None).await {
+            Err(_) => true,
+            Ok(mut c) => c.list_jobs(ListJobsRequest::default()).await.is_err(),
         }
-    }
+    })
+    .await
+    .expect("connection attempt ends")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tls_on_the_api_and_mutual_tls_to_workers() {
     let dir = tempfile::tempdir().expect("tmp");
     let pki = TestPki::generate(dir.path()).expect("pki");
-    let worker = Worker::start(|c| {
-        c.server.tls.cert = s(&pki.server_cert);
-        c.server.tls.key = s(&pki.server_key);
-        c.server.tls.client_ca = s(&pki.ca_cert);
+    let worker = TestWorker::start(|c| {
+        no_drain(c);
+        c.server.tls.cert = path_str(&pki.server_cert);
+        c.server.tls.key = path_str(&pki.server_key);
+        c.server.tls.client_ca = path_str(&pki.ca_cert);
     })
     .await;
-    let worker_url = worker.url("https");
-    let coordinator = Coord::start(|c| {
-        c.coordinator.workers = vec![worker_url.clone()];
-        c.server.tls.cert = s(&pki.server_cert);
-        c.server.tls.key = s(&pki.server_key);
-        c.worker_tls.ca = s(&pki.ca_cert);
-        c.worker_tls.cert = s(&pki.client_cert);
-        c.worker_tls.key = s(&pki.client_key);
+    let worker_url = url(&worker, "https");
+    let cfg = memory(vec![worker_url.clone()], |c| {
+        c.server.tls.cert = path_str(&pki.server_cert);
+        c.server.tls.key = path_str(&pki.server_key);
+        c.worker_tls.ca = path_str(&pki.ca_cert);
+        c.worker_tls.cert = path_str(&pki.client_cert);
+        c.worker_tls.key = path_str(&pki.client_key);
         c.worker_tls.domain = "localhost".into();
-    })
-    .await;
+    });
     let tls = pki.client_tls(false).client_config().expect("client tls");
-    let mut client = coordinator.client(Some(tls), None).await;
+    let coordinator = Coord::run(cfg, Some(tls), None).await;
+    let mut client = coordinator.client.clone();
     wait_workers(&mut client, "healthy over mTLS", |w| w.len() == 1 && w[0].healthy).await;
     let images = client
-        .generate(request(cat()))
+        .generate(request(2, cat()))
         .await
         .expect("generate over TLS")
         .into_inner();
@@ -92,24 +65,18 @@ async fn tls_on_the_api_and_mutual_tls_to_workers() {
     assert_eq!(images.images[0].worker, worker_url);
 
     // A plaintext client gets nowhere.
-    let plain = tokio::time::timeout(BOUND, async {
-        match connect(coordinator.addr, None, None).await {
-            Err(_) => true,
-            Ok(mut c) => c.list_jobs(ListJobsRequest::default()).await.is_err(),
-        }
-    })
-    .await
-    .expect("plaintext attempt ends");
-    assert!(plain, "a plaintext client must fail against server.tls");
+    assert!(
+        refused(coordinator.addr, None).await,
+        "a plaintext client must fail against server.tls"
+    );
 
     // Without a client certificate the worker refuses the coordinator: unhealthy, and no task runs.
-    let no_identity = Coord::start(|c| {
-        c.coordinator.workers = vec![worker_url.clone()];
-        c.worker_tls.ca = s(&pki.ca_cert);
+    let cfg = memory(vec![worker_url.clone()], |c| {
+        c.worker_tls.ca = path_str(&pki.ca_cert);
         c.worker_tls.domain = "localhost".into();
-    })
-    .await;
-    let mut plain_client = no_identity.client(None, None).await;
+    });
+    let no_identity = Coord::run(cfg, None, None).await;
+    let mut plain_client = no_identity.client.clone();
     let w = wait_workers(&mut plain_client, "polled and refused", |w| !w[0].last_error.is_empty()).await;
     assert!(!w[0].healthy, "{w:?}");
     let (status, imgs) = run_job(&mut plain_client, cat(), 1, 300).await;
@@ -126,24 +93,23 @@ async fn bearer_tokens_and_message_limits() {
     let tokens = dir.path().join("tokens");
     std::fs::write(&tokens, "# clients\nfirst-token\n\nsecond-token\n").expect("tokens");
     let metrics = free_addr();
-    let worker = Worker::start(|_| {}).await;
-    let coordinator = Coord::start(|c| {
-        c.coordinator.workers = vec![worker.url("http")];
-        c.auth.tokens_file = s(&tokens);
+    let worker = TestWorker::start(no_drain).await;
+    let cfg = memory(vec![url(&worker, "http")], |c| {
+        c.auth.tokens_file = path_str(&tokens);
         c.server.max_message_bytes = 1 << 20;
         c.telemetry.metrics_listen = metrics.to_string();
-    })
-    .await;
-    let mut valid = coordinator.client(None, Some("second-token")).await;
-    wait_workers(&mut valid, "healthy", |w| w.len() == 1 && w[0].healthy).await;
+    });
+    let coordinator = Coord::run(cfg, None, Some("second-token")).await;
+    let mut valid = coordinator.client.clone();
+    wait_healthy(&mut valid, 1).await;
 
     let job = || SubmitJobRequest {
-        requests: vec![request(cat())],
+        requests: vec![request(2, cat())],
         samples: 1,
         ..Default::default()
     };
     for token in [None, Some("wrong-token"), Some("first-token ")] {
-        let mut c = coordinator.client(None, token).await;
+        let mut c = coordinator.connect(None, token).await;
         let r = c.submit_job(job()).await;
         if token == Some("first-token ") {
             // Surrounding blanks are trimmed like the file's lines.
@@ -186,7 +152,7 @@ async fn bearer_tokens_and_message_limits() {
     let e = valid.submit_job(big).await.expect_err("too large");
     assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
     let ok = valid
-        .generate(request(cat()))
+        .generate(request(2, cat()))
         .await
         .expect("a normal call after")
         .into_inner();
@@ -212,17 +178,16 @@ async fn bearer_tokens_and_message_limits() {
 async fn workers_from_dns_leave_and_rejoin_rotation() {
     let a_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let a_addr = a_listener.local_addr().expect("addr");
-    let a = Worker::start_on(a_listener, |_| {});
-    let b = Worker::start(|_| {}).await;
-    let (a_url, b_url) = (a.url("http"), b.url("http"));
-    let coordinator = Coord::start(|c| {
-        c.coordinator.workers = vec![b_url.clone()];
+    let a = TestWorker::start_on(a_listener, no_drain, None);
+    let b = TestWorker::start(no_drain).await;
+    let (a_url, b_url) = (url(&a, "http"), url(&b, "http"));
+    let cfg = memory(vec![b_url.clone()], |c| {
         c.coordinator.workers_dns = format!("localhost:{}", a_addr.port());
         c.coordinator.dns_interval_ms = 200;
         c.coordinator.worker_concurrency = 1;
-    })
-    .await;
-    let mut client = coordinator.client(None, None).await;
+    });
+    let coordinator = Coord::run(cfg, None, None).await;
+    let mut client = coordinator.client.clone();
     let healthy = |w: &[mip_proto::v1::WorkerStatus], url: &str| w.iter().any(|w| w.url == url && w.healthy);
     wait_workers(&mut client, "a (from DNS) and b healthy", |w| {
         healthy(w, &a_url) && healthy(w, &b_url)
@@ -250,7 +215,7 @@ async fn workers_from_dns_leave_and_rejoin_rotation() {
     })
     .await
     .expect("port free again");
-    let a2 = Worker::start_on(listener, |_| {});
+    let a2 = TestWorker::start_on(listener, no_drain, None);
     wait_workers(&mut client, "a healthy again", |w| healthy(w, &a_url)).await;
     let (status, used) = run_job(&mut client, cat(), 4, 0).await;
     assert_eq!(status, JobStatus::Done as i32);
@@ -264,17 +229,13 @@ async fn workers_from_dns_leave_and_rejoin_rotation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_same_subjects_land_hot() {
     let metrics = free_addr();
-    let ws = [Worker::start(|_| {}).await, Worker::start(|_| {}).await];
-    let coordinator = Coord::start(|c| {
-        c.coordinator.workers = ws.iter().map(|w| w.url("http")).collect();
+    let ws = [TestWorker::start(no_drain).await, TestWorker::start(no_drain).await];
+    let cfg = memory(ws.iter().map(|w| url(w, "http")).collect(), |c| {
         c.telemetry.metrics_listen = metrics.to_string();
-    })
-    .await;
-    let mut client = coordinator.client(None, None).await;
-    wait_workers(&mut client, "both healthy", |w| {
-        w.iter().filter(|w| w.healthy).count() == 2
-    })
-    .await;
+    });
+    let coordinator = Coord::run(cfg, None, None).await;
+    let mut client = coordinator.client.clone();
+    wait_healthy(&mut client, 2).await;
     let jacket = || vec![subject("jacket", vec![image("jacket_0.png")])];
     let (status, first) = run_job(&mut client, jacket(), 1, 0).await;
     assert_eq!(status, JobStatus::Done as i32);
@@ -296,4 +257,53 @@ async fn the_same_subjects_land_hot() {
     for w in ws {
         w.stop().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_on_the_api_serves_only_clients_with_a_ca_signed_certificate() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let pki = TestPki::generate(dir.path()).expect("pki");
+    // No worker is needed to list jobs; nothing listens at this one.
+    let cfg = memory(vec![format!("http://{}", free_addr())], |c| {
+        c.server.tls.cert = path_str(&pki.server_cert);
+        c.server.tls.key = path_str(&pki.server_key);
+        c.server.tls.client_ca = path_str(&pki.ca_cert);
+    });
+    let with_identity = pki.client_tls(true).client_config().expect("client tls");
+    let coordinator = Coord::run(cfg, Some(with_identity), None).await;
+    let mut client = coordinator.client.clone();
+    let listed = client
+        .list_jobs(ListJobsRequest::default())
+        .await
+        .expect("a client with a CA-signed certificate is served")
+        .into_inner();
+    assert!(listed.jobs.is_empty(), "{listed:?}");
+    let mut one = job(2, 1, "");
+    one.deadline_ms = 200;
+    let j = client.submit_job(one).await.expect("submit over mTLS").into_inner();
+    assert_eq!(j.total_tasks, 1);
+
+    let without = pki.client_tls(false).client_config().expect("client tls");
+    assert!(
+        refused(coordinator.addr, Some(without)).await,
+        "a client without a certificate must be refused under server.tls.client_ca"
+    );
+    let rogue = mip_common::tls::ClientTls {
+        cert: Some(pki.rogue_client_cert.clone()),
+        key: Some(pki.rogue_client_key.clone()),
+        ..pki.client_tls(false)
+    };
+    let rogue = rogue.client_config().expect("rogue tls");
+    assert!(
+        refused(coordinator.addr, Some(rogue)).await,
+        "a certificate from another CA must be refused"
+    );
+    assert!(refused(coordinator.addr, None).await, "plaintext is refused too");
+    // The refusals did not disturb the server: the authenticated client still gets answers.
+    let listed = client
+        .list_jobs(ListJobsRequest::default())
+        .await
+        .expect("still served");
+    assert_eq!(listed.into_inner().jobs.len(), 1);
+    coordinator.stop().await;
 }

@@ -47,6 +47,17 @@ impl TestWorker {
 
     /// Like [`start`](Self::start); with `gate`, model loading waits until the gate's sender fires.
     pub async fn start_with(edit: impl FnOnce(&mut WorkerConfig), gate: Option<oneshot::Receiver<()>>) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        Self::start_on(listener, edit, gate)
+    }
+
+    /// Like [`start_with`](Self::start_with), on a listener of the caller's choosing (a worker that comes back on
+    /// the port of one that stopped).
+    pub fn start_on(
+        listener: tokio::net::TcpListener,
+        edit: impl FnOnce(&mut WorkerConfig),
+        gate: Option<oneshot::Receiver<()>>,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         fixture_bundle(dir.path());
         let mut config = WorkerConfig::default();
@@ -54,7 +65,6 @@ impl TestWorker {
         config.server.drain_seconds = 10;
         config.server.worker_id = "test-worker".into();
         edit(&mut config);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (stop, stopped) = oneshot::channel::<()>();
         let shutdown = async {
