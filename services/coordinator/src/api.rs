@@ -55,7 +55,11 @@ impl CoordinatorRpc for CoordinatorApi {
             }
             let Some(mut live) = w.live else { return };
             loop {
-                match live.recv().await {
+                let next = tokio::select! {
+                    r = live.recv() => r,
+                    () = tx.closed() => return,
+                };
+                match next {
                     Ok(e) => {
                         let done = is_done(&e);
                         if tx.send(Ok(e)).await.is_err() || done {

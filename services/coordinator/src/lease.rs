@@ -3,7 +3,9 @@
 //! coordinator ([`run`]) renews all of them every third of the lease (a job whose lease turned out to be someone
 //! else's, or gone, is abandoned here: its tasks stop, its state is left alone), and every half lease scans
 //! `mip:coord:active` for jobs nobody holds, claims them (SET NX PX) and resumes them: tasks with a stored image
-//! are DONE, the others run again, and the job span continues the stored trace.
+//! are DONE, the others run again, and the job span continues the stored trace. Each renewal also applies the
+//! cancel requests other replicas recorded for the jobs held here, and a resumed job honours one at once (see
+//! [`crate::remote`]).
 
 use std::sync::{Arc, Weak};
 
@@ -89,7 +91,11 @@ impl Coordinator {
                 return;
             }
         };
+        let mut kept = Vec::new();
         for (job, ours) in jobs.iter().zip(held) {
+            if ours {
+                kept.push(job.clone());
+            }
             if ours || job.is_finished() {
                 continue;
             }
@@ -97,6 +103,7 @@ impl Coordinator {
             lock(&self.inner.jobs).remove(&job.id);
             job.abandon();
         }
+        self.apply_cancel_requests(&kept).await;
     }
 
     /// Claims and resumes every unfinished job that nobody holds a lease on.
@@ -142,6 +149,11 @@ impl Coordinator {
         tracing::info!(parent: &job.span, job_id = %id, pending = pending.len(), "job resumed");
         lock(&self.inner.jobs).insert(id.to_owned(), job.clone());
         lock(&self.inner.order).push(id.to_owned());
+        if d.store.cancel_requested(&[id.to_owned()]).await?.first() == Some(&true) {
+            tracing::info!(parent: &job.span, job_id = %id, "cancel requested through another replica");
+            self.cancel_handle(&job).await;
+            return Ok(());
+        }
         d.queued.fetch_add(pending.len(), std::sync::atomic::Ordering::SeqCst);
         d.persist(&job).await;
         if pending.is_empty() {

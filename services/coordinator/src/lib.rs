@@ -7,7 +7,8 @@
 //! Layout: [`config`] (file + environment, validated once), [`error`] (the boundary error enum and its gRPC
 //! mapping), [`registry`] (workers, health/Info polling, in-flight permits), [`placement`] (rendezvous hashing and
 //! the bounded-load rule), [`store`] (Redis job state), [`job`] (one job's in-memory state and event broadcast),
-//! [`dispatch`] (running one task on workers), [`lease`] (job ownership leases and resumption), [`service`] (the
+//! [`dispatch`] (running one task on workers), [`lease`] (job ownership leases and resumption), [`remote`] (watch and cancel of
+//! jobs run by another replica), [`service`] (the
 //! domain API), [`api`] (the gRPC adapter), [`auth`] (bearer tokens), [`discovery`] (workers from DNS) and
 //! [`server`] (`run(config, listener, shutdown)`).
 
@@ -22,6 +23,7 @@ pub mod lease;
 pub mod metrics;
 pub mod placement;
 pub mod registry;
+pub mod remote;
 pub mod server;
 pub mod service;
 pub mod store;

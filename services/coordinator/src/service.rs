@@ -14,7 +14,7 @@ use crate::config::ValidConfig;
 use crate::dispatch::Dispatcher;
 use crate::dispatch::WaitQueue;
 use crate::error::CoordinatorError;
-use crate::job::{is_final, JobHandle, QueuePlace, TaskSpec};
+use crate::job::{JobHandle, QueuePlace, TaskSpec};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::store::Store;
@@ -269,20 +269,18 @@ impl Coordinator {
             .ok_or_else(|| CoordinatorError::NotFound(id.to_owned()))
     }
 
-    /// Cancels a running job; a finished one is returned as it is.
+    /// Cancels a running job; a finished one is returned as it is. A job run by another replica sharing the
+    /// store is cancelled by that replica at its next lease renewal (see [`crate::remote`]); the answer is then the
+    /// job as it is stored now.
     pub async fn cancel(&self, id: &str) -> Result<Job, CoordinatorError> {
-        let Some(j) = self.job(id) else {
-            return self.get(id, false).await;
-        };
-        if let Some(job) = j.cancel() {
-            tracing::info!(parent: &j.span, job_id = %id, "job cancelled");
-            self.inner.dispatcher.finished(&j, &job).await;
-            return Ok(job);
+        match self.job(id) {
+            Some(j) => Ok(self.cancel_handle(&j).await),
+            None => self.cancel_remote(id).await,
         }
-        Ok(j.snapshot(false))
     }
 
-    /// The replay of a job's state and its live events.
+    /// The replay of a job's state and its live events (for a job run by another replica: events polled from the
+    /// store, see [`crate::remote`]).
     pub async fn watch(&self, id: &str) -> Result<JobWatch, CoordinatorError> {
         if let Some(j) = self.job(id) {
             let (replay, live) = j.subscribe();
@@ -292,20 +290,7 @@ impl Coordinator {
             });
         }
         let job = self.get(id, true).await?;
-        let mut replay: Vec<JobEvent> = job
-            .images
-            .iter()
-            .map(|i| event(id, mip_proto::v1::job_event::Event::Image(i.clone())))
-            .collect();
-        if is_final(job.status) {
-            let mut bare = job;
-            bare.images.clear();
-            replay.push(event(
-                id,
-                mip_proto::v1::job_event::Event::Done(mip_proto::v1::JobDone { job: Some(bare) }),
-            ));
-        }
-        Ok(JobWatch { replay, live: None })
+        Ok(self.watch_stored(job))
     }
 
     /// Submits one request and waits for its images.
@@ -394,13 +379,6 @@ impl Coordinator {
 
     pub fn list_workers(&self) -> Vec<WorkerStatus> {
         self.inner.dispatcher.registry.snapshot()
-    }
-}
-
-fn event(id: &str, e: mip_proto::v1::job_event::Event) -> JobEvent {
-    JobEvent {
-        job_id: id.to_owned(),
-        event: Some(e),
     }
 }
 

@@ -5,6 +5,8 @@
 //! is recorded once), `mip:coord:idem:{key}` → job id, and the `mip:coord:jobs` sorted set (job ids by creation
 //! time) for ListJobs. Without TTL: the `mip:coord:active` set of unfinished job ids, and per running job the
 //! ownership lease `mip:coord:lease:{id}` → the owning coordinator's instance id (PX = `coordinator.lease_ms`).
+//! A CancelJob that reaches a replica not running the job records `mip:coord:cancel:{id}` (with the TTL) for the
+//! owner, which applies it at its next lease renewal (or on resuming the job).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -58,6 +60,10 @@ pub const TRACE_FIELDS: [&str; 2] = ["traceparent", "tracestate"];
 
 fn lease_key(job_id: &str) -> String {
     format!("{PREFIX}:lease:{job_id}")
+}
+
+fn cancel_key(job_id: &str) -> String {
+    format!("{PREFIX}:cancel:{job_id}")
 }
 
 /// The job store.
@@ -301,6 +307,53 @@ impl Store {
             job.images = self.load_images(&mut c, job_id).await?;
         }
         Ok(Some(job))
+    }
+
+    /// Records a cancel request for the replica that runs the job (kept for the job TTL).
+    pub async fn request_cancel(&self, job_id: &str) -> Result<(), CoordinatorError> {
+        let Some(mut c) = self.conn.clone() else {
+            return Ok(());
+        };
+        timed(c.set_ex::<_, _, ()>(cancel_key(job_id), 1, self.ttl_secs)).await
+    }
+
+    /// One flag per id: whether a cancel request is recorded for that job.
+    pub async fn cancel_requested(&self, ids: &[String]) -> Result<Vec<bool>, CoordinatorError> {
+        let Some(mut c) = self.conn.clone() else {
+            return Ok(vec![false; ids.len()]);
+        };
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = ids.iter().map(|id| cancel_key(id)).collect();
+        let flags: Vec<Option<String>> = timed(redis::cmd("MGET").arg(&keys).query_async(&mut c)).await?;
+        Ok(flags.into_iter().map(|f| f.is_some()).collect())
+    }
+
+    /// The task indices with a recorded image, in order.
+    pub async fn result_indices(&self, job_id: &str) -> Result<Vec<u32>, CoordinatorError> {
+        let Some(mut c) = self.conn.clone() else {
+            return Ok(Vec::new());
+        };
+        let mut keys: Vec<u32> = timed(c.hkeys(format!("{PREFIX}:job:{job_id}:results"))).await?;
+        keys.sort_unstable();
+        Ok(keys)
+    }
+
+    /// The recorded images of tasks `indices` (those without one are left out).
+    pub async fn load_results(&self, job_id: &str, indices: &[u32]) -> Result<Vec<JobImage>, CoordinatorError> {
+        let Some(mut c) = self.conn.clone() else {
+            return Ok(Vec::new());
+        };
+        if indices.is_empty() {
+            return Ok(Vec::new());
+        }
+        let k = format!("{PREFIX}:job:{job_id}:results");
+        let raw: Vec<Option<Vec<u8>>> = timed(redis::cmd("HMGET").arg(&k).arg(indices).query_async(&mut c)).await?;
+        raw.into_iter()
+            .flatten()
+            .map(|v| JobImage::decode(v.as_slice()).map_err(err))
+            .collect()
     }
 
     /// Job ids, newest first, `count` from `offset`.
