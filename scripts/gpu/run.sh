@@ -9,7 +9,7 @@
 #   MIP_BENCH_ARGS="--tiny --size 128x128 --steps 4 --iters 2" ANCHOR_ARGS="--tiny --reps 2" \
 #   PACK=gpu-pack OUT=/tmp/mip-out bash scripts/gpu/run.sh
 #
-# Environment: PACK (folder with mip.xz, fixtures/, bench/, whl/; default: this script's folder), OUT,
+# Environment: PACK (folder with mip.xz, fixtures.tar.xz or fixtures/, bench/, whl/; default: this script's folder), OUT,
 # MIP_BIN (a ready binary instead of PACK/mip.xz), MIP_DEVICE (cuda), MIP_DTYPES (parity: "f32 f16 bf16"),
 # MIP_BENCH_DTYPES ("f16"), MIP_BENCH_ARGS (extra `mip bench --sdxl` flags), ANCHOR_ARGS, ANCHOR_PYTHON (python3),
 # STEP_TIMEOUT (seconds per step, 240).
@@ -39,6 +39,14 @@ else
   xz -dc "$PACK/mip.xz" >"$MIP" && chmod +x "$MIP" || { say "cannot unpack $PACK/mip.xz"; exit 2; }
 fi
 
+# 1b. the fixtures (packed as fixtures.tar.xz; an unpacked fixtures/ folder is used as it is)
+if [[ ! -f "$PACK/fixtures/index.json" && -f "$PACK/fixtures.tar.xz" ]]; then
+  tar -C "$WORK" -xJf "$PACK/fixtures.tar.xz" || { say "cannot unpack $PACK/fixtures.tar.xz"; exit 2; }
+  FIXTURES="$WORK/fixtures"
+else
+  FIXTURES="$PACK/fixtures"
+fi
+
 # 2. CUDA libraries from python3's wheels (cublas, cublasLt, curand, nvrtc, cudart; cudnn)
 SP="$($PY -c 'import site; print(site.getsitepackages()[0])' 2>/dev/null || true)"
 for d in "$SP/nvidia/cu13/lib" "$SP/nvidia/cudnn/lib"; do
@@ -57,7 +65,7 @@ fi
 declare -A PARITY
 for dt in $DTYPES; do
   say "parity $dt"
-  timeout "$STEP_TIMEOUT" "$MIP" parity "$PACK/fixtures" --device "$DEVICE" --dtype "$dt" >"$OUT/parity_$dt.log" 2>&1
+  timeout "$STEP_TIMEOUT" "$MIP" parity "$FIXTURES" --device "$DEVICE" --dtype "$dt" >"$OUT/parity_$dt.log" 2>&1
   rc=$?
   grep -E '^FAIL|passed' "$OUT/parity_$dt.log" | head -20
   PARITY[$dt]="$(grep -E 'passed, [0-9]+ failed' "$OUT/parity_$dt.log" | tail -1) (rc $rc)"
