@@ -42,30 +42,8 @@ impl LocalCluster {
     ) -> Result<Self> {
         let (stop_workers, workers_rx) = watch::channel(false);
         let (stop_coordinator, coordinator_rx) = watch::channel(false);
-        let mut workers = Vec::with_capacity(n);
-        let mut worker_urls = Vec::with_capacity(n);
-        for i in 0..n {
-            let l = TcpListener::bind("127.0.0.1:0")
-                .await
-                .context("binding a worker on 127.0.0.1:0")?;
-            let addr = l.local_addr()?;
-            let mut cfg = worker.clone();
-            cfg.server.listen = addr.to_string();
-            cfg.server.tls = Default::default();
-            if cfg.server.worker_id.is_empty() || n > 1 {
-                cfg.server.worker_id = format!("worker-{i}");
-            }
-            if i > 0 {
-                // One process, one metrics port: only the first worker serves it.
-                cfg.telemetry.metrics_listen.clear();
-            }
-            worker_urls.push(format!("http://{addr}"));
-            workers.push(Some(tokio::spawn(mip_worker::server::run(
-                cfg,
-                l,
-                stopped(workers_rx.clone()),
-            ))));
-        }
+        let (worker_urls, handles) = spawn_workers(worker, n, &workers_rx).await?;
+        let workers = handles.into_iter().map(Some).collect();
         coordinator.coordinator.workers = worker_urls.clone();
         let addr = listener.local_addr()?;
         let coordinator = Some(tokio::spawn(mip_coordinator::server::run(
@@ -153,6 +131,37 @@ impl LocalCluster {
         }
         first.map_or(Ok(()), Err)
     }
+}
+
+/// Starts `n` workers from `worker` (each on its own loopback port, plaintext, named `worker-{i}` when there are
+/// several; only the first keeps `metrics_listen`); they stop (draining) when `stop` turns true or its sender is
+/// dropped. Returns their URLs and tasks.
+pub async fn spawn_workers(
+    worker: &WorkerConfig,
+    n: usize,
+    stop: &watch::Receiver<bool>,
+) -> Result<(Vec<String>, Vec<JoinHandle<Result<()>>>)> {
+    let mut urls = Vec::with_capacity(n);
+    let mut tasks = Vec::with_capacity(n);
+    for i in 0..n {
+        let l = TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("binding a worker on 127.0.0.1:0")?;
+        let addr = l.local_addr()?;
+        let mut cfg = worker.clone();
+        cfg.server.listen = addr.to_string();
+        cfg.server.tls = Default::default();
+        if cfg.server.worker_id.is_empty() || n > 1 {
+            cfg.server.worker_id = format!("worker-{i}");
+        }
+        if i > 0 {
+            // One process, one metrics port: only the first worker serves it.
+            cfg.telemetry.metrics_listen.clear();
+        }
+        urls.push(format!("http://{addr}"));
+        tasks.push(tokio::spawn(mip_worker::server::run(cfg, l, stopped(stop.clone()))));
+    }
+    Ok((urls, tasks))
 }
 
 fn ended(what: &str, r: std::result::Result<Result<()>, tokio::task::JoinError>) -> anyhow::Error {

@@ -21,7 +21,7 @@ use mip_proto::v1::{
     WatchJobRequest,
 };
 use serde_json::json;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tonic::transport::Channel;
 
 use crate::device::parse_size;
@@ -98,8 +98,8 @@ pub fn run(args: Args) -> Result<()> {
 /// Workers of one backend, kept alive while measured.
 #[derive(Default)]
 struct Pool {
-    /// Dropping a sender stops its real worker.
-    _real: Vec<oneshot::Sender<()>>,
+    /// Dropping it stops the real workers.
+    _real: Option<watch::Sender<bool>>,
     _synthetic: Vec<synthetic::SyntheticWorker>,
 }
 
@@ -172,25 +172,17 @@ async fn start_real(args: &Args, max: usize) -> Result<(Vec<String>, Pool, Gener
         .map(|s| crate::generate::parse_subject(s))
         .collect::<Result<Vec<_>>>()?;
     let (w, h) = parse_size(&args.size)?;
-    let mut stops = Vec::new();
-    let mut urls = Vec::new();
-    for i in 0..max {
-        let mut config = mip_worker::config::WorkerConfig::default();
-        config.model.path = dir.display().to_string();
-        config.server.worker_id = format!("bench-{i}");
-        config.server.drain_seconds = 1;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        urls.push(format!("http://{}", listener.local_addr()?));
-        let (stop, stopped) = oneshot::channel::<()>();
+    let mut config = mip_worker::config::WorkerConfig::default();
+    config.model.path = dir.display().to_string();
+    config.server.drain_seconds = 1;
+    let (stop, stopped) = watch::channel(false);
+    let (urls, tasks) = crate::local::spawn_workers(&config, max, &stopped).await?;
+    for (i, task) in tasks.into_iter().enumerate() {
         tokio::spawn(async move {
-            let shutdown = async {
-                let _ = stopped.await;
-            };
-            if let Err(e) = mip_worker::server::run(config, listener, shutdown).await {
+            if let Ok(Err(e)) = task.await {
                 eprintln!("bench worker {i}: {e:#}");
             }
         });
-        stops.push(stop);
     }
     let request = GenerationRequest {
         prompt: "a cat wearing a jacket".into(),
@@ -204,7 +196,7 @@ async fn start_real(args: &Args, max: usize) -> Result<(Vec<String>, Pool, Gener
     Ok((
         urls,
         Pool {
-            _real: stops,
+            _real: Some(stop),
             ..Pool::default()
         },
         request,
