@@ -12,7 +12,8 @@
 # Environment: PACK (folder with mip.xz, fixtures.tar.xz or fixtures/, bench/, whl/; default: this script's folder), OUT,
 # MIP_BIN (a ready binary instead of PACK/mip.xz), MIP_DEVICE (cuda), MIP_DTYPES (parity: "f32 f16 bf16"),
 # MIP_BENCH_DTYPES ("f16"), MIP_BENCH_ARGS (extra `mip bench --sdxl` flags), ANCHOR_ARGS, ANCHOR_PYTHON (python3),
-# STEP_TIMEOUT (seconds per step, 240).
+# STEP_TIMEOUT (seconds per step, 240). A failing half-precision parity or bench is rerun with MIP_KERNELS=off (our
+# CUDA kernels off) so the logs tell a kernel fault from anything else.
 set -u
 
 HERE="$(cd "$(dirname "$0")" && pwd)"
@@ -69,14 +70,29 @@ for dt in $DTYPES; do
   rc=$?
   grep -E '^FAIL|passed' "$OUT/parity_$dt.log" | head -20
   PARITY[$dt]="$(grep -E 'passed, [0-9]+ failed' "$OUT/parity_$dt.log" | tail -1) (rc $rc)"
+  # A half-precision failure is rerun with our CUDA kernels off (candle's unfused ops) to tell a kernel fault
+  # from anything else.
+  if [[ $rc -ne 0 && "$dt" != f32 ]]; then
+    say "parity $dt with MIP_KERNELS=off"
+    MIP_KERNELS=off timeout "$STEP_TIMEOUT" "$MIP" parity "$FIXTURES" --device "$DEVICE" --dtype "$dt" \
+      >"$OUT/parity_${dt}_kernels_off.log" 2>&1
+    rc=$?
+    PARITY[$dt]+="; kernels off: $(grep -E 'passed, [0-9]+ failed' "$OUT/parity_${dt}_kernels_off.log" | tail -1) (rc $rc)"
+  fi
 done
 
 # 5. benchmarks, ours then PyTorch's, in the same run
 for dt in $BENCH_DTYPES; do
   say "mip bench --sdxl $dt $BENCH_ARGS"
   # shellcheck disable=SC2086
-  timeout "$STEP_TIMEOUT" "$MIP" bench --sdxl --device "$DEVICE" --dtype "$dt" --json $BENCH_ARGS \
-    >"$OUT/mip_bench_$dt.json" 2>"$OUT/mip_bench_$dt.err" || { say "mip bench $dt failed"; tail -5 "$OUT/mip_bench_$dt.err"; }
+  if ! timeout "$STEP_TIMEOUT" "$MIP" bench --sdxl --device "$DEVICE" --dtype "$dt" --json $BENCH_ARGS \
+    >"$OUT/mip_bench_$dt.json" 2>"$OUT/mip_bench_$dt.err"; then
+    say "mip bench $dt failed; once more with MIP_KERNELS=off"
+    tail -5 "$OUT/mip_bench_$dt.err"
+    # shellcheck disable=SC2086
+    MIP_KERNELS=off timeout "$STEP_TIMEOUT" "$MIP" bench --sdxl --device "$DEVICE" --dtype "$dt" --json $BENCH_ARGS \
+      >"$OUT/mip_bench_$dt.json" 2>"$OUT/mip_bench_${dt}_kernels_off.err" || say "mip bench $dt failed again"
+  fi
 done
 say "anchor_bench.py $ANCHOR_ARGS"
 # shellcheck disable=SC2086
@@ -120,6 +136,14 @@ for dt in dts:
             if ref is not None and ours:
                 row += f" | {ak} {ref:.2f} ms, ratio torch/mip {ref / ours:.2f}x"
         print(row)
+    for k, v in m.items():
+        if k.startswith("vae_decode_ms_1img_") or k.endswith("pipeline_vae_estimated"):
+            print(f"{k:<44} {round(v, 2)} ms")
+    check = m.get("kernel_check")
+    for k, v in (check.items() if isinstance(check, dict) else []):
+        print(f"kernel {k}: {v}")
+    if isinstance(check, str):
+        print(f"kernel check: {check}")
 EOF
 } | tee "$OUT/summary.txt"
 rm -rf "$WORK"

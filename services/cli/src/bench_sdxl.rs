@@ -1,7 +1,8 @@
 //! `mip bench --sdxl`: the pipeline's stages with random weights in the real SDXL shapes (what
 //! `shared/bench/anchor_bench.py` times in PyTorch, so the two can run side by side): both text encoders on 6
 //! sequences, the ViT-bigG image encoder on 2 images, one CFG UNet step (batch 2) with the weighted merge of 2
-//! subjects and one without the adapter, the VAE decode of one image, and the whole image estimated as
+//! subjects and one without the adapter, the VAE decode of one image (in the bench dtype like the anchor, and in
+//! the dtype the pipeline decodes in when that differs), and the whole image estimated as
 //! `encoders + steps x merged step + decode` (the anchor's formula). `--tiny` shrinks every model for CPU runs.
 //! On CUDA it also reports the peak device memory in use (sampled every 2 ms through the driver) and checks the
 //! fused kernels of `mip-kernels` against candle's unfused ops in SDXL shapes (max errors and timings).
@@ -19,6 +20,7 @@ use mip_worker::model::clip::vision::ClipVisionModel;
 use mip_worker::model::clip::{ClipTextConfig, ClipVisionConfig};
 use mip_worker::model::unet::{AdapterWeights, MergeCond, UNet2DConditionModel, UNetCond, UNetConfig};
 use mip_worker::model::vae::{AutoencoderKL, VaeConfig};
+use mip_worker::pipeline::precision::{vae_dtype, vae_uses_tf32, Tf32Scope};
 use serde_json::{json, Value};
 
 /// Weights drawn on demand: `N(0, 1/fan_in)` for matrices and kernels, ones for norm scales, zeros for biases.
@@ -223,9 +225,31 @@ pub fn run(a: &SdxlArgs) -> Result<Value> {
     let vae_ms = median_ms(dev, a.iters, || Ok(vae.decode(&z)?))?;
     out.insert("vae_decode_ms_1img".into(), json!(vae_ms));
     drop(vae);
+    // The VAE as the pipeline runs it: f32 (TF32 GEMMs on CUDA) for a f16 pipeline, where the line above is the
+    // anchor's like-for-like f16 decode.
+    let vae_dt = vae_dtype(dt);
+    let pipeline_vae_ms = if vae_dt == dt {
+        vae_ms
+    } else {
+        let vae = AutoencoderKL::new(vb.clone().set_dtype(vae_dt), &vae_cfg)?;
+        let z = z.to_dtype(vae_dt)?;
+        let _tf32 = Tf32Scope::new(vae_uses_tf32(dev, dt));
+        let ms = median_ms(dev, a.iters, || Ok(vae.decode(&z)?))?;
+        out.insert(
+            format!("vae_decode_ms_1img_{vae_dt:?}_pipeline").to_lowercase(),
+            json!(ms),
+        );
+        ms
+    };
 
     let whole = text_ms + image_ms + a.steps as f64 * merged_ms + vae_ms;
     out.insert(format!("whole_image_ms_{}steps_estimated", a.steps), json!(whole));
+    if pipeline_vae_ms != vae_ms {
+        out.insert(
+            format!("whole_image_ms_{}steps_pipeline_vae_estimated", a.steps),
+            json!(whole - vae_ms + pipeline_vae_ms),
+        );
+    }
     let plain_whole = text_ms + a.steps as f64 * plain_ms + vae_ms;
     out.insert(
         format!("whole_image_ms_{}steps_plain_estimated", a.steps),

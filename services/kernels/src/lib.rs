@@ -8,8 +8,27 @@
 //! The CUDA C sources live in `cuda/` and are compiled to PTX by `build.rs` with nvcc only when the `cuda` feature
 //! is on. Without it every `*_supported` answers `false` and the ops return an error, so callers keep their own
 //! (CPU) path; with it they are used only for tensors on a CUDA device.
+//!
+//! `MIP_KERNELS=off` in the environment (read once) turns them off in a CUDA build too, so candle's unfused ops
+//! run instead: a diagnostic switch to tell a kernel fault from anything else on a GPU.
+
+use std::sync::OnceLock;
 
 use candle_core::{DType, Result, Tensor};
+
+/// The environment variable that turns the kernels off (`off`, `0` or `false`).
+pub const DISABLE_ENV: &str = "MIP_KERNELS";
+
+/// Whether the kernels may be used: a CUDA build, and [`DISABLE_ENV`] not set to `off`/`0`/`false`.
+pub fn enabled() -> bool {
+    static ENABLED: OnceLock<bool> = OnceLock::new();
+    cfg!(feature = "cuda")
+        && *ENABLED.get_or_init(|| {
+            std::env::var(DISABLE_ENV).map_or(true, |v| {
+                !matches!(v.trim().to_ascii_lowercase().as_str(), "off" | "0" | "false")
+            })
+        })
+}
 
 #[cfg(feature = "cuda")]
 mod cuda_ops;
@@ -19,10 +38,10 @@ mod ptx;
 /// Head dims [`flash_attn`] has kernels for.
 pub const FLASH_HEAD_DIMS: [usize; 3] = [16, 32, 64];
 
-/// Whether [`flash_attn`] takes `q` `(B, H, Lq, D)` and `k` `(B, H, Lk, D)`: a CUDA build, CUDA tensors, f16 or
-/// bf16, and a head dim in [`FLASH_HEAD_DIMS`].
+/// Whether [`flash_attn`] takes `q` `(B, H, Lq, D)` and `k` `(B, H, Lk, D)`: the kernels [`enabled`], CUDA
+/// tensors, f16 or bf16, and a head dim in [`FLASH_HEAD_DIMS`].
 pub fn flash_attn_supported(q: &Tensor, k: &Tensor) -> bool {
-    cfg!(feature = "cuda")
+    enabled()
         && q.device().is_cuda()
         && matches!(q.dtype(), DType::F16 | DType::BF16)
         && k.dtype() == q.dtype()
@@ -48,7 +67,7 @@ pub fn flash_attn(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tens
     }
     if !flash_attn_supported(q, k) {
         candle_core::bail!(
-            "flash_attn: needs a CUDA build and CUDA f16/bf16 tensors with head dim in {FLASH_HEAD_DIMS:?}, got {:?} {:?} on {:?}",
+            "flash_attn: needs a CUDA build ({DISABLE_ENV} not off) and CUDA f16/bf16 tensors with head dim in {FLASH_HEAD_DIMS:?}, got {:?} {:?} on {:?}",
             q.dtype(),
             q.dims(),
             q.device().location()
@@ -81,12 +100,9 @@ fn aligned(x: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// Whether [`group_norm`] takes `x`: a CUDA build and a CUDA tensor of rank >= 3 in f32, f16 or bf16.
+/// Whether [`group_norm`] takes `x`: the kernels [`enabled`] and a CUDA tensor of rank >= 3 in f32, f16 or bf16.
 pub fn group_norm_supported(x: &Tensor) -> bool {
-    cfg!(feature = "cuda")
-        && x.device().is_cuda()
-        && matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16)
-        && x.rank() >= 3
+    enabled() && x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16) && x.rank() >= 3
 }
 
 /// GroupNorm of `x` `(B, C, ...)` over `groups` groups with per-channel `gamma`/`beta` `(C,)`, then SiLU when
@@ -105,7 +121,7 @@ pub fn group_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, groups: usize, eps:
     }
     if !group_norm_supported(x) {
         candle_core::bail!(
-            "group_norm: needs a CUDA build and a CUDA f32/f16/bf16 tensor of rank >= 3, got {:?} {:?} on {:?}",
+            "group_norm: needs a CUDA build ({DISABLE_ENV} not off) and a CUDA f32/f16/bf16 tensor of rank >= 3, got {:?} {:?} on {:?}",
             x.dtype(),
             x.dims(),
             x.device().location()

@@ -10,6 +10,7 @@ use rand_distr::{Distribution, StandardNormal};
 
 use super::model::{MipPipeline, TextEmbedding};
 use super::png::{encode_png, tensor_to_rgb8};
+use super::precision::{vae_uses_tf32, Tf32Scope};
 use super::request::ValidRequest;
 use super::scheduler::{build_scheduler, SchedulerKind};
 use crate::error::{ForwardContext, ModelError, Result};
@@ -192,9 +193,11 @@ impl MipPipeline {
         Ok(latents)
     }
 
-    /// VAE decode of final latents to an image tensor (1, 3, H, W) in about [-1, 1], f32.
+    /// VAE decode of final latents to an image tensor (1, 3, H, W) in about [-1, 1], f32 (TF32 GEMMs on CUDA for
+    /// the f32 VAE of a half-precision pipeline, see [`super::precision`]).
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         let l = latents.to_dtype(self.vae.dtype()).stage("vae")?;
+        let _tf32 = Tf32Scope::new(vae_uses_tf32(&self.device, self.dtype));
         self.vae.decode_scaled(&l)?.to_dtype(DType::F32).stage("vae")
     }
 

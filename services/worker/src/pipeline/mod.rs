@@ -8,6 +8,7 @@ pub mod jpeg;
 pub mod jpeg_idct;
 pub mod model;
 pub mod png;
+pub mod precision;
 pub mod preprocess;
 pub mod request;
 pub mod resample;

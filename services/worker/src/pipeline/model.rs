@@ -59,8 +59,8 @@ pub struct MipPipeline {
 }
 
 impl MipPipeline {
-    /// Loads every part named by `spec` onto `device`, computing in `dtype` (the VAE stays in f32 unless `dtype`
-    /// is bf16: the SDXL VAE overflows in f16).
+    /// Loads every part named by `spec` onto `device`, computing in `dtype` (the VAE in
+    /// [`super::precision::vae_dtype`]: f32 unless `dtype` is bf16, the SDXL VAE overflows in f16).
     pub fn load(spec: &ModelSpec, device: &Device, dtype: DType) -> Result<Self> {
         let base = &spec.base;
         let index: ModelIndex = read_json(&base.join("model_index.json"))?;
@@ -102,8 +102,7 @@ impl MipPipeline {
         unet_ws.ensure_all_used()?;
         adapter_ws.ensure_all_used()?;
 
-        let vae_dtype = if dtype == DType::BF16 { DType::BF16 } else { DType::F32 };
-        let vae = AutoencoderKL::load(&base.join("vae"), vae_dtype, device)?;
+        let vae = AutoencoderKL::load(&base.join("vae"), super::precision::vae_dtype(dtype), device)?;
         let scheduler = SchedulerConfig::from_file(&base.join("scheduler").join("scheduler_config.json"))?;
 
         let mut pipeline = Self {

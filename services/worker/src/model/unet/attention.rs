@@ -1,4 +1,5 @@
-//! The transformer part of the UNet: diffusers `Attention` (bias-free q/k/v, `to_out.0` with bias), the GEGLU
+//! The transformer part of the UNet: diffusers `Attention` (bias-free q/k/v, `to_out.0` with bias; the
+//! self-attention with its q/k/v projections fused into one GEMM), the GEGLU
 //! `FeedForward`, `BasicTransformerBlock` (self-attention, cross-attention, feed-forward, each pre-LayerNorm with
 //! a residual) and `Transformer2DModel` (GroupNorm eps 1e-6, `proj_in`, blocks, `proj_out`, residual).
 //!
@@ -101,6 +102,56 @@ impl Attention {
     }
 }
 
+/// Self-attention (`attn1`) with `to_q`, `to_k` and `to_v` concatenated into one `(3C, C)` projection at load:
+/// one GEMM reads the input once, and on CUDA the fused kernel reads q, k and v as strided head views of its
+/// output (no split copies).
+#[derive(Debug, Clone)]
+pub struct SelfAttention {
+    qkv: Linear,
+    to_out: Linear,
+    heads: usize,
+    scale: f64,
+}
+
+impl SelfAttention {
+    /// `dim` = inner dim = `heads * dim_head`; reads `to_q`, `to_k`, `to_v` (bias-free) and `to_out.0`.
+    pub fn new(vb: VarBuilder, dim: usize, heads: usize) -> candle_core::Result<Self> {
+        if heads == 0 || !dim.is_multiple_of(heads) {
+            candle_core::bail!("attention: {dim} channels cannot be split into {heads} heads");
+        }
+        let w = ["to_q", "to_k", "to_v"]
+            .iter()
+            .map(|n| vb.pp(n).get((dim, dim), "weight"))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            qkv: Linear::new(Tensor::cat(&w, 0)?, None),
+            to_out: linear(dim, dim, vb.pp("to_out").pp("0"))?,
+            heads,
+            scale: 1.0 / ((dim / heads) as f64).sqrt(),
+        })
+    }
+}
+
+impl Module for SelfAttention {
+    /// `xs` `(B, L, C)` -> `(B, L, C)`.
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, l, c) = xs.dims3()?;
+        let qkv = self.qkv.forward(xs)?.reshape((b, l, 3, self.heads, c / self.heads))?;
+        // (B, H, L, d) strided views of the one projection.
+        let part = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2);
+        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+        #[cfg(feature = "cuda")]
+        if mip_kernels::flash_attn_supported(&q, &k) {
+            return self
+                .to_out
+                .forward(&mip_kernels::flash_attn(&q, &k, &v, self.scale as f32)?);
+        }
+        let scores = (q.contiguous()?.matmul(&k.contiguous()?.t()?)? * self.scale)?;
+        let p = softmax_f32(&scores)?.to_dtype(v.dtype())?;
+        self.to_out.forward(&merge_heads(&p.matmul(&v.contiguous()?)?)?)
+    }
+}
+
 /// `FeedForward` with GEGLU: `net.2(h * gelu_erf(g))` where `[h | g] = net.0.proj(x)`.
 #[derive(Debug, Clone)]
 pub struct FeedForward {
@@ -141,7 +192,7 @@ pub struct CrossContext<'a> {
 #[derive(Debug, Clone)]
 pub struct BasicTransformerBlock {
     norm1: LayerNorm,
-    attn1: Attention,
+    attn1: SelfAttention,
     norm2: LayerNorm,
     attn2: Attention,
     merge: Option<MergeWeights>,
@@ -159,7 +210,7 @@ impl BasicTransformerBlock {
     ) -> candle_core::Result<Self> {
         Ok(Self {
             norm1: layer_norm(dim, 1e-5, vb.pp("norm1"))?,
-            attn1: Attention::new(vb.pp("attn1"), dim, dim, heads)?,
+            attn1: SelfAttention::new(vb.pp("attn1"), dim, heads)?,
             norm2: layer_norm(dim, 1e-5, vb.pp("norm2"))?,
             attn2: Attention::new(vb.pp("attn2"), dim, context_dim, heads)?,
             merge,
@@ -171,7 +222,7 @@ impl BasicTransformerBlock {
     /// `xs` `(B, L, C)` -> `(B, L, C)`.
     pub fn forward(&self, xs: &Tensor, ctx: &CrossContext) -> candle_core::Result<Tensor> {
         let h = self.norm1.forward(xs)?;
-        let xs = (self.attn1.forward(&h, &h)? + xs)?;
+        let xs = (self.attn1.forward(&h)? + xs)?;
         let h = self.norm2.forward(&xs)?;
         let a2 = match (&ctx.merge, &self.merge) {
             (None, _) => self.attn2.forward(&h, &ctx.encoder_hidden_states)?,
@@ -265,5 +316,34 @@ impl Transformer2DModel {
             Proj::Conv(conv) => conv.forward(&t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()?)?,
         };
         t + xs
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use candle_core::Device;
+
+    use super::*;
+
+    #[test]
+    fn fused_self_attention_equals_separate_projections() {
+        let dev = Device::Cpu;
+        let randn = |shape: &[usize]| Tensor::randn(0f32, 0.3, shape, &dev).expect("randn");
+        let mut map = HashMap::new();
+        for name in ["to_q", "to_k", "to_v", "to_out.0"] {
+            map.insert(format!("{name}.weight"), randn(&[16, 16]));
+        }
+        map.insert("to_out.0.bias".to_owned(), randn(&[16]));
+        let vb = VarBuilder::from_tensors(map, DType::F32, &dev);
+        let fused = SelfAttention::new(vb.clone(), 16, 2).expect("fused");
+        let separate = Attention::new(vb, 16, 16, 2).expect("separate");
+        let xs = randn(&[2, 7, 16]);
+        let diff = (fused.forward(&xs).expect("fused forward") - separate.forward(&xs, &xs).expect("forward"))
+            .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
+            .expect("diff");
+        assert!(diff < 1e-5, "max abs difference {diff}");
+        assert!(SelfAttention::new(VarBuilder::zeros(DType::F32, &dev), 16, 3).is_err());
     }
 }
