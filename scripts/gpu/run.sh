@@ -144,6 +144,10 @@ for dt in dts:
         print(f"kernel {k}: {v}")
     if isinstance(check, str):
         print(f"kernel check: {check}")
+    prof = m.get("op_profile")
+    for k, v in (prof.items() if isinstance(prof, dict) else []):
+        rate = f"{v['tflops']:.3g} TFLOP/s" if "tflops" in v else f"{v.get('gbps', 0):.3g} GB/s"
+        print(f"op {k:<44} {v['ms']:8.3f} ms  {rate}")
 EOF
 } | tee "$OUT/summary.txt"
 rm -rf "$WORK"

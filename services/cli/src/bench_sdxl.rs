@@ -5,11 +5,12 @@
 //! the dtype the pipeline decodes in when that differs), and the whole image estimated as
 //! `encoders + steps x merged step + decode` (the anchor's formula). `--tiny` shrinks every model for CPU runs.
 //! On CUDA it also reports the peak device memory in use (sampled every 2 ms through the driver) and checks the
-//! fused kernels of `mip-kernels` against candle's unfused ops in SDXL shapes (max errors and timings).
+//! fused kernels of `mip-kernels` against candle's unfused ops in SDXL shapes (max errors and timings). On every
+//! device it also times single ops in SDXL shapes, the `op_profile` (see [`crate::bench_ops`]).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Shape, Tensor};
@@ -21,6 +22,8 @@ use mip_worker::model::clip::{ClipTextConfig, ClipVisionConfig};
 use mip_worker::model::unet::{AdapterWeights, MergeCond, UNet2DConditionModel, UNetCond, UNetConfig};
 use mip_worker::model::vae::{AutoencoderKL, VaeConfig};
 use mip_worker::pipeline::precision::{vae_dtype, vae_uses_tf32, Tf32Scope};
+
+use crate::bench_ops::{kernel_check, median_ms, op_profile};
 use serde_json::{json, Value};
 
 /// Weights drawn on demand: `N(0, 1/fan_in)` for matrices and kernels, ones for norm scales, zeros for biases.
@@ -156,22 +159,6 @@ fn used_bytes_fn(_: &Device) -> Option<Box<dyn Fn() -> Option<usize> + Send>> {
     None
 }
 
-/// Median milliseconds of `iters` synchronised runs after one warm-up.
-fn median_ms(device: &Device, iters: usize, mut f: impl FnMut() -> Result<Tensor>) -> Result<f64> {
-    f()?;
-    device.synchronize()?;
-    let mut times = Vec::with_capacity(iters.max(1));
-    for _ in 0..iters.max(1) {
-        let t = Instant::now();
-        let out = f()?;
-        device.synchronize()?;
-        times.push(t.elapsed().as_secs_f64() * 1e3);
-        drop(out);
-    }
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
-}
-
 /// What `--sdxl` runs with.
 pub struct SdxlArgs {
     pub device: Device,
@@ -193,6 +180,8 @@ pub fn run(a: &SdxlArgs) -> Result<Value> {
         let check = kernel_check(dev, dt, a.iters).unwrap_or_else(|e| json!(format!("error: {e:#}")));
         out.insert("kernel_check".into(), check);
     }
+    let profile = op_profile(dev, dt, a.iters, a.tiny).unwrap_or_else(|e| json!(format!("error: {e:#}")));
+    out.insert("op_profile".into(), profile);
     let sampler = MemSampler::start(dev);
 
     let text_l: ClipTextConfig = serde_json::from_value(cfg.text_l)?;
@@ -303,65 +292,4 @@ fn unet_steps(a: &SdxlArgs, vb: &VarBuilder, cfg: Value, pooled: usize) -> Resul
     let merged_ms = median_ms(dev, a.iters, || Ok(unet.forward(&sample, 500.0, &merged)?))?;
     let plain_ms = median_ms(dev, a.iters, || Ok(unet.forward(&sample, 500.0, &plain)?))?;
     Ok((merged_ms, plain_ms))
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-    let d = (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?.abs()?;
-    Ok(d.flatten_all()?.max(0)?.to_scalar::<f32>()?)
-}
-
-/// The fused attention (self-attention 4096x4096, cross-attention 4096x77, an odd 100x77, head dim 64, 10 heads,
-/// batch 2) and GroupNorm+SiLU (2x640x64x64, 32 groups) against candle's unfused ops: max abs errors (the
-/// reference computed in f32 from the same half inputs) and median ms of each.
-fn kernel_check(dev: &Device, dt: DType, iters: usize) -> Result<Value> {
-    let mut res = serde_json::Map::new();
-    for (name, lq, lk) in [
-        ("self_4096", 4096, 4096),
-        ("cross_4096x77", 4096, 77),
-        ("odd_100x77", 100, 77),
-    ] {
-        let q = Tensor::randn(0f32, 1.0, (2, 10, lq, 64), dev)?.to_dtype(dt)?;
-        let k = Tensor::randn(0f32, 1.0, (2, 10, lk, 64), dev)?.to_dtype(dt)?;
-        let v = Tensor::randn(0f32, 1.0, (2, 10, lk, 64), dev)?.to_dtype(dt)?;
-        if !mip_kernels::flash_attn_supported(&q, &k) {
-            res.insert(name.into(), json!("unsupported dtype/device"));
-            continue;
-        }
-        let unfused = || -> Result<Tensor> {
-            let s = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * 0.125)?;
-            let p = candle_nn::ops::softmax_last_dim(&s)?.to_dtype(dt)?;
-            Ok(p.matmul(&v)?.transpose(1, 2)?.reshape((2, lq, 640))?)
-        };
-        let f32_ref = {
-            let (q, k, v) = (
-                q.to_dtype(DType::F32)?,
-                k.to_dtype(DType::F32)?,
-                v.to_dtype(DType::F32)?,
-            );
-            let p = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * 0.125)?)?;
-            p.matmul(&v)?.transpose(1, 2)?.reshape((2, lq, 640))?
-        };
-        let fused = mip_kernels::flash_attn(&q, &k, &v, 0.125)?;
-        res.insert(
-            name.into(),
-            json!({"max_abs_err_fused": max_abs_diff(&fused, &f32_ref)?,
-                   "max_abs_err_unfused": max_abs_diff(&unfused()?, &f32_ref)?,
-                   "fused_ms": median_ms(dev, iters, || Ok(mip_kernels::flash_attn(&q, &k, &v, 0.125)?))?,
-                   "unfused_ms": median_ms(dev, iters, unfused)?}),
-        );
-    }
-    let x = Tensor::randn(0f32, 1.0, (2, 640, 64, 64), dev)?.to_dtype(dt)?;
-    let gamma = Tensor::randn(1f32, 0.1, 640, dev)?;
-    let beta = Tensor::randn(0f32, 0.1, 640, dev)?;
-    let gn = candle_nn::GroupNorm::new(gamma.to_dtype(dt)?, beta.to_dtype(dt)?, 640, 32, 1e-5)?;
-    let unfused = || -> Result<Tensor> { Ok(candle_nn::ops::silu(&candle_core::Module::forward(&gn, &x)?)?) };
-    if mip_kernels::group_norm_supported(&x) {
-        let fused = || -> Result<Tensor> { Ok(mip_kernels::group_norm(&x, &gamma, &beta, 32, 1e-5, true)?) };
-        res.insert(
-            "group_norm_silu_2x640x64x64".into(),
-            json!({"max_abs_diff": max_abs_diff(&fused()?, &unfused()?)?,
-                   "fused_ms": median_ms(dev, iters, fused)?, "unfused_ms": median_ms(dev, iters, unfused)?}),
-        );
-    }
-    Ok(Value::Object(res))
 }

@@ -14,6 +14,7 @@
 
 mod bench;
 mod bench_cluster;
+mod bench_ops;
 mod bench_sdxl;
 mod client;
 mod device;
