@@ -17,6 +17,9 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
+// Shared variables are function-local statics; emu_shared.h finds them in the program's symbol table and fills them
+// with 0xff (NaN) before each block: a kernel that reads shared memory it never wrote sees NaN, as it may see
+// garbage on the GPU.
 #define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
 #define __launch_bounds__(...)

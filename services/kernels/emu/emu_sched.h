@@ -2,8 +2,8 @@
 // OS thread, so a run is deterministic; blocks run one after another, so `__shared__` variables (static locals,
 // see cuda_emu.h) are one copy per block as on the GPU (and keep the previous block's values, never zeros).
 //
-// Within a block, each scheduling pass visits the fibers in the chosen ORDER (forward, reverse, or a seeded
-// shuffle redrawn every pass) and runs each ready fiber until it reaches a barrier or returns. Barriers:
+// Within a block, fibers run in the chosen ORDER (see `Order`): each ready fiber runs until it reaches a barrier
+// or returns. Shared memory is filled with NaN bytes before each block (see __shared__ in cuda_emu.h). Barriers:
 //   - block scope: __syncthreads (every thread of the block, all at the same call site);
 //   - warp scope: __syncwarp, shuffles, WMMA ops (every lane of the warp, same call site and same kind).
 // The last arrival may run a "collective" callback over all participants (shuffle exchange, WMMA loads) before
@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <source_location>
 #include <string>
@@ -45,7 +46,9 @@ inline dim3 gridDim;
 
 namespace emu {
 
-enum class Order { Forward, Reverse, Shuffle };
+// Forward / Reverse / Shuffle: round-robin passes (warps advance about in lockstep). Greedy / GreedyReverse: always
+// resume the lowest (highest) numbered ready thread, so one warp runs as far ahead of the others as barriers allow.
+enum class Order { Forward, Reverse, Shuffle, Greedy, GreedyReverse };
 enum class Scope { Block, Warp };
 
 [[noreturn]] inline void fail(const char* fmt, ...) {
@@ -94,6 +97,17 @@ struct Runtime {
   const std::function<void()>* body = nullptr;
 };
 inline Runtime rt;
+
+// Ranges filled with 0xff before each block (the __shared__ variables; see emu_shared.h).
+struct Range {
+  char* p;
+  size_t n;
+};
+inline std::vector<Range> shared_ranges;
+
+inline void poison_shared() {
+  for (const Range& r : shared_ranges) std::memset(r.p, 0xff, r.n);
+}
 
 inline uint64_t next_rand() {
   rt.rng ^= rt.rng << 13;
@@ -192,6 +206,31 @@ inline void report_deadlock() {
   fail("%s", msg.c_str());
 }
 
+inline void resume(Fiber& f) {
+  rt.cur = &f;
+  threadIdx = f.idx;
+  swapcontext(&rt.sched, &f.ctx);
+}
+
+inline void run_greedy(size_t n) {
+  const bool up = rt.order == Order::Greedy;
+  for (;;) {
+    Fiber* next = nullptr;
+    bool live = false;
+    for (size_t k = 0; k < n && next == nullptr; ++k) {
+      Fiber& f = rt.fibers[up ? k : n - 1 - k];
+      if (f.state == Fiber::Ready) next = &f;
+    }
+    if (next != nullptr) {
+      resume(*next);
+      continue;
+    }
+    for (const Fiber& f : rt.fibers) live = live || f.state != Fiber::Done;
+    if (!live) return;
+    report_deadlock();
+  }
+}
+
 // Runs one block to completion.
 inline void run_block(size_t n) {
   const size_t page = (size_t)sysconf(_SC_PAGESIZE);
@@ -209,6 +248,8 @@ inline void run_block(size_t n) {
     f.ctx.uc_link = nullptr;
     makecontext(&f.ctx, fiber_main, 0);
   }
+  poison_shared();
+  if (rt.order == Order::Greedy || rt.order == Order::GreedyReverse) return run_greedy(n);
   std::vector<size_t> perm(n);
   for (;;) {
     for (size_t i = 0; i < n; ++i) perm[i] = rt.order == Order::Reverse ? n - 1 - i : i;
@@ -220,9 +261,7 @@ inline void run_block(size_t n) {
       Fiber& f = rt.fibers[i];
       if (f.state != Fiber::Ready) continue;
       ran = true;
-      rt.cur = &f;
-      threadIdx = f.idx;
-      swapcontext(&rt.sched, &f.ctx);
+      resume(f);
     }
     for (const Fiber& f : rt.fibers) live = live || f.state != Fiber::Done;
     if (!live) return;

@@ -1,6 +1,6 @@
 // Runs the UNMODIFIED kernels of ../cuda on the CPU under the CUDA emulator (cuda_emu.h, emu_sched.h, mma.h).
 //
-//   harness JOB ORDER OUTDIR      ORDER: forward | reverse | shuffle:SEED
+//   harness JOB ORDER OUTDIR      ORDER: forward | reverse | shuffle:SEED | greedy | greedy-reverse
 //
 // JOB is a text file, one directive per line:
 //   buffer NAME BYTES in PATH     device buffer filled from a file of exactly BYTES bytes
@@ -21,6 +21,7 @@
 
 #include "../cuda/flash_attn.cu"
 #include "../cuda/group_norm.cu"
+#include "emu_shared.h"
 
 namespace {
 
@@ -50,11 +51,12 @@ void on_fault(int, siginfo_t* info, void*) {
   std::_Exit(3);
 }
 
+char alt_stack[64 * 1024];  // not function-local: every function-local static is taken for shared memory
+
 void install_fault_handler() {
-  static char alt[64 * 1024];
   stack_t ss{};
-  ss.ss_sp = alt;
-  ss.ss_size = sizeof alt;
+  ss.ss_sp = alt_stack;
+  ss.ss_size = sizeof alt_stack;
   sigaltstack(&ss, nullptr);
   struct sigaction sa {};
   sa.sa_sigaction = on_fault;
@@ -152,10 +154,14 @@ void set_order(const std::string& s) {
     emu::set_order(emu::Order::Forward, 0);
   } else if (s == "reverse") {
     emu::set_order(emu::Order::Reverse, 0);
+  } else if (s == "greedy") {
+    emu::set_order(emu::Order::Greedy, 0);
+  } else if (s == "greedy-reverse") {
+    emu::set_order(emu::Order::GreedyReverse, 0);
   } else if (s.rfind("shuffle:", 0) == 0) {
     emu::set_order(emu::Order::Shuffle, std::stoull(s.substr(8)));
   } else {
-    bad_job("order `" + s + "`: forward, reverse or shuffle:SEED");
+    bad_job("order `" + s + "`: forward, reverse, shuffle:SEED, greedy or greedy-reverse");
   }
 }
 
@@ -185,6 +191,11 @@ int main(int argc, char** argv) {
   if (argc != 4) bad_job("usage: harness JOB ORDER OUTDIR");
   set_order(argv[2]);
   install_fault_handler();
+  if (std::getenv("EMU_LIST_SHARED") != nullptr) {
+    emu::find_shared_variables();
+    for (const emu::Range& r : emu::shared_ranges) std::fprintf(stderr, "shared %p %zu\n", (void*)r.p, r.n);
+  }
+  if (emu::find_shared_variables() == 0) bad_job("no __shared__ variables found in the symbol table");
   std::ifstream job(argv[1]);
   if (!job) bad_job(std::string("cannot open job ") + argv[1]);
   std::vector<std::string> outputs;

@@ -156,7 +156,11 @@ impl GroupNorm {
                 dev.alloc::<T>(total)?,
             )
         };
-        for (func, launch) in [(&stats_fn, &plan.stats), (&final_fn, &plan.finalize), (&apply_fn, &plan.apply)] {
+        for (func, launch) in [
+            (&stats_fn, &plan.stats),
+            (&final_fn, &plan.finalize),
+            (&apply_fn, &plan.apply),
+        ] {
             let mut builder = func.builder();
             push_args!(builder, launch, {
                 X => &xs, Part => &part, Stats => &stats, Gamma => &gs, Beta => &bs, Y => &out,

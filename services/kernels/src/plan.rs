@@ -123,7 +123,9 @@ pub fn flash_attn(dtype: DType, q: &Layout, k: &Layout, v: &Layout, scale: f32) 
         );
     }
     if !matches!(dtype, DType::F16 | DType::BF16) || !FLASH_HEAD_DIMS.contains(&d) || lq == 0 || lk == 0 {
-        candle_core::bail!("flash_attn plan: {dtype:?} head dim {d} Lq {lq} Lk {lk} (f16/bf16, D in {FLASH_HEAD_DIMS:?}, L > 0)");
+        candle_core::bail!(
+            "flash_attn plan: {dtype:?} head dim {d} Lq {lq} Lk {lk} (f16/bf16, D in {FLASH_HEAD_DIMS:?}, L > 0)"
+        );
     }
     for (name, l) in [("q", q), ("k", k), ("v", v)] {
         if !flash_layout_ok(l) {
@@ -180,7 +182,10 @@ pub fn group_norm(dtype: DType, x: &Layout, groups: usize, eps: f64, silu: bool)
     let chunks = group_len.div_ceil(GN_CHUNK).clamp(1, GN_MAX_CHUNKS);
     let chunk_len = group_len.div_ceil(chunks);
     if b * c > GRID_Y_MAX || n_groups > GRID_Y_MAX {
-        candle_core::bail!("group_norm plan: B*C = {} planes exceed the grid limit {GRID_Y_MAX}", b * c);
+        candle_core::bail!(
+            "group_norm plan: B*C = {} planes exceed the grid limit {GRID_Y_MAX}",
+            b * c
+        );
     }
     let suffix = dtype_suffix(dtype)?;
     let stats = Launch {
@@ -253,7 +258,9 @@ mod tests {
     #[test]
     fn flash_plan_takes_strided_views_and_rejects_misaligned_ones() {
         // (B, L, H*D) = (2, 100, 4*16) viewed as (B, H, L, D).
-        let l = Layout::contiguous(Shape::from((2, 100, 4, 16))).transpose(1, 2).expect("t");
+        let l = Layout::contiguous(Shape::from((2, 100, 4, 16)))
+            .transpose(1, 2)
+            .expect("t");
         let p = flash_attn(DType::BF16, &l, &l, &l, 0.25).expect("plan");
         assert_eq!(p.launch.kernel, "flash_attn_bf16_d16");
         assert_eq!(p.launch.grid, (2, 8, 1));

@@ -14,7 +14,8 @@ use candle_core::{DType, Device, Shape, Tensor};
 use mip_kernels::plan::{Arg, Buf, Launch};
 
 /// Schedule orders every case runs under; their results must be bit-identical.
-pub const ORDERS: [&str; 3] = ["forward", "reverse", "shuffle:7"];
+/// Round-robin orders keep warps about in lockstep; the greedy ones let one warp run far ahead (races between warps).
+pub const ORDERS: [&str; 5] = ["forward", "reverse", "shuffle:7", "greedy", "greedy-reverse"];
 /// Longest one harness run may take (a buggy kernel may loop forever).
 const RUN_LIMIT: Duration = Duration::from_secs(300);
 
@@ -34,7 +35,14 @@ fn compile() -> Result<PathBuf> {
     let bin = dir.join("harness");
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".to_owned());
     let out = Command::new(&cxx)
-        .args(["-std=c++20", "-O2", "-fno-strict-aliasing", "-Wall", "-Wno-unknown-pragmas", "-I"])
+        .args([
+            "-std=c++20",
+            "-O2",
+            "-fno-strict-aliasing",
+            "-Wall",
+            "-Wno-unknown-pragmas",
+            "-I",
+        ])
         .arg(root.join("emu"))
         .arg("-o")
         .arg(&bin)
@@ -59,14 +67,18 @@ pub struct Job {
 
 impl Job {
     pub fn new() -> Result<Self> {
-        Ok(Self { dir: tempfile::tempdir()?, lines: Vec::new() })
+        Ok(Self {
+            dir: tempfile::tempdir()?,
+            lines: Vec::new(),
+        })
     }
 
     /// A device buffer filled from `bytes`.
     pub fn input(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
         let path = self.dir.path().join(format!("{name}.in"));
         std::fs::write(&path, bytes)?;
-        self.lines.push(format!("buffer {name} {} in {}", bytes.len(), path.display()));
+        self.lines
+            .push(format!("buffer {name} {} in {}", bytes.len(), path.display()));
         Ok(())
     }
 
@@ -152,7 +164,10 @@ impl Job {
                 None => first = Some(bytes),
                 Some(f) if *f != bytes => {
                     let at = f.iter().zip(&bytes).position(|(a, b)| a != b).unwrap_or(0);
-                    bail!("`{output}` under order {order} differs from order {} (first at byte {at})", ORDERS[0]);
+                    bail!(
+                        "`{output}` under order {order} differs from order {} (first at byte {at})",
+                        ORDERS[0]
+                    );
                 }
                 Some(_) => {}
             }
@@ -167,7 +182,11 @@ pub fn to_bytes(t: &Tensor) -> Result<Vec<u8>> {
     Ok(match t.dtype() {
         DType::F32 => t.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
         DType::F16 => t.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        DType::BF16 => t.to_vec1::<half::bf16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::BF16 => t
+            .to_vec1::<half::bf16>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
         other => bail!("to_bytes: {other:?}"),
     })
 }
@@ -175,9 +194,18 @@ pub fn to_bytes(t: &Tensor) -> Result<Vec<u8>> {
 /// A tensor of `dtype` and `shape` from little-endian element bytes, converted to f32.
 pub fn f32_from_bytes(bytes: &[u8], dtype: DType, shape: impl Into<Shape>) -> Result<Tensor> {
     let vals: Vec<f32> = match dtype {
-        DType::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        DType::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        DType::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
         other => bail!("f32_from_bytes: {other:?}"),
     };
     Ok(Tensor::from_vec(vals, shape, &Device::Cpu)?)
