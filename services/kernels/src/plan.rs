@@ -107,7 +107,9 @@ fn to_i64(name: &str, v: usize) -> Result<i64> {
 /// row start 16-byte aligned for 16-bit elements (offset and strides multiples of 8 elements).
 pub fn flash_layout_ok(l: &Layout) -> bool {
     let stride = l.stride();
-    stride.last() == Some(&1) && l.start_offset() % 8 == 0 && stride.iter().rev().skip(1).all(|s| s % 8 == 0)
+    stride.last() == Some(&1)
+        && l.start_offset().is_multiple_of(8)
+        && stride.iter().rev().skip(1).all(|s| s.is_multiple_of(8))
 }
 
 /// The plan of `flash_attn_<dt>_d<D>` for q `(B, H, Lq, D)` and k/v `(B, H, Lk, D)` with the given layouts.
