@@ -32,6 +32,7 @@ pub fn enabled() -> bool {
 
 #[cfg(feature = "cuda")]
 mod cuda_ops;
+pub mod plan;
 #[cfg(feature = "cuda")]
 mod ptx;
 
@@ -89,11 +90,7 @@ pub fn flash_attn(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tens
 /// kernel's vector loads need), else a contiguous copy.
 #[cfg(feature = "cuda")]
 fn aligned(x: &Tensor) -> Result<Tensor> {
-    let layout = x.layout();
-    let stride = layout.stride();
-    let last_ok = stride.last() == Some(&1);
-    let aligned = layout.start_offset() % 8 == 0 && stride.iter().rev().skip(1).all(|s| s % 8 == 0);
-    if last_ok && aligned {
+    if plan::flash_layout_ok(x.layout()) {
         Ok(x.clone())
     } else {
         x.copy()
