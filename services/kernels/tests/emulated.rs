@@ -335,3 +335,34 @@ fn group_norm_f16_small_silu() -> Result<()> {
         tol: 2e-3,
     })
 }
+
+/// Self-attention as the UNet's `SelfAttention` runs it: q, k and v are head views of one fused projection
+/// `(B, L, 3, H, D)` (row stride 3*H*D, k and v at offsets H*D and 2*H*D).
+#[test]
+fn flash_f16_d64_views_of_one_qkv_projection() -> Result<()> {
+    let (dtype, b, h, l, d, scale) = (DType::F16, 2, 3, 90, 64, 0.125f32);
+    let qkv = randn(7, (b, l, 3, h, d))?.to_dtype(dtype)?;
+    let part = |i: usize| qkv.i((.., .., i))?.transpose(1, 2);
+    let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+    ensure!(k.layout().start_offset() == h * d && v.layout().start_offset() == 2 * h * d);
+    let p = plan::flash_attn(dtype, q.layout(), k.layout(), v.layout(), scale)?;
+    let elem = dtype.size_in_bytes();
+    let offsets = p.in_offsets;
+    let mut job = Job::new()?;
+    job.input("qkv", &to_bytes(&qkv)?)?;
+    job.poisoned("out", p.out_len * elem);
+    job.launch(&p.launch, |buf| match buf {
+        Buf::Q => ("qkv", offsets[0] * elem),
+        Buf::K => ("qkv", offsets[1] * elem),
+        Buf::V => ("qkv", offsets[2] * elem),
+        _ => ("out", 0),
+    });
+    job.output("out");
+    let got = f32_from_bytes(&job.run_all_orders("out")?, dtype, p.out_shape)?;
+    let f = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+    let probs = candle_nn::ops::softmax_last_dim(&(f(&q)?.matmul(&f(&k)?.t()?)? * f64::from(scale))?)?;
+    let want = probs.matmul(&f(&v)?)?.transpose(1, 2)?.reshape((b, l, h * d))?;
+    let err = max_rel_err(&got, &want)?;
+    ensure!(err < F16_TOL, "fused qkv views: error {err} >= {F16_TOL}");
+    Ok(())
+}
