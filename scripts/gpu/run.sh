@@ -148,6 +148,9 @@ for dt in dts:
     for k, v in (prof.items() if isinstance(prof, dict) else []):
         rate = f"{v['tflops']:.3g} TFLOP/s" if "tflops" in v else f"{v.get('gbps', 0):.3g} GB/s"
         print(f"op {k:<44} {v['ms']:8.3f} ms  {rate}")
+    blocks = m.get("block_profile")
+    for k, v in (blocks.items() if isinstance(blocks, dict) else []):
+        print(f"block {k:<41} {v}")
 EOF
 } | tee "$OUT/summary.txt"
 rm -rf "$WORK"

@@ -6,7 +6,8 @@
 //! `encoders + steps x merged step + decode` (the anchor's formula). `--tiny` shrinks every model for CPU runs.
 //! On CUDA it also reports the peak device memory in use (sampled every 2 ms through the driver) and checks the
 //! fused kernels of `mip-kernels` against candle's unfused ops in SDXL shapes (max errors and timings). On every
-//! device it also times single ops in SDXL shapes, the `op_profile` (see [`crate::bench_ops`]).
+//! device it also times single ops in SDXL shapes, the `op_profile` (see [`crate::bench_ops`]), and single UNet
+//! blocks, the `block_profile` (see [`crate::bench_blocks`]).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use mip_worker::model::unet::{AdapterWeights, MergeCond, UNet2DConditionModel, U
 use mip_worker::model::vae::{AutoencoderKL, VaeConfig};
 use mip_worker::pipeline::precision::{vae_dtype, vae_uses_tf32, Tf32Scope};
 
+use crate::bench_blocks::block_profile;
 use crate::bench_ops::{kernel_check, median_ms, op_profile};
 use serde_json::{json, Value};
 
@@ -182,6 +184,8 @@ pub fn run(a: &SdxlArgs) -> Result<Value> {
     }
     let profile = op_profile(dev, dt, a.iters, a.tiny).unwrap_or_else(|e| json!(format!("error: {e:#}")));
     out.insert("op_profile".into(), profile);
+    let blocks = block_profile(&vb, dev, dt, a.iters, a.tiny).unwrap_or_else(|e| json!(format!("error: {e:#}")));
+    out.insert("block_profile".into(), blocks);
     let sampler = MemSampler::start(dev);
 
     let text_l: ClipTextConfig = serde_json::from_value(cfg.text_l)?;

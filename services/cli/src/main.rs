@@ -13,6 +13,7 @@
 //! reports errors as one line with a non-zero exit.
 
 mod bench;
+mod bench_blocks;
 mod bench_cluster;
 mod bench_ops;
 mod bench_sdxl;
