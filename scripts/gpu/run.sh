@@ -105,7 +105,7 @@ PYTHONUNBUFFERED=1 timeout "$STEP_TIMEOUT" $PY "$PACK/bench/anchor_bench.py" $AN
   for dt in $DTYPES; do echo "$dt: ${PARITY[$dt]}"; done
   echo "== bench"
   $PY - "$OUT" $BENCH_DTYPES <<'EOF'
-import json, os, sys
+import json, os, re, sys
 out, dts = sys.argv[1], sys.argv[2:]
 def load(p):
     try:
@@ -121,15 +121,17 @@ pairs = [("unet step, weighted merge", "unet_step_ms_merge", ["unet_step_s_mip_o
          ("vae decode", "vae_decode_ms_1img", ["vae_decode_s_1img"]),
          ("text encode", "text_encode_ms_6seqs_both", ["text_encode_s_6seqs_both"]),
          ("image encode", "image_encode_ms_2imgs", ["image_encode_s_2imgs_bigG"]),
-         ("whole image", "whole_image_ms_30steps_estimated", ["e2e_30steps_s_mip_official", "e2e_30steps_s_mip_fast"])]
+         ("whole image, estimated", "whole_image_ms_30steps_estimated", ["e2e_30steps_s_mip_official", "e2e_30steps_s_mip_fast"]),
+         ("whole image, measured", "whole_image_ms_30steps_measured", ["e2e_30steps_s_mip_official", "e2e_30steps_s_mip_fast", "e2e_30steps_s_plain_sdpa"])]
 print(f"anchor: {a.get('device')} {a.get('dtype')} torch {a.get('torch')}")
 for dt in dts:
     m = load(os.path.join(out, f"mip_bench_{dt}.json"))
     print(f"-- mip {dt} (peak GPU mem {m.get('peak_gpu_mem_gib', 'n/a')} GiB)")
     for label, mk, aks in pairs:
         ours = m.get(mk)
-        if ours is None:
-            ours = next((v for k, v in m.items() if k.startswith(mk.rsplit("_", 2)[0])), None) if mk.startswith("whole") else None
+        if ours is None and mk.startswith("whole"):  # another --steps: the same key with its step count
+            pat = re.compile(mk.replace("30steps", r"\d+steps") + "$")
+            ours = next((v for k, v in m.items() if pat.match(k)), None)
         row = f"{label:<28} mip {ours if ours is None else round(ours, 2)} ms"
         for ak in aks:
             ref = ms(ak)

@@ -11,18 +11,21 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
+use mip_worker::error::ForwardContext;
 use mip_worker::model::clip::text::ClipTextModel;
 use mip_worker::model::clip::vision::ClipVisionModel;
 use mip_worker::model::clip::{ClipTextConfig, ClipVisionConfig};
 use mip_worker::model::unet::{AdapterWeights, MergeCond, UNet2DConditionModel, UNetCond, UNetConfig};
 use mip_worker::model::vae::{AutoencoderKL, VaeConfig};
+use mip_worker::pipeline::generate::{denoise_with, Sampling};
 use mip_worker::pipeline::precision::{vae_dtype, vae_uses_tf32, Tf32Scope};
+use mip_worker::pipeline::scheduler::{SchedulerConfig, SchedulerKind};
 
 use crate::bench_blocks::block_profile;
 use crate::bench_ops::{kernel_check, median_ms, op_profile};
@@ -198,7 +201,6 @@ pub fn run(a: &SdxlArgs) -> Result<Value> {
         Ok(enc_g.forward(&ids)?.penultimate)
     })?;
     out.insert("text_encode_ms_6seqs_both".into(), json!(text_ms));
-    drop((enc_l, enc_g));
 
     let vision: ClipVisionConfig = serde_json::from_value(cfg.vision)?;
     let image_size = vision.image_size;
@@ -206,9 +208,11 @@ pub fn run(a: &SdxlArgs) -> Result<Value> {
     let px = Tensor::randn(0f32, 1.0, (a.subjects, 3, image_size, image_size), dev)?;
     let image_ms = median_ms(dev, a.iters, || Ok(enc.forward(&px)?.penultimate))?;
     out.insert(format!("image_encode_ms_{}imgs", a.subjects), json!(image_ms));
-    drop(enc);
 
-    let (merged_ms, plain_ms) = unet_steps(a, &vb, cfg.unet, cfg.pooled)?;
+    let (unet, merged, plain) = unet_and_conds(a, &vb, cfg.unet, cfg.pooled)?;
+    let sample = Tensor::randn(0f32, 1.0, (2, 4, a.size.1 / 8, a.size.0 / 8), dev)?;
+    let merged_ms = median_ms(dev, a.iters, || Ok(unet.forward(&sample, 500.0, &merged)?))?;
+    let plain_ms = median_ms(dev, a.iters, || Ok(unet.forward(&sample, 500.0, &plain)?))?;
     out.insert("unet_step_ms_merge".into(), json!(merged_ms));
     out.insert("unet_step_ms_plain".into(), json!(plain_ms));
 
@@ -217,23 +221,58 @@ pub fn run(a: &SdxlArgs) -> Result<Value> {
     let z = Tensor::randn(0f32, 1.0, (1, 4, a.size.1 / 8, a.size.0 / 8), dev)?;
     let vae_ms = median_ms(dev, a.iters, || Ok(vae.decode(&z)?))?;
     out.insert("vae_decode_ms_1img".into(), json!(vae_ms));
-    drop(vae);
     // The VAE as the pipeline runs it: f32 (TF32 GEMMs on CUDA) for a f16 pipeline, where the line above is the
     // anchor's like-for-like f16 decode.
     let vae_dt = vae_dtype(dt);
+    let tf32 = vae_uses_tf32(dev, dt);
+    let pipeline_vae = if vae_dt == dt {
+        vae
+    } else {
+        drop(vae);
+        AutoencoderKL::new(vb.clone().set_dtype(vae_dt), &vae_cfg)?
+    };
     let pipeline_vae_ms = if vae_dt == dt {
         vae_ms
     } else {
-        let vae = AutoencoderKL::new(vb.clone().set_dtype(vae_dt), &vae_cfg)?;
         let z = z.to_dtype(vae_dt)?;
-        let _tf32 = Tf32Scope::new(vae_uses_tf32(dev, dt));
-        let ms = median_ms(dev, a.iters, || Ok(vae.decode(&z)?))?;
+        let _tf32 = Tf32Scope::new(tf32);
+        let ms = median_ms(dev, a.iters, || Ok(pipeline_vae.decode(&z)?))?;
         out.insert(
             format!("vae_decode_ms_1img_{vae_dt:?}_pipeline").to_lowercase(),
             json!(ms),
         );
         ms
     };
+
+    // The whole image, measured: the encoders, the real sampling loop (Euler, CFG, the merge every step) and the
+    // decode in the pipeline's VAE dtype, one after another with every model resident.
+    let t0 = Instant::now();
+    enc_l.forward(&ids)?;
+    enc_g.forward(&ids)?;
+    enc.forward(&px)?;
+    let sampling = Sampling {
+        scheduler: &sdxl_scheduler()?,
+        kind: SchedulerKind::Euler,
+        steps: a.steps,
+        guidance: 5.0,
+    };
+    let noise = Tensor::randn(0f32, 1.0, (1, 4, a.size.1 / 8, a.size.0 / 8), dev)?;
+    let mut step = |x: &Tensor, t: f64| {
+        unet.forward(x, t, &merged)
+            .and_then(|e| e.to_dtype(DType::F32))
+            .stage("unet")
+    };
+    let latents = denoise_with(&mut step, &sampling, &noise, &mut |_, _| true)?;
+    {
+        let _tf32 = Tf32Scope::new(tf32);
+        pipeline_vae.decode(&latents.to_dtype(vae_dt)?)?;
+    }
+    dev.synchronize()?;
+    out.insert(
+        format!("whole_image_ms_{}steps_measured", a.steps),
+        json!(t0.elapsed().as_secs_f64() * 1e3),
+    );
+    drop((enc_l, enc_g, enc, unet, pipeline_vae));
 
     let whole = text_ms + image_ms + a.steps as f64 * merged_ms + vae_ms;
     out.insert(format!("whole_image_ms_{}steps_estimated", a.steps), json!(whole));
@@ -254,9 +293,14 @@ pub fn run(a: &SdxlArgs) -> Result<Value> {
     Ok(Value::Object(out))
 }
 
-/// One CFG step (batch 2) with the weighted merge of `subjects` subjects (4 tokens each, names of 1 and 2
-/// tokens alternately), and one plain step without the adapter; median ms of each.
-fn unet_steps(a: &SdxlArgs, vb: &VarBuilder, cfg: Value, pooled: usize) -> Result<(f64, f64)> {
+/// The UNet with adapter weights, and the conditioning of a CFG call (batch 2) with the weighted merge of
+/// `subjects` subjects (4 tokens each, names of 1 and 2 tokens alternately) and of one without the adapter.
+fn unet_and_conds(
+    a: &SdxlArgs,
+    vb: &VarBuilder,
+    cfg: Value,
+    pooled: usize,
+) -> Result<(UNet2DConditionModel, UNetCond, UNetCond)> {
     let dev = &a.device;
     let cfg: UNetConfig = serde_json::from_value(cfg).context("sdxl unet config")?;
     let cross = match &cfg.cross_attention_dim {
@@ -270,7 +314,6 @@ fn unet_steps(a: &SdxlArgs, vb: &VarBuilder, cfg: Value, pooled: usize) -> Resul
     )?;
     let (w, h) = a.size;
     let (n, t) = (a.subjects, 4);
-    let sample = Tensor::randn(0f32, 1.0, (2, 4, h / 8, w / 8), dev)?;
     let text = Tensor::randn(0f32, 1.0, (2, 77, cross), dev)?;
     let ip = Tensor::randn(0f32, 1.0, (2, n * t, cross), dev)?;
     let time_ids = Tensor::new(&[[h as f32, w as f32, 0., 0., h as f32, w as f32]; 2], dev)?;
@@ -293,7 +336,15 @@ fn unet_steps(a: &SdxlArgs, vb: &VarBuilder, cfg: Value, pooled: usize) -> Resul
         time_ids,
         merge: None,
     };
-    let merged_ms = median_ms(dev, a.iters, || Ok(unet.forward(&sample, 500.0, &merged)?))?;
-    let plain_ms = median_ms(dev, a.iters, || Ok(unet.forward(&sample, 500.0, &plain)?))?;
-    Ok((merged_ms, plain_ms))
+    Ok((unet, merged, plain))
+}
+
+/// SDXL base's `scheduler_config.json` (EulerDiscreteScheduler): scaled-linear betas 0.00085..0.012 over 1000
+/// steps, `leading` spacing with offset 1, epsilon prediction.
+fn sdxl_scheduler() -> Result<SchedulerConfig> {
+    Ok(serde_json::from_value(json!({
+        "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+        "prediction_type": "epsilon", "steps_offset": 1, "timestep_spacing": "leading",
+        "interpolation_type": "linear", "use_karras_sigmas": false
+    }))?)
 }

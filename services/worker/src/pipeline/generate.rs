@@ -12,7 +12,7 @@ use super::model::{MipPipeline, TextEmbedding};
 use super::png::{encode_png, tensor_to_rgb8};
 use super::precision::{vae_uses_tf32, Tf32Scope};
 use super::request::ValidRequest;
-use super::scheduler::{build_scheduler, SchedulerKind};
+use super::scheduler::{build_scheduler, SchedulerConfig, SchedulerKind};
 use crate::error::{ForwardContext, ModelError, Result};
 use crate::model::unet::{MergeCond, UNetCond};
 
@@ -69,6 +69,53 @@ pub fn initial_noise(seed: u64, channels: usize, height: usize, width: usize) ->
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let data: Vec<f32> = (0..channels * h * w).map(|_| StandardNormal.sample(&mut rng)).collect();
     Tensor::from_vec(data, (1, channels, h, w), &Device::Cpu).stage("noise")
+}
+
+/// How a denoising loop samples: the scheduler config and kind, the step count and the guidance scale.
+#[derive(Debug, Clone, Copy)]
+pub struct Sampling<'a> {
+    pub scheduler: &'a SchedulerConfig,
+    pub kind: SchedulerKind,
+    pub steps: usize,
+    pub guidance: f64,
+}
+
+/// The classifier-free-guidance denoising loop from `noise` (1, C, h, w) on its device, with `unet` mapping a CFG
+/// batch `[latents; latents]` and a timestep to the model output (f32, batch order [negative, positive]).
+/// `on_step` sees the latents after each step and returns `false` to cancel. Returns the final latents (f32).
+pub fn denoise_with(
+    unet: &mut dyn FnMut(&Tensor, f64) -> Result<Tensor>,
+    sampling: &Sampling,
+    noise: &Tensor,
+    on_step: &mut dyn FnMut(Progress, &Tensor) -> bool,
+) -> Result<Tensor> {
+    let s = "denoise";
+    let mut scheduler = build_scheduler(sampling.kind, sampling.scheduler, sampling.steps)?;
+    let timesteps = scheduler.timesteps().to_vec();
+    let mut latents = noise
+        .to_dtype(DType::F32)
+        .and_then(|t| t * scheduler.init_noise_sigma())
+        .stage(s)?;
+    for (i, &t) in timesteps.iter().enumerate() {
+        let batch = Tensor::cat(&[&latents, &latents], 0).stage(s)?;
+        let input = scheduler.scale_model_input(&batch, i)?;
+        let eps = unet(&input, t)?;
+        let uncond = eps.narrow(0, 0, 1).stage(s)?;
+        let text = eps.narrow(0, 1, 1).stage(s)?;
+        let guided = (&uncond + ((text - &uncond).and_then(|d| d * sampling.guidance)).stage(s)?).stage(s)?;
+        latents = scheduler.step(&guided, i, &latents)?;
+        let progress = Progress {
+            step: i + 1,
+            total: timesteps.len(),
+        };
+        if !on_step(progress, &latents) && i + 1 < timesteps.len() {
+            return Err(ModelError::Cancelled {
+                completed_steps: i + 1,
+                total_steps: timesteps.len(),
+            });
+        }
+    }
+    Ok(latents)
 }
 
 impl MipPipeline {
@@ -163,34 +210,14 @@ impl MipPipeline {
         guidance: f64,
         on_step: &mut dyn FnMut(Progress, &Tensor) -> bool,
     ) -> Result<Tensor> {
-        let s = "denoise";
-        let mut scheduler = build_scheduler(kind, &self.scheduler, steps)?;
-        let timesteps = scheduler.timesteps().to_vec();
-        let mut latents = noise
-            .to_device(&self.device)
-            .and_then(|t| t.to_dtype(DType::F32))
-            .and_then(|t| t * scheduler.init_noise_sigma())
-            .stage(s)?;
-        for (i, &t) in timesteps.iter().enumerate() {
-            let batch = Tensor::cat(&[&latents, &latents], 0).stage(s)?;
-            let input = scheduler.scale_model_input(&batch, i)?;
-            let eps = self.unet_forward(&input, t, cond)?;
-            let uncond = eps.narrow(0, 0, 1).stage(s)?;
-            let text = eps.narrow(0, 1, 1).stage(s)?;
-            let guided = (&uncond + ((text - &uncond).and_then(|d| d * guidance)).stage(s)?).stage(s)?;
-            latents = scheduler.step(&guided, i, &latents)?;
-            let progress = Progress {
-                step: i + 1,
-                total: timesteps.len(),
-            };
-            if !on_step(progress, &latents) && i + 1 < timesteps.len() {
-                return Err(ModelError::Cancelled {
-                    completed_steps: i + 1,
-                    total_steps: timesteps.len(),
-                });
-            }
-        }
-        Ok(latents)
+        let sampling = Sampling {
+            scheduler: &self.scheduler,
+            kind,
+            steps,
+            guidance,
+        };
+        let noise = noise.to_device(&self.device).stage("denoise")?;
+        denoise_with(&mut |x, t| self.unet_forward(x, t, cond), &sampling, &noise, on_step)
     }
 
     /// VAE decode of final latents to an image tensor (1, 3, H, W) in about [-1, 1], f32 (TF32 GEMMs on CUDA for
