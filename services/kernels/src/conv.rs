@@ -37,9 +37,9 @@ impl CustomOp1 for Im2ColOp {
             spec: self.0,
         };
         let out = match storage {
-            CpuStorage::F32(v) => CpuStorage::F32(im2col_cpu(&v[src], &g)),
-            CpuStorage::F16(v) => CpuStorage::F16(im2col_cpu(&v[src], &g)),
-            CpuStorage::BF16(v) => CpuStorage::BF16(im2col_cpu(&v[src], &g)),
+            CpuStorage::F32(v) => CpuStorage::F32(im2col_cpu(input(v, src)?, &g)),
+            CpuStorage::F16(v) => CpuStorage::F16(im2col_cpu(input(v, src)?, &g)),
+            CpuStorage::BF16(v) => CpuStorage::BF16(im2col_cpu(input(v, src)?, &g)),
             other => candle_core::bail!(
                 "mip-im2col: dtype {:?} is not supported (f32, f16, bf16)",
                 other.dtype()
@@ -56,6 +56,13 @@ impl CustomOp1 for Im2ColOp {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         crate::cuda_ops::im2col(&self.0, storage, layout)
     }
+}
+
+/// The input elements `src` of a storage of `v.len()` elements.
+fn input<T>(v: &[T], src: std::ops::Range<usize>) -> Result<&[T]> {
+    let len = v.len();
+    v.get(src.clone())
+        .ok_or_else(|| candle_core::Error::Msg(format!("mip-im2col: input {src:?} outside a storage of {len}")))
 }
 
 /// What the CPU im2col needs besides the input.
@@ -225,11 +232,12 @@ impl Banded {
         let (h_out, w_out) = self.out_hw;
         let row_bytes = self.w.dim(1)? * w_out * x.dtype().size_in_bytes();
         let image_bytes = row_bytes * h_out;
-        let images = (max_col_bytes / image_bytes.max(1)).clamp(1, b.min(plan::GRID_Y_MAX));
+        // (max then min, never `clamp`: no panic on degenerate sizes; the plan rejects what the kernel cannot do.)
+        let images = (max_col_bytes / image_bytes.max(1)).min(b).min(plan::GRID_Y_MAX).max(1);
         let rows = if image_bytes <= max_col_bytes {
             h_out
         } else {
-            (max_col_bytes / row_bytes.max(1)).clamp(1, i32::MAX as usize / w_out)
+            (max_col_bytes / row_bytes.max(1)).min(i32::MAX as usize / w_out).max(1)
         };
         let mut groups = Vec::with_capacity(b.div_ceil(images));
         for b0 in (0..b).step_by(images) {

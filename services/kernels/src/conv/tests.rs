@@ -140,6 +140,8 @@ fn conv2d_checks_shapes_and_needs_cuda() {
         .expect_err("kernel")
         .to_string();
     assert!(e.contains("9x9") && e.contains("8x8"), "{e}");
+    let empty = Tensor::zeros((0, 4, 6, 6), DType::F32, &Device::Cpu).expect("empty");
+    assert!(conv2d_im2col(&empty, &data(6, &[2, 4, 3, 3]), None, 1, 1, 1).is_err());
     assert!(!conv2d_supported(&x, &data(6, &[2, 4, 3, 3])));
     assert!(conv2d(&x, &data(6, &[2, 4, 3, 3]), None, 1, 1).is_err());
 }
