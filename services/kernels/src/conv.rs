@@ -232,8 +232,8 @@ impl Banded {
         let (h_out, w_out) = self.out_hw;
         let row_bytes = self.w.dim(1)? * w_out * x.dtype().size_in_bytes();
         let image_bytes = row_bytes * h_out;
-        // (max then min, never `clamp`: no panic on degenerate sizes; the plan rejects what the kernel cannot do.)
-        let images = (max_col_bytes / image_bytes.max(1)).min(b).min(plan::GRID_Y_MAX).max(1);
+        // (No `clamp` with a bound that may fall below 1: no panic on degenerate sizes; the plan rejects those.)
+        let images = (max_col_bytes / image_bytes.max(1)).min(b).clamp(1, plan::GRID_Y_MAX);
         let rows = if image_bytes <= max_col_bytes {
             h_out
         } else {
