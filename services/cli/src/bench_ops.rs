@@ -33,7 +33,8 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
 
 /// The fused attention (self-attention 4096x4096, cross-attention 4096x77, an odd 100x77, head dim 64, 10 heads,
 /// batch 2) and GroupNorm+SiLU (2x640x64x64, 32 groups) against candle's unfused ops: max abs errors (the
-/// reference computed in f32 from the same half inputs) and median ms of each.
+/// reference computed in f32 from the same half inputs) and median ms of each; and `mip_kernels::conv2d` against
+/// candle's `conv2d` in three UNet/VAE shapes.
 pub fn kernel_check(dev: &Device, dt: DType, iters: usize) -> Result<Value> {
     let mut res = serde_json::Map::new();
     for (name, lq, lk) in [
@@ -84,7 +85,42 @@ pub fn kernel_check(dev: &Device, dt: DType, iters: usize) -> Result<Value> {
                    "fused_ms": median_ms(dev, iters, fused)?, "unfused_ms": median_ms(dev, iters, unfused)?}),
         );
     }
+    for (name, shape, c_out, k) in [
+        ("conv3x3_2x320x128x128", [2, 320, 128, 128], 320, 3),
+        ("conv3x3_1x128x1024x1024", [1, 128, 1024, 1024], 128, 3),
+        ("conv1x1_2x960x64x64_to_640", [2, 960, 64, 64], 640, 1),
+    ] {
+        if let Some(entry) = conv_check(dev, dt, iters, shape, c_out, k)? {
+            res.insert(name.into(), entry);
+        }
+    }
     Ok(Value::Object(res))
+}
+
+/// `mip_kernels::conv2d` (im2col + GEMM into NCHW) against candle's `conv2d`, both with a bias: max abs diff and
+/// median ms of each; `None` where the kernels do not take the tensors.
+fn conv_check(
+    dev: &Device,
+    dt: DType,
+    iters: usize,
+    shape: [usize; 4],
+    c_out: usize,
+    k: usize,
+) -> Result<Option<Value>> {
+    let x = rand(&shape, dt, dev)?;
+    let w = (rand(&[c_out, shape[1], k, k], dt, dev)? * 0.05)?;
+    let bias = rand(&[c_out], dt, dev)?;
+    if !mip_kernels::conv2d_supported(&x, &w) {
+        return Ok(None);
+    }
+    let pad = k / 2;
+    let ours = || -> Result<Tensor> { Ok(mip_kernels::conv2d(&x, &w, Some(&bias), 1, pad)?) };
+    let candle = || -> Result<Tensor> {
+        Ok(x.conv2d(&w, pad, 1, 1, 1)?
+            .broadcast_add(&bias.reshape((1, c_out, 1, 1))?)?)
+    };
+    Ok(Some(json!({"max_abs_diff": max_abs_diff(&ours()?, &candle()?)?,
+                   "mip_ms": median_ms(dev, iters, ours)?, "candle_ms": median_ms(dev, iters, candle)?})))
 }
 
 /// A convolution case: name, input `(B, C_in, H, W)`, `C_out`, kernel size, and whether it is a VAE shape (timed

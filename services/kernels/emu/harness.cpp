@@ -21,6 +21,7 @@
 
 #include "../cuda/flash_attn.cu"
 #include "../cuda/group_norm.cu"
+#include "../cuda/im2col.cu"
 #include "emu_shared.h"
 
 namespace {
@@ -131,6 +132,14 @@ struct Args {
                         a.ptr<T>(4), a.i64(5), a.i32(6), a.i32(7), a.i32(8));                                       \
     }                                                                                                               \
   }
+#define IM2COL_ENTRY(SUFFIX, T)                                                                                \
+  {                                                                                                            \
+    "im2col_" #SUFFIX, [](const Args& a) {                                                                     \
+      a.expect(11);                                                                                            \
+      im2col_##SUFFIX(a.ptr<const T>(0), a.ptr<T>(1), a.i32(2), a.i32(3), a.i32(4), a.i32(5), a.i32(6), a.i32(7), \
+                      a.i32(8), a.i32(9), a.i32(10));                                                          \
+    }                                                                                                          \
+  }
 
 const std::map<std::string, void (*)(const Args&)> kernels = {
     FLASH(flash_attn_f16_d16, __half),
@@ -142,6 +151,9 @@ const std::map<std::string, void (*)(const Args&)> kernels = {
     GN(f32, float),
     GN(f16, __half),
     GN(bf16, __nv_bfloat16),
+    IM2COL_ENTRY(f32, float),
+    IM2COL_ENTRY(f16, __half),
+    IM2COL_ENTRY(bf16, __nv_bfloat16),
     {"gn_finalize",
      [](const Args& a) {
        a.expect(5);

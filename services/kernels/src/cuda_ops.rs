@@ -213,3 +213,41 @@ impl CustomOp3 for GroupNorm {
         }
     }
 }
+
+/// The im2col of a contiguous `(B, C, H, W)` input (any start offset): `(B, C*kh*kw, rows*W_out)`.
+pub fn im2col(spec: &plan::Im2Col, x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
+    match x.dtype() {
+        DType::F32 => im2col_run::<f32>(spec, x, xl),
+        DType::F16 => im2col_run::<half::f16>(spec, x, xl),
+        DType::BF16 => im2col_run::<half::bf16>(spec, x, xl),
+        other => candle_core::bail!("mip-im2col: dtype {other:?} is not supported (f32, f16, bf16)"),
+    }
+}
+
+fn im2col_run<T: CudaDType + DeviceRepr>(
+    spec: &plan::Im2Col,
+    x: &CudaStorage,
+    xl: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    let plan = plan::im2col(x.dtype(), xl, spec)?;
+    let dev = x.device();
+    let (module, code) = ptx::IM2COL;
+    let func = dev.get_or_load_custom_func(&plan.launch.kernel, module, code)?;
+    let xs = x
+        .as_cuda_slice::<T>()?
+        .slice(plan.in_offset..plan.in_offset + plan.in_len);
+    // SAFETY: the grid covers every (position < rows*W_out, channel < C, image < B), and each such thread writes
+    // all kh*kw column-matrix entries of its position and channel, so every element is written before it is read.
+    #[allow(unsafe_code)]
+    let col = unsafe { dev.alloc::<T>(plan.out_len)? };
+    let mut builder = func.builder();
+    push_args!(builder, plan.launch, { X => &xs, Col => &col });
+    // SAFETY: the plan's arguments match `im2col_<dt>(x, col, int h, int w, int kh, int kw, int stride, int pad,
+    // int w_out, int row0, int positions)`; reads are x[(b*C + c)*H*W + iy*W + ix] with iy < H, ix < W checked
+    // in the kernel (inside the B*C*H*W elements of `xs`), writes col[((b*C + c)*kh*kw + tap)*positions + p] with
+    // p < positions (inside the B*K*positions elements of `col`).
+    #[allow(unsafe_code)]
+    unsafe { builder.launch(config(&plan.launch)) }.w()?;
+    let (b, k, p) = plan.out_shape;
+    Ok((CudaStorage::wrap_cuda_slice(col, dev.clone()), Shape::from((b, k, p))))
+}

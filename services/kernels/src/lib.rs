@@ -3,7 +3,9 @@
 //! - [`flash_attn`]: fused multi-head attention (online softmax, tensor cores through WMMA, f32 accumulation) for
 //!   f16/bf16 with head dim 16, 32 or 64, reading q/k/v through their strides (no head-split copies) and writing
 //!   `(B, Lq, H*D)` with the heads already merged;
-//! - [`group_norm`]: GroupNorm (+ optional SiLU) in three launches, statistics in f32, for f32/f16/bf16.
+//! - [`group_norm`]: GroupNorm (+ optional SiLU) in three launches, statistics in f32, for f32/f16/bf16;
+//! - [`conv2d`]: 2-D convolution as a coalesced [`im2col`] (Caffe-style `(B, K, H_out*W_out)` column matrix) and
+//!   one batched GEMM that yields NCHW directly; 1x1 convolutions as a plain GEMM.
 //!
 //! The CUDA C sources live in `cuda/` and are compiled to PTX by `build.rs` with nvcc only when the `cuda` feature
 //! is on. Without it every `*_supported` answers `false` and the ops return an error, so callers keep their own
@@ -30,11 +32,14 @@ pub fn enabled() -> bool {
         })
 }
 
+mod conv;
 #[cfg(feature = "cuda")]
 mod cuda_ops;
 pub mod plan;
 #[cfg(feature = "cuda")]
 mod ptx;
+
+pub use conv::{conv2d, conv2d_supported, im2col, MAX_COL_BYTES};
 
 /// Head dims [`flash_attn`] has kernels for.
 pub const FLASH_HEAD_DIMS: [usize; 3] = [16, 32, 64];

@@ -17,8 +17,11 @@ pub const GN_CHUNK: usize = 8192;
 pub const GN_MAX_CHUNKS: usize = 512;
 /// Threads per block of `gn_finalize` (one thread per group).
 pub const GN_FINALIZE_THREADS: u32 = 128;
-/// Largest grid y (the `(b, c)` planes of `gn_apply`, the groups of `gn_stats`).
+/// Largest grid y (the `(b, c)` planes of `gn_apply`, the groups of `gn_stats`, the channels of `im2col`) and grid
+/// z (the images of `im2col`).
 pub const GRID_Y_MAX: usize = 65_535;
+/// Threads per block of the im2col kernel (one output position each).
+pub const IM2COL_THREADS: u32 = 256;
 
 /// A device buffer a kernel argument points at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +39,8 @@ pub enum Buf {
     Gamma,
     Beta,
     Y,
+    /// The im2col column matrix `(B, K, P)` (its input is [`Buf::X`]).
+    Col,
 }
 
 /// One kernel argument.
@@ -79,6 +84,103 @@ pub struct GroupNormPlan {
     pub len: usize,
     /// Channels (the length of gamma and beta).
     pub channels: usize,
+}
+
+/// One im2col: a `kh x kw` kernel with `stride` and `padding` zeros on every side (dilation 1), over the output
+/// rows `row_start .. row_start + rows`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Im2Col {
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: usize,
+    pub padding: usize,
+    pub row_start: usize,
+    pub rows: usize,
+}
+
+/// The im2col launch and its buffers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Im2ColPlan {
+    pub launch: Launch,
+    /// Element offset of the input in its storage, and its elements.
+    pub in_offset: usize,
+    pub in_len: usize,
+    /// Elements of the output, and its shape `(B, C*kh*kw, rows*W_out)`.
+    pub out_len: usize,
+    pub out_shape: (usize, usize, usize),
+}
+
+/// Output height and width of a convolution of an `h x w` input with a `kh x kw` kernel, `stride` and `padding`
+/// (dilation 1); an error when the stride is 0 or the kernel is larger than the padded input.
+pub fn conv_out_size(
+    h: usize,
+    w: usize,
+    kh: usize,
+    kw: usize,
+    stride: usize,
+    padding: usize,
+) -> Result<(usize, usize)> {
+    let (ph, pw) = (h + 2 * padding, w + 2 * padding);
+    if stride == 0 || kh == 0 || kw == 0 || kh > ph || kw > pw {
+        candle_core::bail!(
+            "conv2d: kernel {kh}x{kw} with stride {stride} over a padded {ph}x{pw} input (stride >= 1, kernel <= input)"
+        );
+    }
+    Ok(((ph - kh) / stride + 1, (pw - kw) / stride + 1))
+}
+
+/// The plan of `im2col_<dt>` over a contiguous `(B, C, H, W)` input (any start offset).
+pub fn im2col(dtype: DType, x: &Layout, g: &Im2Col) -> Result<Im2ColPlan> {
+    let (b, c, h, w) = x.shape().dims4()?;
+    if !x.is_contiguous() || b * c * h * w == 0 {
+        candle_core::bail!("im2col plan: input {:?} must be contiguous and non-empty", x.dims());
+    }
+    let (h_out, w_out) = conv_out_size(h, w, g.kh, g.kw, g.stride, g.padding)?;
+    if g.rows == 0 || g.row_start + g.rows > h_out {
+        candle_core::bail!(
+            "im2col plan: rows {}..{} outside the {h_out} output rows",
+            g.row_start,
+            g.row_start + g.rows
+        );
+    }
+    if c > GRID_Y_MAX || b > GRID_Y_MAX {
+        candle_core::bail!("im2col plan: {c} channels or {b} images exceed the grid limit {GRID_Y_MAX}");
+    }
+    // The kernel's 32-bit index math: positions within a plane of the input and of one column-matrix row.
+    to_i32("H*W", h * w)?;
+    to_i32("H + 2*padding", h + 2 * g.padding)?;
+    to_i32("W + 2*padding", w + 2 * g.padding)?;
+    let positions = g.rows * w_out;
+    let k = c * g.kh * g.kw;
+    let launch = Launch {
+        kernel: format!("im2col_{}", dtype_suffix(dtype)?),
+        grid: (
+            to_u32("position blocks", positions.div_ceil(IM2COL_THREADS as usize))?,
+            to_u32("channels", c)?,
+            to_u32("images", b)?,
+        ),
+        block: (IM2COL_THREADS, 1, 1),
+        args: vec![
+            Arg::Buf(Buf::X),
+            Arg::Buf(Buf::Col),
+            Arg::I32(to_i32("H", h)?),
+            Arg::I32(to_i32("W", w)?),
+            Arg::I32(to_i32("kh", g.kh)?),
+            Arg::I32(to_i32("kw", g.kw)?),
+            Arg::I32(to_i32("stride", g.stride)?),
+            Arg::I32(to_i32("padding", g.padding)?),
+            Arg::I32(to_i32("W_out", w_out)?),
+            Arg::I32(to_i32("row_start", g.row_start)?),
+            Arg::I32(to_i32("rows*W_out", positions)?),
+        ],
+    };
+    Ok(Im2ColPlan {
+        launch,
+        in_offset: x.start_offset(),
+        in_len: b * c * h * w,
+        out_len: b * k * positions,
+        out_shape: (b, k, positions),
+    })
 }
 
 /// The kernel-name suffix of a storage dtype.
@@ -255,6 +357,33 @@ mod tests {
         assert_eq!(p.apply.grid, (10, 32, 1));
         assert_eq!(p.apply.args[8], Arg::I32(1));
         assert_eq!((p.part_len, p.stats_len, p.len), (120, 16, 320_000));
+    }
+
+    #[test]
+    fn im2col_plan_covers_every_position_and_checks_the_rows() {
+        let l = Layout::contiguous_with_offset(Shape::from((2, 3, 9, 11)), 5);
+        let g = Im2Col {
+            kh: 3,
+            kw: 3,
+            stride: 2,
+            padding: 1,
+            row_start: 1,
+            rows: 3,
+        };
+        let p = im2col(DType::F16, &l, &g).expect("plan");
+        // 5 x 6 output; rows 1..4 give 18 positions.
+        assert_eq!(p.launch.kernel, "im2col_f16");
+        assert_eq!(p.launch.grid, (1, 3, 2));
+        assert_eq!(p.launch.args[8..], [Arg::I32(6), Arg::I32(1), Arg::I32(18)]);
+        assert_eq!(
+            (p.in_offset, p.in_len, p.out_len, p.out_shape),
+            (5, 594, 972, (2, 27, 18))
+        );
+        assert!(im2col(DType::F16, &l, &Im2Col { rows: 5, ..g }).is_err());
+        assert!(im2col(DType::F16, &l, &Im2Col { stride: 0, ..g }).is_err());
+        assert_eq!(conv_out_size(1024, 1024, 3, 3, 1, 1).expect("size"), (1024, 1024));
+        assert_eq!(conv_out_size(129, 129, 3, 3, 2, 0).expect("size"), (64, 64));
+        assert!(conv_out_size(2, 2, 3, 3, 1, 0).is_err());
     }
 
     #[test]

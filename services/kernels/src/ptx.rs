@@ -10,3 +10,5 @@ pub const GROUP_NORM: (&str, &str) = (
     "mip_group_norm",
     include_str!(concat!(env!("OUT_DIR"), "/group_norm.ptx")),
 );
+/// Module name and PTX of the im2col kernels.
+pub const IM2COL: (&str, &str) = ("mip_im2col", include_str!(concat!(env!("OUT_DIR"), "/im2col.ptx")));

@@ -1,12 +1,15 @@
 //! The CUDA kernels of `cuda/*.cu`, unmodified, run on the CPU under the CUDA emulator in `emu/` (fibers for
 //! threads, barriers, WMMA, shuffles; see `emu/emu_sched.h`) with the very launch plans the CUDA ops use
-//! (`mip_kernels::plan`), and checked against candle CPU references in f32. Every case runs under several thread
+//! (`mip_kernels::plan`), and checked against candle CPU references in f32 (the im2col copy, in `emulated/im2col.rs`,
+//! bit for bit against the crate's CPU im2col). Every case runs under several thread
 //! scheduling orders, whose results must be bit-identical (a missing barrier makes them differ), and outputs start
 //! poisoned with NaN (an element the kernel never writes fails the comparison).
 //!
 //! Needs a C++20 compiler (`$CXX`, else `c++`).
 
 mod emu;
+#[path = "emulated/im2col.rs"]
+mod im2col;
 
 use anyhow::{ensure, Result};
 use candle_core::{DType, IndexOp, Module, Tensor};

@@ -2,6 +2,7 @@
 //! `new(vb, cfg)` + `forward`. Nothing here knows about gRPC, Redis or jobs.
 
 pub mod clip;
+pub mod conv;
 pub mod image_proj;
 pub mod norm;
 pub mod unet;

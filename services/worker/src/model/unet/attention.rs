@@ -7,9 +7,10 @@
 //! weights and the call carries a [`PreparedMerge`], as the weighted merge of [`super::merge`].
 
 use candle_core::{DType, Module, Tensor, D};
-use candle_nn::{conv2d, layer_norm, linear, linear_no_bias, Conv2d, LayerNorm, Linear, VarBuilder};
+use candle_nn::{layer_norm, linear, linear_no_bias, LayerNorm, Linear, VarBuilder};
 
 use super::merge::{merged_cross_attention, MergeWeights, PreparedMerge};
+use crate::model::conv::{conv2d, Conv2d};
 use crate::model::norm::{group_norm, GroupNormAct};
 
 /// `(B, L, H*d)` -> `(B, H, L, d)`, contiguous.
@@ -249,7 +250,7 @@ impl Proj {
         Ok(if use_linear {
             Self::Linear(linear(c_in, c_out, vb)?)
         } else {
-            Self::Conv(conv2d(c_in, c_out, 1, Default::default(), vb)?)
+            Self::Conv(conv2d(c_in, c_out, 1, 1, 0, vb)?)
         })
     }
 }

@@ -21,8 +21,9 @@ pub mod resnet;
 mod tests;
 
 use candle_core::{Module, Tensor};
-use candle_nn::{conv2d, Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::VarBuilder;
 
+use crate::model::conv::{conv2d, Conv2d};
 use crate::model::norm::{group_norm, GroupNormAct};
 
 use attention::CrossContext;
@@ -72,11 +73,7 @@ pub struct UNet2DConditionModel {
 }
 
 fn conv_k(c_in: usize, c_out: usize, k: usize, vb: VarBuilder) -> candle_core::Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding: (k - 1) / 2,
-        ..Default::default()
-    };
-    conv2d(c_in, c_out, k, cfg, vb)
+    conv2d(c_in, c_out, k, 1, (k - 1) / 2, vb)
 }
 
 impl UNet2DConditionModel {

@@ -2,8 +2,9 @@
 //! (nearest-neighbour resize then conv).
 
 use candle_core::{Module, Tensor, D};
-use candle_nn::{conv2d, linear, Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{linear, Linear, VarBuilder};
 
+use crate::model::conv::{conv2d, Conv2d};
 use crate::model::norm::{group_norm, GroupNormAct};
 
 /// `ResnetBlock2D`: `(shortcut(x) + conv2(silu(norm2(conv1(silu(norm1(x))) + proj(silu(temb)))))) / scale`.
@@ -30,19 +31,14 @@ pub struct ResnetConfig {
 }
 
 fn conv3(c_in: usize, c_out: usize, stride: usize, padding: usize, vb: VarBuilder) -> candle_core::Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding,
-        stride,
-        ..Default::default()
-    };
-    conv2d(c_in, c_out, 3, cfg, vb)
+    conv2d(c_in, c_out, 3, stride, padding, vb)
 }
 
 impl ResnetBlock2D {
     pub fn new(vb: VarBuilder, cfg: ResnetConfig) -> candle_core::Result<Self> {
         let (c_in, c_out) = (cfg.in_channels, cfg.out_channels);
         let conv_shortcut = if c_in != c_out {
-            Some(conv2d(c_in, c_out, 1, Default::default(), vb.pp("conv_shortcut"))?)
+            Some(conv2d(c_in, c_out, 1, 1, 0, vb.pp("conv_shortcut"))?)
         } else {
             None
         };

@@ -7,8 +7,9 @@
 //! 16384^2 score matrix at once.
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{conv2d, linear, Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{linear, Linear, VarBuilder};
 
+use crate::model::conv::{conv2d, Conv2d};
 use crate::model::norm::{group_norm, GroupNormAct};
 
 /// GroupNorm eps used throughout the VAE (diffusers `resnet_eps=1e-6`).
@@ -18,12 +19,7 @@ pub const VAE_NORM_EPS: f64 = 1e-6;
 const MAX_SCORE_ELEMENTS: usize = 1 << 26;
 
 fn conv3x3(cin: usize, cout: usize, stride: usize, padding: usize, vb: VarBuilder) -> Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding,
-        stride,
-        ..Default::default()
-    };
-    conv2d(cin, cout, 3, cfg, vb)
+    conv2d(cin, cout, 3, stride, padding, vb)
 }
 
 /// `ResnetBlock2D` without time embedding: `shortcut(x) + conv2(silu(norm2(conv1(silu(norm1(x))))))`.
@@ -39,7 +35,7 @@ pub struct ResnetBlock2D {
 impl ResnetBlock2D {
     pub fn new(vb: VarBuilder, cin: usize, cout: usize, groups: usize) -> Result<Self> {
         let conv_shortcut = if cin != cout {
-            Some(conv2d(cin, cout, 1, Conv2dConfig::default(), vb.pp("conv_shortcut"))?)
+            Some(conv2d(cin, cout, 1, 1, 0, vb.pp("conv_shortcut"))?)
         } else {
             None
         };

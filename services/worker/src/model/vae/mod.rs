@@ -17,8 +17,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{conv2d, Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::VarBuilder;
 
+use crate::model::conv::{conv2d, Conv2d};
 use crate::model::norm::{group_norm, GroupNormAct};
 
 pub use blocks::{Downsample2D, MidBlock, ResnetBlock2D, Upsample2D, VaeAttention, VAE_NORM_EPS};
@@ -28,15 +29,11 @@ use crate::error::{ForwardContext, Result};
 use crate::model::weights::{find_weights, WeightSet};
 
 fn conv3x3(cin: usize, cout: usize, vb: VarBuilder) -> candle_core::Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding: 1,
-        ..Default::default()
-    };
-    conv2d(cin, cout, 3, cfg, vb)
+    conv2d(cin, cout, 3, 1, 1, vb)
 }
 
 fn conv1x1(cin: usize, cout: usize, vb: VarBuilder) -> candle_core::Result<Conv2d> {
-    conv2d(cin, cout, 1, Conv2dConfig::default(), vb)
+    conv2d(cin, cout, 1, 1, 0, vb)
 }
 
 /// One `DownEncoderBlock2D` / `UpDecoderBlock2D`: resnets, then an optional resampler.
