@@ -12,7 +12,7 @@
 # Environment: PACK (folder with mip.xz, fixtures.tar.xz or fixtures/, bench/, whl/; default: this script's folder), OUT,
 # MIP_BIN (a ready binary instead of PACK/mip.xz), MIP_DEVICE (cuda), MIP_DTYPES (parity: "f32 f16 bf16"),
 # MIP_BENCH_DTYPES ("f16"), MIP_BENCH_ARGS (extra `mip bench --sdxl` flags), ANCHOR_ARGS, ANCHOR_PYTHON (python3),
-# STEP_TIMEOUT (seconds per step, 240). A failing half-precision parity or bench is rerun with MIP_KERNELS=off (our
+# STEP_TIMEOUT (seconds per step, 240). A failing parity or bench is rerun with MIP_KERNELS=off (our
 # CUDA kernels off) so the logs tell a kernel fault from anything else.
 set -u
 
@@ -70,9 +70,9 @@ for dt in $DTYPES; do
   rc=$?
   grep -E '^FAIL|passed' "$OUT/parity_$dt.log" | head -20
   PARITY[$dt]="$(grep -E 'passed, [0-9]+ failed' "$OUT/parity_$dt.log" | tail -1) (rc $rc)"
-  # A half-precision failure is rerun with our CUDA kernels off (candle's unfused ops) to tell a kernel fault
-  # from anything else.
-  if [[ $rc -ne 0 && "$dt" != f32 ]]; then
+  # A failure is rerun with our CUDA kernels off (candle's own ops) to tell a kernel fault from anything else
+  # (GroupNorm and the convolution run our kernels in f32 too).
+  if [[ $rc -ne 0 ]]; then
     say "parity $dt with MIP_KERNELS=off"
     MIP_KERNELS=off timeout "$STEP_TIMEOUT" "$MIP" parity "$FIXTURES" --device "$DEVICE" --dtype "$dt" \
       >"$OUT/parity_${dt}_kernels_off.log" 2>&1
