@@ -38,71 +38,79 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
 /// candle's `conv2d` in three UNet/VAE shapes.
 pub fn kernel_check(dev: &Device, dt: DType, iters: usize) -> Result<Value> {
     let mut res = serde_json::Map::new();
+    // One failing check must not hide the others.
+    let mut record = |name: &str, r: Result<Option<Value>>| match r {
+        Ok(Some(entry)) => {
+            res.insert(name.into(), entry);
+        }
+        Ok(None) => {
+            res.insert(name.into(), json!("unsupported dtype/device"));
+        }
+        Err(e) => {
+            res.insert(name.into(), json!(format!("error: {e:#}")));
+        }
+    };
     for (name, lq, lk) in [
         ("self_4096", 4096, 4096),
         ("cross_4096x77", 4096, 77),
         ("odd_100x77", 100, 77),
     ] {
-        let q = Tensor::randn(0f32, 1.0, (2, 10, lq, 64), dev)?.to_dtype(dt)?;
-        let k = Tensor::randn(0f32, 1.0, (2, 10, lk, 64), dev)?.to_dtype(dt)?;
-        let v = Tensor::randn(0f32, 1.0, (2, 10, lk, 64), dev)?.to_dtype(dt)?;
-        if !mip_kernels::flash_attn_supported(&q, &k) {
-            res.insert(name.into(), json!("unsupported dtype/device"));
-            continue;
-        }
-        let unfused = || -> Result<Tensor> {
-            let s = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * 0.125)?;
-            let p = candle_nn::ops::softmax_last_dim(&s)?.to_dtype(dt)?;
-            Ok(p.matmul(&v)?.transpose(1, 2)?.reshape((2, lq, 640))?)
-        };
-        let f32_ref = {
-            let (q, k, v) = (
-                q.to_dtype(DType::F32)?,
-                k.to_dtype(DType::F32)?,
-                v.to_dtype(DType::F32)?,
-            );
-            let p = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * 0.125)?)?;
-            p.matmul(&v)?.transpose(1, 2)?.reshape((2, lq, 640))?
-        };
-        let fused = mip_kernels::flash_attn(&q, &k, &v, 0.125)?;
-        res.insert(
-            name.into(),
-            json!({"max_abs_err_fused": max_abs_diff(&fused, &f32_ref)?,
-                   "max_abs_err_unfused": max_abs_diff(&unfused()?, &f32_ref)?,
-                   "fused_ms": median_ms(dev, iters, || Ok(mip_kernels::flash_attn(&q, &k, &v, 0.125)?))?,
-                   "unfused_ms": median_ms(dev, iters, unfused)?}),
-        );
+        record(name, flash_check(dev, dt, iters, lq, lk));
     }
-    let x = Tensor::randn(0f32, 1.0, (2, 640, 64, 64), dev)?.to_dtype(dt)?;
-    let gamma = Tensor::randn(1f32, 0.1, 640, dev)?;
-    let beta = Tensor::randn(0f32, 0.1, 640, dev)?;
-    let gn = candle_nn::GroupNorm::new(gamma.to_dtype(dt)?, beta.to_dtype(dt)?, 640, 32, 1e-5)?;
-    let unfused = || -> Result<Tensor> { Ok(candle_nn::ops::silu(&candle_core::Module::forward(&gn, &x)?)?) };
-    if mip_kernels::group_norm_supported(&x) {
-        let fused = || -> Result<Tensor> { Ok(mip_kernels::group_norm(&x, &gamma, &beta, 32, 1e-5, true)?) };
-        res.insert(
-            "group_norm_silu_2x640x64x64".into(),
-            json!({"max_abs_diff": max_abs_diff(&fused()?, &unfused()?)?,
-                   "fused_ms": median_ms(dev, iters, fused)?, "unfused_ms": median_ms(dev, iters, unfused)?}),
-        );
-    }
+    record("group_norm_silu_2x640x64x64", group_norm_check(dev, dt, iters));
     for (name, shape, c_out, k) in [
         ("conv3x3_2x320x128x128", [2, 320, 128, 128], 320, 3),
         ("conv3x3_1x128x1024x1024", [1, 128, 1024, 1024], 128, 3),
         ("conv1x1_2x960x64x64_to_640", [2, 960, 64, 64], 640, 1),
     ] {
-        // One failing check must not hide the others.
-        match conv_check(dev, dt, iters, shape, c_out, k) {
-            Ok(Some(entry)) => {
-                res.insert(name.into(), entry);
-            }
-            Ok(None) => {}
-            Err(e) => {
-                res.insert(name.into(), json!(format!("error: {e:#}")));
-            }
-        }
+        record(name, conv_check(dev, dt, iters, shape, c_out, k));
     }
     Ok(Value::Object(res))
+}
+
+/// The fused attention of q `(2, 10, lq, 64)` over k/v `(2, 10, lk, 64)` against candle's unfused ops (errors
+/// against an f32 reference from the same inputs) and the median ms of each; `None` where it does not apply.
+fn flash_check(dev: &Device, dt: DType, iters: usize, lq: usize, lk: usize) -> Result<Option<Value>> {
+    let q = Tensor::randn(0f32, 1.0, (2, 10, lq, 64), dev)?.to_dtype(dt)?;
+    let k = Tensor::randn(0f32, 1.0, (2, 10, lk, 64), dev)?.to_dtype(dt)?;
+    let v = Tensor::randn(0f32, 1.0, (2, 10, lk, 64), dev)?.to_dtype(dt)?;
+    if !mip_kernels::flash_attn_supported(&q, &k) {
+        return Ok(None);
+    }
+    let unfused = || -> Result<Tensor> {
+        let s = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * 0.125)?;
+        let p = candle_nn::ops::softmax_last_dim(&s)?.to_dtype(dt)?;
+        Ok(p.matmul(&v)?.transpose(1, 2)?.reshape((2, lq, 640))?)
+    };
+    let f32_ref = {
+        let (q, k, v) = (
+            q.to_dtype(DType::F32)?,
+            k.to_dtype(DType::F32)?,
+            v.to_dtype(DType::F32)?,
+        );
+        let p = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * 0.125)?)?;
+        p.matmul(&v)?.transpose(1, 2)?.reshape((2, lq, 640))?
+    };
+    let fused = mip_kernels::flash_attn(&q, &k, &v, 0.125)?;
+    Ok(Some(json!({"max_abs_err_fused": max_abs_diff(&fused, &f32_ref)?,
+                   "max_abs_err_unfused": max_abs_diff(&unfused()?, &f32_ref)?,
+                   "fused_ms": median_ms(dev, iters, || Ok(mip_kernels::flash_attn(&q, &k, &v, 0.125)?))?,
+                   "unfused_ms": median_ms(dev, iters, unfused)?})))
+}
+
+/// GroupNorm+SiLU (2x640x64x64, 32 groups), fused against candle's ops; `None` where it does not apply.
+fn group_norm_check(dev: &Device, dt: DType, iters: usize) -> Result<Option<Value>> {
+    let x = Tensor::randn(0f32, 1.0, (2, 640, 64, 64), dev)?.to_dtype(dt)?;
+    let gamma = Tensor::randn(1f32, 0.1, 640, dev)?;
+    let beta = Tensor::randn(0f32, 0.1, 640, dev)?;
+    let gn = candle_nn::GroupNorm::new(gamma.to_dtype(dt)?, beta.to_dtype(dt)?, 640, 32, 1e-5)?;
+    let unfused = || -> Result<Tensor> { Ok(candle_nn::ops::silu(&candle_core::Module::forward(&gn, &x)?)?) };
+    if !mip_kernels::group_norm_supported(&x) {
+        return Ok(None);
+    }
+    let fused = || -> Result<Tensor> { Ok(mip_kernels::group_norm(&x, &gamma, &beta, 32, 1e-5, true)?) };
+    Ok(Some(json!({"max_abs_diff": max_abs_diff(&fused()?, &unfused()?)?,
+                   "fused_ms": median_ms(dev, iters, fused)?, "unfused_ms": median_ms(dev, iters, unfused)?})))
 }
 
 /// `mip_kernels::conv2d` (im2col + GEMM into NCHW) against candle's `conv2d`, both with a bias: max abs diff and
