@@ -62,36 +62,35 @@ if [[ -d "$PACK/whl" ]] && ! $PY -c 'import diffusers' 2>/dev/null; then
     export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
-# 4. parity
+# 4. parity. A failure is rerun with our CUDA kernels off (candle's own ops) to tell a kernel fault from anything
+# else (GroupNorm and the convolution run our kernels in f32 too). `VAR=value fn` passes VAR to the function's mip.
+parity() { timeout "$STEP_TIMEOUT" "$MIP" parity "$FIXTURES" --device "$DEVICE" --dtype "$1"; }
+summary_line() { grep -E 'passed, [0-9]+ failed' "$1" | tail -1; }
 declare -A PARITY
 for dt in $DTYPES; do
   say "parity $dt"
-  timeout "$STEP_TIMEOUT" "$MIP" parity "$FIXTURES" --device "$DEVICE" --dtype "$dt" >"$OUT/parity_$dt.log" 2>&1
+  parity "$dt" >"$OUT/parity_$dt.log" 2>&1
   rc=$?
   grep -E '^FAIL|passed' "$OUT/parity_$dt.log" | head -20
-  PARITY[$dt]="$(grep -E 'passed, [0-9]+ failed' "$OUT/parity_$dt.log" | tail -1) (rc $rc)"
-  # A failure is rerun with our CUDA kernels off (candle's own ops) to tell a kernel fault from anything else
-  # (GroupNorm and the convolution run our kernels in f32 too).
+  PARITY[$dt]="$(summary_line "$OUT/parity_$dt.log") (rc $rc)"
   if [[ $rc -ne 0 ]]; then
     say "parity $dt with MIP_KERNELS=off"
-    MIP_KERNELS=off timeout "$STEP_TIMEOUT" "$MIP" parity "$FIXTURES" --device "$DEVICE" --dtype "$dt" \
-      >"$OUT/parity_${dt}_kernels_off.log" 2>&1
+    MIP_KERNELS=off parity "$dt" >"$OUT/parity_${dt}_kernels_off.log" 2>&1
     rc=$?
-    PARITY[$dt]+="; kernels off: $(grep -E 'passed, [0-9]+ failed' "$OUT/parity_${dt}_kernels_off.log" | tail -1) (rc $rc)"
+    PARITY[$dt]+="; kernels off: $(summary_line "$OUT/parity_${dt}_kernels_off.log") (rc $rc)"
   fi
 done
 
-# 5. benchmarks, ours then PyTorch's, in the same run
+# 5. benchmarks, ours then PyTorch's, in the same run (a failing bench of ours once more with the kernels off)
+# shellcheck disable=SC2086
+bench() { timeout "$STEP_TIMEOUT" "$MIP" bench --sdxl --device "$DEVICE" --dtype "$1" --json $BENCH_ARGS; }
 for dt in $BENCH_DTYPES; do
   say "mip bench --sdxl $dt $BENCH_ARGS"
-  # shellcheck disable=SC2086
-  if ! timeout "$STEP_TIMEOUT" "$MIP" bench --sdxl --device "$DEVICE" --dtype "$dt" --json $BENCH_ARGS \
-    >"$OUT/mip_bench_$dt.json" 2>"$OUT/mip_bench_$dt.err"; then
+  if ! bench "$dt" >"$OUT/mip_bench_$dt.json" 2>"$OUT/mip_bench_$dt.err"; then
     say "mip bench $dt failed; once more with MIP_KERNELS=off"
     tail -5 "$OUT/mip_bench_$dt.err"
-    # shellcheck disable=SC2086
-    MIP_KERNELS=off timeout "$STEP_TIMEOUT" "$MIP" bench --sdxl --device "$DEVICE" --dtype "$dt" --json $BENCH_ARGS \
-      >"$OUT/mip_bench_$dt.json" 2>"$OUT/mip_bench_${dt}_kernels_off.err" || say "mip bench $dt failed again"
+    MIP_KERNELS=off bench "$dt" >"$OUT/mip_bench_$dt.json" 2>"$OUT/mip_bench_${dt}_kernels_off.err" ||
+      say "mip bench $dt failed again"
   fi
 done
 say "anchor_bench.py $ANCHOR_ARGS"

@@ -12,7 +12,7 @@ use mip_worker::model::unet::resnet::{ResnetBlock2D, ResnetConfig};
 use mip_worker::model::unet::MergeCond;
 use serde_json::{json, Value};
 
-use crate::bench_ops::median_ms;
+use crate::bench_ops::{median_ms, rand};
 
 /// Transformer levels: latent side, channels, heads, blocks per UNet call (down + mid + up).
 const TRANSFORMERS: [(usize, usize, usize, usize); 2] = [(64, 640, 10, 10), (32, 1280, 20, 60)];
@@ -27,7 +27,7 @@ const TOKENS: usize = 4;
 /// Times the blocks with weights from `vb` (`tiny`: channels / 8, sides / 4).
 pub fn block_profile(vb: &VarBuilder, dev: &Device, dt: DType, iters: usize, tiny: bool) -> Result<Value> {
     let (c_div, s_div, cross) = if tiny { (8, 4, 64) } else { (1, 1, CROSS) };
-    let rand = |shape: &[usize]| -> Result<Tensor> { Ok(Tensor::randn(0f32, 1.0, shape, dev)?.to_dtype(dt)?) };
+    let rand = |shape: &[usize]| rand(shape, dt, dev);
     let text = rand(&[2, 77, cross])?;
     let context = Tensor::cat(&[&text, &rand(&[2, SUBJECTS * TOKENS, cross])?], 1)?;
     let cond = MergeCond {

@@ -71,9 +71,9 @@ pub fn kernel_check(dev: &Device, dt: DType, iters: usize) -> Result<Value> {
 /// The fused attention of q `(2, 10, lq, 64)` over k/v `(2, 10, lk, 64)` against candle's unfused ops (errors
 /// against an f32 reference from the same inputs) and the median ms of each; `None` where it does not apply.
 fn flash_check(dev: &Device, dt: DType, iters: usize, lq: usize, lk: usize) -> Result<Option<Value>> {
-    let q = Tensor::randn(0f32, 1.0, (2, 10, lq, 64), dev)?.to_dtype(dt)?;
-    let k = Tensor::randn(0f32, 1.0, (2, 10, lk, 64), dev)?.to_dtype(dt)?;
-    let v = Tensor::randn(0f32, 1.0, (2, 10, lk, 64), dev)?.to_dtype(dt)?;
+    let q = rand(&[2, 10, lq, 64], dt, dev)?;
+    let k = rand(&[2, 10, lk, 64], dt, dev)?;
+    let v = rand(&[2, 10, lk, 64], dt, dev)?;
     if !mip_kernels::flash_attn_supported(&q, &k) {
         return Ok(None);
     }
@@ -100,7 +100,7 @@ fn flash_check(dev: &Device, dt: DType, iters: usize, lq: usize, lk: usize) -> R
 
 /// GroupNorm+SiLU (2x640x64x64, 32 groups), fused against candle's ops; `None` where it does not apply.
 fn group_norm_check(dev: &Device, dt: DType, iters: usize) -> Result<Option<Value>> {
-    let x = Tensor::randn(0f32, 1.0, (2, 640, 64, 64), dev)?.to_dtype(dt)?;
+    let x = rand(&[2, 640, 64, 64], dt, dev)?;
     let gamma = Tensor::randn(1f32, 0.1, 640, dev)?;
     let beta = Tensor::randn(0f32, 0.1, 640, dev)?;
     let gn = candle_nn::GroupNorm::new(gamma.to_dtype(dt)?, beta.to_dtype(dt)?, 640, 32, 1e-5)?;
@@ -169,7 +169,8 @@ fn shrink(n: usize, tiny: bool) -> usize {
     }
 }
 
-fn rand(shape: &[usize], dt: DType, dev: &Device) -> Result<Tensor> {
+/// Standard normal values of `shape` in `dt` on `dev`.
+pub fn rand(shape: &[usize], dt: DType, dev: &Device) -> Result<Tensor> {
     Ok(Tensor::randn(0f32, 1.0, shape, dev)?.to_dtype(dt)?)
 }
 

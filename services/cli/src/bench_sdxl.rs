@@ -23,8 +23,8 @@ use mip_worker::model::clip::vision::ClipVisionModel;
 use mip_worker::model::clip::{ClipTextConfig, ClipVisionConfig};
 use mip_worker::model::unet::{AdapterWeights, MergeCond, UNet2DConditionModel, UNetCond, UNetConfig};
 use mip_worker::model::vae::{AutoencoderKL, VaeConfig};
-use mip_worker::pipeline::generate::{denoise_with, Sampling};
-use mip_worker::pipeline::precision::{vae_dtype, vae_uses_tf32, Tf32Scope};
+use mip_worker::pipeline::generate::{decode_latents, denoise_with, Sampling};
+use mip_worker::pipeline::precision::vae_dtype;
 use mip_worker::pipeline::scheduler::{SchedulerConfig, SchedulerKind};
 
 use crate::bench_blocks::block_profile;
@@ -224,24 +224,17 @@ pub fn run(a: &SdxlArgs) -> Result<Value> {
     // The VAE as the pipeline runs it: f32 (TF32 GEMMs on CUDA) for a f16 pipeline, where the line above is the
     // anchor's like-for-like f16 decode.
     let vae_dt = vae_dtype(dt);
-    let tf32 = vae_uses_tf32(dev, dt);
-    let pipeline_vae = if vae_dt == dt {
-        vae
+    let (pipeline_vae, pipeline_vae_ms) = if vae_dt == dt {
+        (vae, vae_ms)
     } else {
         drop(vae);
-        AutoencoderKL::new(vb.clone().set_dtype(vae_dt), &vae_cfg)?
-    };
-    let pipeline_vae_ms = if vae_dt == dt {
-        vae_ms
-    } else {
-        let z = z.to_dtype(vae_dt)?;
-        let _tf32 = Tf32Scope::new(tf32);
-        let ms = median_ms(dev, a.iters, || Ok(pipeline_vae.decode(&z)?))?;
+        let vae = AutoencoderKL::new(vb.clone().set_dtype(vae_dt), &vae_cfg)?;
+        let ms = median_ms(dev, a.iters, || Ok(decode_latents(&vae, &z, dt)?))?;
         out.insert(
             format!("vae_decode_ms_1img_{vae_dt:?}_pipeline").to_lowercase(),
             json!(ms),
         );
-        ms
+        (vae, ms)
     };
 
     // The whole image, measured: the encoders, the real sampling loop (Euler, CFG, the merge every step) and the
@@ -263,10 +256,7 @@ pub fn run(a: &SdxlArgs) -> Result<Value> {
             .stage("unet")
     };
     let latents = denoise_with(&mut step, &sampling, &noise, &mut |_, _| true)?;
-    {
-        let _tf32 = Tf32Scope::new(tf32);
-        pipeline_vae.decode(&latents.to_dtype(vae_dt)?)?;
-    }
+    decode_latents(&pipeline_vae, &latents, dt)?;
     dev.synchronize()?;
     out.insert(
         format!("whole_image_ms_{}steps_measured", a.steps),

@@ -22,12 +22,7 @@ pub fn conv2d(c_in: usize, c_out: usize, k: usize, stride: usize, padding: usize
     let weight = vb.get_with_hints((c_out, c_in, k, k), "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)?;
     let bound = 1. / (c_in as f64).sqrt();
     let bias = vb.get_with_hints(c_out, "bias", candle_nn::Init::Uniform { lo: -bound, up: bound })?;
-    Ok(Conv2d {
-        weight,
-        bias: Some(bias),
-        stride,
-        padding,
-    })
+    Ok(Conv2d::new(weight, Some(bias), stride, padding))
 }
 
 impl Conv2d {

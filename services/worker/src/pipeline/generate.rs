@@ -15,6 +15,7 @@ use super::request::ValidRequest;
 use super::scheduler::{build_scheduler, SchedulerConfig, SchedulerKind};
 use crate::error::{ForwardContext, ModelError, Result};
 use crate::model::unet::{MergeCond, UNetCond};
+use crate::model::vae::AutoencoderKL;
 
 /// One subject ready for the UNet: its image tokens (T, C), its name's embedding and token count.
 #[derive(Debug, Clone)]
@@ -116,6 +117,15 @@ pub fn denoise_with(
         }
     }
     Ok(latents)
+}
+
+/// VAE decode of final latents (on the VAE's device) as a pipeline computing in `compute` runs it: in the VAE's
+/// dtype, with TF32 GEMMs on CUDA for the f32 VAE of a half-precision pipeline (see [`super::precision`]).
+/// Returns the image tensor (1, 3, H, W) in about [-1, 1], f32.
+pub fn decode_latents(vae: &AutoencoderKL, latents: &Tensor, compute: DType) -> Result<Tensor> {
+    let l = latents.to_dtype(vae.dtype()).stage("vae")?;
+    let _tf32 = Tf32Scope::new(vae_uses_tf32(l.device(), compute));
+    vae.decode_scaled(&l)?.to_dtype(DType::F32).stage("vae")
 }
 
 impl MipPipeline {
@@ -220,12 +230,9 @@ impl MipPipeline {
         denoise_with(&mut |x, t| self.unet_forward(x, t, cond), &sampling, &noise, on_step)
     }
 
-    /// VAE decode of final latents to an image tensor (1, 3, H, W) in about [-1, 1], f32 (TF32 GEMMs on CUDA for
-    /// the f32 VAE of a half-precision pipeline, see [`super::precision`]).
+    /// VAE decode of final latents to an image tensor (1, 3, H, W) in about [-1, 1], f32 (see [`decode_latents`]).
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        let l = latents.to_dtype(self.vae.dtype()).stage("vae")?;
-        let _tf32 = Tf32Scope::new(vae_uses_tf32(&self.device, self.dtype));
-        self.vae.decode_scaled(&l)?.to_dtype(DType::F32).stage("vae")
+        decode_latents(&self.vae, latents, self.dtype)
     }
 
     /// Runs a whole validated request. `on_progress` is called after each step; returning `false` cancels.

@@ -36,6 +36,23 @@ pub fn softmax_f32(xs: &Tensor) -> candle_core::Result<Tensor> {
     candle_nn::ops::softmax_last_dim(&xs.to_dtype(DType::F32)?.contiguous()?)
 }
 
+/// Attention probabilities `softmax(a . b^T * scale)` over the last axis, in f32: `(B, H, La, Lb)`.
+fn scaled_probs(a: &Tensor, b: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    softmax_f32(&(a.matmul(&b.t()?)? * scale)?)
+}
+
+/// `softmax(q k^T * scale) v` for head views `q` `(B, H, Lq, d)` and `k`/`v` `(B, H, Lk, d)` (any strides),
+/// heads merged: `(B, Lq, H*d)`. With the `cuda` feature, CUDA f16/bf16 tensors take the fused kernel, which reads
+/// the views without copies; otherwise contiguous copies, the probabilities in f32 and two matmuls.
+fn attention_heads(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if mip_kernels::flash_attn_supported(q, k) {
+        return mip_kernels::flash_attn(q, k, v, scale as f32);
+    }
+    let p = scaled_probs(&q.contiguous()?, &k.contiguous()?, scale)?.to_dtype(v.dtype())?;
+    merge_heads(&p.matmul(&v.contiguous()?)?)
+}
+
 /// diffusers `Attention` as used by `BasicTransformerBlock`.
 #[derive(Debug, Clone)]
 pub struct Attention {
@@ -65,24 +82,15 @@ impl Attention {
 
     /// Attention probabilities `softmax(a . b^T * scale)` over the last axis, in f32: `(B, H, La, Lb)`.
     pub fn probs(&self, a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-        softmax_f32(&(a.matmul(&b.t()?)? * self.scale)?)
+        scaled_probs(a, b, self.scale)
     }
 
     /// Multi-head attention of the split queries `q` `(B, H, L, d)` over keys/values projected from `ctx` by
-    /// `to_k`/`to_v`; returns `(B, L, H*d)` before `to_out`. With the `cuda` feature, CUDA f16/bf16 tensors take
-    /// the fused kernel (keys/values read as head views of the projections, no split copies).
+    /// `to_k`/`to_v` (read as head views of the projections); returns `(B, L, H*d)` before `to_out`.
     pub fn attend(&self, q: &Tensor, ctx: &Tensor, to_k: &Linear, to_v: &Linear) -> candle_core::Result<Tensor> {
-        let k = to_k.forward(ctx)?;
-        let v = to_v.forward(ctx)?;
-        #[cfg(feature = "cuda")]
-        if mip_kernels::flash_attn_supported(q, &k) {
-            let (k, v) = (heads_view(&k, self.heads)?, heads_view(&v, self.heads)?);
-            return mip_kernels::flash_attn(q, &k, &v, self.scale as f32);
-        }
-        let k = split_heads(&k, self.heads)?;
-        let v = split_heads(&v, self.heads)?;
-        let p = self.probs(&q.contiguous()?, &k)?.to_dtype(v.dtype())?;
-        merge_heads(&p.matmul(&v)?)
+        let k = heads_view(&to_k.forward(ctx)?, self.heads)?;
+        let v = heads_view(&to_v.forward(ctx)?, self.heads)?;
+        attention_heads(q, &k, &v, self.scale)
     }
 
     /// The output projection `to_out.0` (`to_out.1` is dropout).
@@ -92,13 +100,7 @@ impl Attention {
 
     /// Plain attention of `xs` `(B, L, C)` over `ctx` `(B, S, C_ctx)` (self-attention when `ctx` is `xs`).
     pub fn forward(&self, xs: &Tensor, ctx: &Tensor) -> candle_core::Result<Tensor> {
-        let q = self.to_q.forward(xs)?;
-        // The fused kernel reads q through its strides; the CPU path wants it contiguous.
-        let q = if cfg!(feature = "cuda") && q.device().is_cuda() {
-            heads_view(&q, self.heads)?
-        } else {
-            split_heads(&q, self.heads)?
-        };
+        let q = heads_view(&self.to_q.forward(xs)?, self.heads)?;
         self.project_out(&self.attend(&q, ctx, &self.to_k, &self.to_v)?)
     }
 }
@@ -141,15 +143,7 @@ impl Module for SelfAttention {
         // (B, H, L, d) strided views of the one projection.
         let part = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2);
         let (q, k, v) = (part(0)?, part(1)?, part(2)?);
-        #[cfg(feature = "cuda")]
-        if mip_kernels::flash_attn_supported(&q, &k) {
-            return self
-                .to_out
-                .forward(&mip_kernels::flash_attn(&q, &k, &v, self.scale as f32)?);
-        }
-        let scores = (q.contiguous()?.matmul(&k.contiguous()?.t()?)? * self.scale)?;
-        let p = softmax_f32(&scores)?.to_dtype(v.dtype())?;
-        self.to_out.forward(&merge_heads(&p.matmul(&v.contiguous()?)?)?)
+        self.to_out.forward(&attention_heads(&q, &k, &v, self.scale)?)
     }
 }
 
