@@ -8,7 +8,7 @@
    (services/cli/src/serve.rs, main.rs), config file paths against volumeMounts, ports against listen addresses,
    workers_dns against the headless Service, worker TLS against the coordinator's worker_tls, the ServiceMonitor
    against the metrics Services.
-2. The images: COPY sources exist, `-p mip-cli` and its `mip` binary match services/cli/Cargo.toml, compose commands.
+2. The images: COPY sources exist, every workspace member is copied, `-p mip-cli` and its `mip` binary match services/cli/Cargo.toml, compose commands.
 Set MIP_DEPLOY_DUMP=DIR to keep the rendered manifests. Prints nothing and exits 0 when everything holds; otherwise prints each problem and exits 1.
 """
 
@@ -470,9 +470,11 @@ def check_docker() -> None:
     cli = tomllib.loads((ROOT / "services/cli/Cargo.toml").read_text())
     package = cli.get("package", {}).get("name")
     bins = [b.get("name") for b in cli.get("bin", [])]
+    members = tomllib.loads((ROOT / "Cargo.toml").read_text())["workspace"]["members"]
     for df in sorted((ROOT / "deploy/docker").glob("Dockerfile.*")):
         text = re.sub(r"\\\n", " ", df.read_text())
         rel = df.relative_to(ROOT)
+        copied = []
         for line in text.splitlines():
             words = line.split()
             if not words or words[0].upper() not in ("COPY", "ADD"):
@@ -483,6 +485,11 @@ def check_docker() -> None:
             for src in sources:
                 if not (ROOT / src).exists():
                     problem(f"{rel}: COPY source {src} does not exist in the repository")
+            copied += [src.rstrip("/") for src in sources]
+        # cargo loads every workspace member's manifest (and needs a target in it), whichever package it builds.
+        for member in members:
+            if not any(member == c or member.startswith(c + "/") or c == f"{member}/Cargo.toml" for c in copied):
+                problem(f"{rel}: workspace member {member} is not copied into the build context")
         m = re.search(r"cargo build [^\n&]*?-p (\S+)", text)
         if not m:
             problem(f"{rel}: no `cargo build ... -p PACKAGE`")

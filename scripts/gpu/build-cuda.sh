@@ -13,14 +13,15 @@
 #    scripts/gpu/run.sh; the whole pack stays under the 64 MiB a GPU call may carry.
 #
 # Needs about 6 GB free on disk (toolkit 1.2 GB, target dir 4-5 GB). Environment: CARGO_BUILD_JOBS (default 1), MIP_CUDA_CACHE (default ~/.cache/mip-cuda),
-# MIP_CUDA_TARGET (default /root/.cache/mip-target-cuda), MIP_FIXTURES (default ../shared/fixtures/mip-tiny-sdxl).
+# MIP_CUDA_TARGET (default ~/.cache/mip-target-cuda), MIP_FIXTURES (default tests/fixtures/mip-tiny-sdxl),
+# MIP_ANCHOR_BENCH (a folder with the PyTorch anchor benchmark, anchor_bench.py; unset: the pack has no anchor).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 CACHE="${MIP_CUDA_CACHE:-$HOME/.cache/mip-cuda}"
 VENV="$CACHE/venv"
 CUDA_ROOT="$CACHE/cuda-root"
-TARGET="${MIP_CUDA_TARGET:-/root/.cache/mip-target-cuda}"
+TARGET="${MIP_CUDA_TARGET:-$HOME/.cache/mip-target-cuda}"
 PACK="$ROOT/gpu-pack"
 export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-1}"
 
@@ -109,10 +110,8 @@ build_binary() {
 }
 
 pack() {
-  local fixtures="${MIP_FIXTURES:-$ROOT/../shared/fixtures/mip-tiny-sdxl}"
-  [[ -f "$fixtures/index.json" ]] || fixtures="/work/shared/fixtures/mip-tiny-sdxl"
-  local bench="${MIP_ANCHOR_BENCH:-$ROOT/../shared/bench}"
-  [[ -f "$bench/anchor_bench.py" ]] || bench="/work/shared/bench"
+  local fixtures="${MIP_FIXTURES:-$ROOT/tests/fixtures/mip-tiny-sdxl}"
+  local bench="${MIP_ANCHOR_BENCH:-}"
   log "packing into $PACK"
   rm -rf "$PACK"
   mkdir -p "$PACK/bench"
@@ -148,7 +147,11 @@ for case in d["cases"]:
 PY
   tar -C "$staged" -cf - fixtures | xz -T"$CARGO_BUILD_JOBS" -9 >"$PACK/fixtures.tar.xz"
   rm -rf "$staged"
-  cp "$bench"/*.py "$PACK/bench/"
+  if [[ -n "$bench" && -f "$bench/anchor_bench.py" ]]; then
+    cp "$bench"/*.py "$PACK/bench/"
+  else
+    log "MIP_ANCHOR_BENCH unset or without anchor_bench.py: the pack has no PyTorch anchor"
+  fi
   cp "$ROOT/scripts/gpu/run.sh" "$PACK/"
   # diffusers is not installed on the GPU machine (PyTorch and transformers are) and it has no network.
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d "$PACK/whl" \

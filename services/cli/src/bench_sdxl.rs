@@ -1,8 +1,8 @@
-//! `mip bench --sdxl`: the pipeline's stages with random weights in the real SDXL shapes (what
-//! `shared/bench/anchor_bench.py` times in PyTorch, so the two can run side by side): both text encoders on 6
-//! sequences, the ViT-bigG image encoder on 2 images, one CFG UNet step (batch 2) with the weighted merge of 2
-//! subjects and one without the adapter, the VAE decode of one image (in the bench dtype like the anchor, and in
-//! the dtype the pipeline decodes in when that differs), and the whole image estimated as
+//! `mip bench --sdxl`: the pipeline's stages with random weights in the real SDXL shapes (what the PyTorch anchor
+//! benchmark, `anchor_bench.py` packed by `scripts/gpu/build-cuda.sh`, times, so the two run side by side): both
+//! text encoders on 6 sequences, the ViT-bigG image encoder on 2 images, one CFG UNet step (batch 2) with the
+//! weighted merge of 2 subjects and one without the adapter, the VAE decode of one image (in the bench dtype like
+//! the anchor, and in the dtype the pipeline decodes in when that differs), and the whole image estimated as
 //! `encoders + steps x merged step + decode` (the anchor's formula). `--tiny` shrinks every model for CPU runs.
 //! On CUDA it also reports the peak device memory in use (sampled every 2 ms through the driver) and checks the
 //! fused kernels of `mip-kernels` against candle's unfused ops in SDXL shapes (max errors and timings). On every

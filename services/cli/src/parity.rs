@@ -10,7 +10,7 @@ use crate::device::{parse_device, parse_dtype};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Fixture folder (with index.json), e.g. ../shared/fixtures/mip-tiny-sdxl.
+    /// Fixture folder (with index.json), e.g. tests/fixtures/mip-tiny-sdxl.
     dir: PathBuf,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]

@@ -7,8 +7,9 @@
 //! - [`telemetry`]: log subscriber and OTLP trace export, with a guard that flushes on drop.
 //! - [`propagation`]: W3C trace context in gRPC metadata (server-side parent, client interceptor).
 //! - [`metrics_http`]: the `/metrics` (Prometheus text) and `/healthz` HTTP endpoint.
-//! - [`tls`]: server and client TLS (mutual TLS when a client CA is set) from PEM files; `tls::testing` with the
-//!   `test-pki` feature.
+//! - [`tls`]: server and client TLS (mutual TLS when a client CA is set) from PEM files.
+//! - `testing` (feature `testing`, for other crates' tests): a throwaway `redis-server` on a free loopback port;
+//!   `tls::testing` writes a throwaway PKI.
 
 pub mod config;
 pub mod deadline;
@@ -17,4 +18,6 @@ pub mod metrics_http;
 pub mod propagation;
 pub mod shutdown;
 pub mod telemetry;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod tls;

@@ -7,7 +7,7 @@
 //!
 //! The files are read and checked for the expected PEM blocks here, so a wrong path or a swapped cert/key fails at
 //! startup with the field and the file in the message; rustls parses the contents when the server or channel is
-//! built. With the `test-pki` feature, [`testing::TestPki`] writes a throwaway CA and certificates for tests.
+//! built. With the `testing` feature, [`testing::TestPki`] writes a throwaway CA and certificates for tests.
 
 use std::path::{Path, PathBuf};
 
@@ -147,8 +147,8 @@ fn read_key(field: &'static str, path: &Path) -> Result<String, TlsError> {
     Ok(pem)
 }
 
-/// Throwaway PKI for tests (feature `test-pki`): enable it in a crate's dev-dependencies on `mip-common`.
-#[cfg(feature = "test-pki")]
+/// Throwaway PKI for tests (feature `testing`): enable it in a crate's dev-dependencies on `mip-common`.
+#[cfg(feature = "testing")]
 pub mod testing {
     use std::path::{Path, PathBuf};
 

@@ -9,6 +9,8 @@
 //! - [`demo`]: the built-in demo model writer.
 //! - Serving: [`config`] (validated settings), [`limits`] (request limits and edge validation), [`executor`] (the
 //!   device thread), [`service`] (domain logic), [`api`] (the tonic adapter), [`server`] (`run`), [`metrics`].
+//! - `testing` (feature `testing`): an in-process worker on the fixture model and gRPC helpers, for the tests of
+//!   this crate and of the cross-service suite (`tests/`).
 
 pub mod api;
 pub mod cache;
@@ -23,5 +25,7 @@ pub mod parity;
 pub mod pipeline;
 pub mod server;
 pub mod service;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use error::{InvalidInput, ModelError, Result};

@@ -1,4 +1,4 @@
-//! The worker's Prometheus metrics (names from DESIGN.md, `mip_` prefix) in a [`Registry`] of their own, so several
+//! The worker's Prometheus metrics (`mip_` prefix, listed in the README) in a [`Registry`] of their own, so several
 //! workers can live in one process (tests) and the registry can be served by any HTTP endpoint
 //! ([`Metrics::render`] gives the text format).
 

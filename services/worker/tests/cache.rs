@@ -1,8 +1,6 @@
 //! The embedding cache against a real `redis-server`: tiers, a second worker sharing Redis, Redis down / stopped /
 //! frozen, corrupt entries, single-flight, the LRU byte budget and TTLs. Every wait is bounded.
 
-mod support;
-
 use std::convert::Infallible;
 use std::net::{Ipv4Addr, TcpListener};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -10,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
+use mip_common::testing::RedisServer;
 use mip_worker::cache::{CacheConfig, CacheTier, EmbeddingCache, EntryKind};
-use support::redis::RedisServer;
 
 /// Upper bound of any single cache call here: far above the Redis timeout, so only a hang trips it.
 const CALL_BOUND: Duration = Duration::from_secs(10);

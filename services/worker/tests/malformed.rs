@@ -3,11 +3,9 @@
 //!
 //! Note: the contract gives zero `width`, `height` and `steps` a meaning (the defaults), so "steps 0" is valid.
 
-mod support;
-
 use mip_proto::v1::worker_client::WorkerClient;
 use mip_proto::v1::{generate_event, EncodeSubjectsRequest, GenerateEvent, GenerateTask, GenerationRequest, Subject};
-use support::worker::{TestWorker, BOUND};
+use mip_worker::testing::{TestWorker, BOUND};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 use tonic_health::pb::health_check_response::ServingStatus;

@@ -2,21 +2,19 @@
 //! readiness (NOT_SERVING until the model is loaded and warmed up), reflection, Info, the subject cache through
 //! EncodeSubjects, streamed generation, deadlines, cancellation by dropping the stream, and a full queue.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use mip_common::errors::reason_of;
 use mip_proto::v1::{generate_event, CacheTier, EncodeSubjectsRequest, GenerateEvent, GenerateTask, Subject};
-use support::worker::{collect, generate, image, info, task, TestWorker, BOUND};
+use mip_worker::testing::{collect, generate, image, info, task, TestWorker, BOUND};
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
 fn subject(name: &str, file: &str) -> Subject {
-    support::worker::subject(name, vec![image(file)])
+    mip_worker::testing::subject(name, vec![image(file)])
 }
 
 /// A worker with `capacity` queue slots; with `gate`, its model loads only when the returned sender fires.

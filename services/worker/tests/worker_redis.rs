@@ -3,16 +3,14 @@
 //! generation and its use comes back with Redis; a corrupted value is re-encoded; eight concurrent requests for one
 //! new subject encode it once.
 
-mod support;
-
 use std::io::Cursor;
 use std::time::Duration;
 
+use mip_common::testing::RedisServer;
 use mip_proto::v1::worker_client::WorkerClient;
 use mip_proto::v1::{CacheTier, EncodeSubjectsRequest, EncodedSubject, Subject};
+use mip_worker::testing::{generate, image, info, subject, task, TestWorker, BOUND};
 use redis::AsyncCommands;
-use support::redis::RedisServer;
-use support::worker::{generate, image, info, subject, task, TestWorker, BOUND};
 use tonic::transport::Channel;
 
 async fn encode(c: &mut WorkerClient<Channel>, s: Subject) -> EncodedSubject {

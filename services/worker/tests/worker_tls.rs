@@ -1,14 +1,12 @@
 //! Transport security from config: the worker over TLS, and with mutual TLS only a client holding a certificate
 //! from the cluster's CA can call it.
 
-mod support;
-
 use std::time::Duration;
 
 use mip_common::tls::testing::TestPki;
 use mip_proto::v1::worker_client::WorkerClient;
 use mip_proto::v1::InfoRequest;
-use support::worker::TestWorker;
+use mip_worker::testing::TestWorker;
 use tonic::transport::{Channel, ClientTlsConfig};
 
 async fn call_info(addr: std::net::SocketAddr, tls: ClientTlsConfig) -> Result<String, String> {

@@ -1,4 +1,4 @@
-//! Comparison of computed tensors against the golden fixtures (`../shared/fixtures/mip-tiny-sdxl` layout), with
+//! Comparison of computed tensors against the golden fixtures (the `tests/fixtures/mip-tiny-sdxl` layout), with
 //! the tolerances stated in the fixtures' README. Used by `mip parity` and by the tests.
 
 mod cases;
@@ -12,12 +12,12 @@ use candle_core::{DType, Tensor};
 /// Environment variable naming the fixture folder.
 pub const FIXTURES_ENV: &str = "MIP_FIXTURES";
 
-/// The fixture folder: `$MIP_FIXTURES`, else `../shared/fixtures/mip-tiny-sdxl` beside the workspace.
+/// The fixture folder: `$MIP_FIXTURES`, else the repository's own `tests/fixtures/mip-tiny-sdxl`.
 /// Fails with a message saying how to point at it when absent.
 pub fn fixtures_dir() -> Result<PathBuf, String> {
     let dir = match std::env::var_os(FIXTURES_ENV) {
         Some(v) => PathBuf::from(v),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/mip-tiny-sdxl"),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/mip-tiny-sdxl"),
     };
     if dir.join("index.json").is_file() {
         Ok(dir)

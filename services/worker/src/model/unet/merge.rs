@@ -1,5 +1,5 @@
 //! The MIP-Adapter weighted-merge cross-attention (`attn2` of every transformer block when an adapter is
-//! loaded), matching `shared/bench/reference_mip.py`:
+//! loaded), matching the published processor (the maths is in `tests/fixtures/mip-tiny-sdxl/README.md`):
 //!
 //! ```text
 //! context = [text tokens | object_0 tokens (T) | ... | object_{N-1} tokens (T)]
