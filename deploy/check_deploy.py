@@ -4,7 +4,7 @@
    values, with values-all-on.yaml and with its alternative choices (ALT_CHOICES) (any warning or error fails); a real Helm install of both against a throwaway
    in-process stand-in for the Kubernetes API (helm-sdkpy has no client-only `template`), whose manifest is then
    checked: worker.yaml and coordinator.yaml against the services' config structs (services/{worker,coordinator}/
-   src/config.rs), every `--flag` of the containers (and of compose) against the clap args of `mip serve SUB`
+   src/config.rs, the shared limits in services/admission/src/limits.rs), every `--flag` of the containers (and of compose) against the clap args of `mip serve SUB`
    (services/cli/src/serve.rs, main.rs), config file paths against volumeMounts, ports against listen addresses,
    workers_dns against the headless Service, worker TLS against the coordinator's worker_tls, the ServiceMonitor
    against the metrics Services.
@@ -219,16 +219,17 @@ def config_schema(files: tuple[str, ...], root: str) -> dict:
 
 
 def worker_config_schema() -> dict:
-    return config_schema(("services/common/src/telemetry.rs", "services/worker/src/config.rs", "services/worker/src/limits.rs"),
-                         "WorkerConfig")
+    return config_schema(("services/common/src/telemetry.rs", "services/admission/src/limits.rs",
+                          "services/worker/src/config.rs"), "WorkerConfig")
 
 
 def coordinator_config_schema() -> dict:
-    return config_schema(("services/common/src/telemetry.rs", "services/coordinator/src/config.rs"), "CoordinatorConfig")
+    return config_schema(("services/common/src/telemetry.rs", "services/admission/src/limits.rs",
+                          "services/coordinator/src/config.rs"), "CoordinatorConfig")
 
 
 EXPECTED_SECTIONS = {"server", "limits", "redis", "cache", "model", "executor", "telemetry"}
-COORDINATOR_SECTIONS = {"server", "redis", "coordinator", "worker_tls", "auth", "telemetry"}
+COORDINATOR_SECTIONS = {"server", "limits", "redis", "coordinator", "worker_tls", "auth", "telemetry"}
 
 
 def check_keys(cfg, schema: dict, where: str, service: str = "worker") -> None:

@@ -82,6 +82,36 @@ pub fn fixture_setup(dir: &Path) -> PathBuf {
     model
 }
 
+/// A manifest line (JSONL): the fixture's cat (and jacket, from [`fixture_setup`]) in 64x64, `steps` steps, `seed`.
+pub fn item(seed: u64, steps: u32, two_subjects: bool) -> String {
+    let mut subjects = vec![serde_json::json!({"name": "cat", "images": ["cat_0.png"]})];
+    if two_subjects {
+        subjects.push(serde_json::json!({"name": "jacket", "images": ["jacket_0.png"]}));
+    }
+    serde_json::json!({"prompt": "a cat wearing a jacket", "subjects": subjects, "steps": steps,
+        "width": 64, "height": 64, "seed": seed})
+    .to_string()
+}
+
+/// The PNG files in `dir` (none when it does not exist).
+pub fn pngs(dir: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    rd.filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "png"))
+        .collect()
+}
+
+/// The `summary` line of a `mip submit --json` run.
+pub fn summary(lines: &[Value]) -> Value {
+    lines
+        .iter()
+        .find(|l| l["event"] == "summary")
+        .cloned()
+        .unwrap_or_else(|| panic!("no summary in {lines:?}"))
+}
+
 /// A `mip serve …` child process, killed when dropped.
 pub struct Served {
     child: Child,
@@ -92,7 +122,7 @@ pub struct Served {
 impl Served {
     /// Spawns `mip args…` (a `serve` command listening on `127.0.0.1:0`) with `envs`, and reads the address from
     /// its first line of output (`… listening on 127.0.0.1:PORT …`).
-    pub fn start(args: &[&str], envs: &[(&str, &Path)]) -> Self {
+    pub fn start(args: &[&str], envs: &[(&str, &str)]) -> Self {
         let mut cmd = mip_cmd();
         cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::inherit());
         for (k, v) in envs {

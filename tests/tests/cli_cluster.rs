@@ -3,11 +3,11 @@
 //! their numbers, an interrupted run resumed without duplicate jobs), `mip generate --coordinator`, `mip workers
 //! --coordinator`, `mip jobs`, `mip watch` and `mip cancel`; SIGTERM stops the server cleanly.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use mip_tests::process::{fixture_setup, json_lines, mip, mip_cmd, text, tmp, Served};
+use mip_tests::process::{fixture_setup, item, json_lines, mip, mip_cmd, pngs, summary, text, tmp, Served};
 use serde_json::Value;
 
 /// Upper bound of any wait (model load on a slow, busy machine included).
@@ -79,34 +79,6 @@ impl ServeAll {
     fn terminate(self) -> std::process::ExitStatus {
         self.served.terminate()
     }
-}
-
-/// A JSONL line: the cat (and jacket) with `steps` steps and `seed`.
-fn item(seed: u64, steps: u32, two_subjects: bool) -> String {
-    let mut subjects = vec![serde_json::json!({"name": "cat", "images": ["cat_0.png"]})];
-    if two_subjects {
-        subjects.push(serde_json::json!({"name": "jacket", "images": ["jacket_0.png"]}));
-    }
-    serde_json::json!({"prompt": "a cat wearing a jacket", "subjects": subjects, "steps": steps,
-        "width": 64, "height": 64, "seed": seed})
-    .to_string()
-}
-
-fn pngs(dir: &Path) -> Vec<PathBuf> {
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    rd.filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "png"))
-        .collect()
-}
-
-fn summary(lines: &[Value]) -> Value {
-    lines
-        .iter()
-        .find(|l| l["event"] == "summary")
-        .cloned()
-        .unwrap_or_else(|| panic!("no summary in {lines:?}"))
 }
 
 #[test]
@@ -339,8 +311,8 @@ fn workers_over_https_are_verified_against_the_tls_ca() {
     let worker = Served::start(
         &["serve", "worker", "--listen", "127.0.0.1:0", "--model", model],
         &[
-            ("MIP_SERVER__TLS__CERT", pki.server_cert.as_path()),
-            ("MIP_SERVER__TLS__KEY", pki.server_key.as_path()),
+            ("MIP_SERVER__TLS__CERT", pki.server_cert.to_str().expect("utf-8")),
+            ("MIP_SERVER__TLS__KEY", pki.server_key.to_str().expect("utf-8")),
         ],
     );
     let url = worker.url("https");

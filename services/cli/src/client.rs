@@ -15,6 +15,8 @@ use tonic::service::Interceptor;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Status};
 
+use crate::retry::Retry;
+
 /// Largest message the CLI accepts (a job with its images).
 pub const MAX_MESSAGE_BYTES: usize = 512 << 20;
 
@@ -30,6 +32,10 @@ pub struct ConnectArgs {
     /// PEM file of the CA that signed the server's certificate (for https URLs).
     #[arg(long, value_name = "FILE")]
     pub tls_ca: Option<PathBuf>,
+    /// Keep retrying calls the coordinator refuses as unavailable or overloaded (or that a broken connection
+    /// cut) for up to this many seconds, with exponential backoff and jitter; 0: no retries.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    pub retry_for: u64,
 }
 
 /// Adds `authorization: Bearer <token>` to every request when a token is set.
@@ -66,6 +72,13 @@ pub type Coordinator = CoordinatorClient<InterceptedService<Channel, Auth>>;
 pub type Worker = WorkerClient<InterceptedService<Channel, Auth>>;
 
 impl ConnectArgs {
+    /// The retry policy of `--retry-for`.
+    pub fn retry(&self) -> Retry {
+        Retry {
+            total: Duration::from_secs(self.retry_for),
+        }
+    }
+
     /// The `--coordinator` URL, or an error naming the flag.
     pub fn url(&self) -> Result<&str> {
         self.coordinator

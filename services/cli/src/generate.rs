@@ -148,10 +148,19 @@ async fn start_embedded(args: &Args) -> Result<LocalCluster> {
 }
 
 /// SubmitJob, WatchJob (progress bar), GetJob with images, then the files.
-async fn submit_and_write(args: &Args, connect: &ConnectArgs, job: SubmitJobRequest) -> Result<()> {
+async fn submit_and_write(args: &Args, connect: &ConnectArgs, mut job: SubmitJobRequest) -> Result<()> {
     let mut client = connect.connect().await?;
-    let submitted = client
-        .submit_job(job)
+    let retry = connect.retry();
+    if job.idempotency_key.is_empty() {
+        // A retried submission must not start a second job.
+        job.idempotency_key = format!("mip-generate-{:032x}", rand::random::<u128>());
+    }
+    let submitted = retry
+        .call("submitting the job", || {
+            let mut c = client.clone();
+            let j = job.clone();
+            async move { c.submit_job(j).await }
+        })
         .await
         .map_err(|s| status_error("submitting the job", &s))?
         .into_inner();
@@ -162,9 +171,9 @@ async fn submit_and_write(args: &Args, connect: &ConnectArgs, job: SubmitJobRequ
     } else {
         ProgressBar::hidden()
     };
-    let done = jobs::follow(&mut client, &submitted.job_id, &bar, &mut |_| {}).await?;
+    let done = jobs::follow(&mut client, retry, &submitted.job_id, &bar, &mut |_| {}).await?;
     bar.finish_and_clear();
-    let full = jobs::get(&mut client, &submitted.job_id, true).await?;
+    let full = jobs::get(&mut client, retry, &submitted.job_id, true).await?;
     let mut extra = Map::new();
     extra.insert("negative_prompt".into(), json!(args.negative_prompt));
     let subjects: Vec<Value> = args

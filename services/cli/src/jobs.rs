@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -16,6 +15,7 @@ use mip_proto::v1::{
 use serde_json::{json, Value};
 
 use crate::client::{runtime, status_error, ConnectArgs, Coordinator};
+use crate::retry::Retry;
 
 #[derive(Debug, clap::Args)]
 pub struct WatchArgs {
@@ -117,46 +117,54 @@ pub fn bars_enabled(json: bool) -> bool {
 }
 
 /// Watches `job_id` until it ends and returns its final state (without images); `bar` follows the denoising steps
-/// of all its tasks, `on_event` sees every event. A broken stream is re-opened (a few times).
+/// of all its tasks, `on_event` sees every event. A stream that breaks, or a coordinator that is unavailable for a
+/// while, is re-attached to (the replay brings the job's state back) until `retry`'s total time has passed.
 pub async fn follow(
     client: &mut Coordinator,
+    retry: Retry,
     job_id: &str,
     bar: &ProgressBar,
     on_event: &mut dyn FnMut(&JobEvent),
 ) -> Result<Job> {
     let mut steps: HashMap<u32, (u64, u64)> = HashMap::new();
-    for attempt in 0..4 {
-        let stream = client
-            .watch_job(WatchJobRequest {
-                job_id: job_id.to_owned(),
+    let mut backoff = retry.backoff();
+    loop {
+        let what = format!("watching job {job_id}");
+        let request = WatchJobRequest {
+            job_id: job_id.to_owned(),
+        };
+        let opened = retry
+            .call(&what, || {
+                let mut c = client.clone();
+                let r = request.clone();
+                async move { c.watch_job(r).await }
             })
             .await;
-        let mut stream = match stream {
-            Ok(s) => s.into_inner(),
-            Err(s) => return Err(status_error(&format!("watching job {job_id}"), &s)),
-        };
-        loop {
-            let event = match stream.message().await {
-                Ok(Some(e)) => e,
-                Ok(None) => break,
-                Err(s) if attempt < 3 => {
-                    tracing::warn!(job_id, error = %s, "watch stream broke; re-opening");
-                    break;
+        let mut stream = opened.map_err(|s| status_error(&what, &s))?.into_inner();
+        let broke = loop {
+            match stream.message().await {
+                Ok(Some(event)) => {
+                    on_event(&event);
+                    if let Some(done) = track(&event, &mut steps, bar) {
+                        return Ok(done);
+                    }
                 }
-                Err(s) => return Err(status_error(&format!("watching job {job_id}"), &s)),
-            };
-            on_event(&event);
-            if let Some(done) = track(&event, &mut steps, bar) {
-                return Ok(done);
+                Ok(None) => break None,
+                Err(s) if crate::retry::transient(&s) => break Some(s),
+                Err(s) => return Err(status_error(&what, &s)),
             }
-        }
-        let job = get(client, job_id, false).await?;
+        };
+        let job = get(client, retry, job_id, false).await?;
         if job.status >= JobStatus::Done as i32 {
             return Ok(job);
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        let Some(wait) = backoff.next() else {
+            let why = broke.map_or("the stream kept closing".to_owned(), |s| s.message().to_owned());
+            bail!("job {job_id}: lost the watch stream before the job ended ({why})");
+        };
+        tracing::warn!(job_id, ?wait, "watch stream ended early; re-attaching");
+        tokio::time::sleep(wait).await;
     }
-    bail!("job {job_id}: the watch stream kept closing before the job ended")
 }
 
 /// Moves the bar for one event; the job when the event says it ended.
@@ -186,16 +194,22 @@ fn track(event: &JobEvent, steps: &mut HashMap<u32, (u64, u64)>, bar: &ProgressB
     None
 }
 
-/// `GetJob`.
-pub async fn get(client: &mut Coordinator, job_id: &str, include_images: bool) -> Result<Job> {
+/// `GetJob`, retried while the coordinator is unavailable.
+pub async fn get(client: &mut Coordinator, retry: Retry, job_id: &str, include_images: bool) -> Result<Job> {
     let request = GetJobRequest {
         job_id: job_id.to_owned(),
         include_images,
     };
-    match client.get_job(request).await {
-        Ok(r) => Ok(r.into_inner()),
-        Err(s) => Err(status_error(&format!("getting job {job_id}"), &s)),
-    }
+    let what = format!("getting job {job_id}");
+    let got = retry
+        .call(&what, || {
+            let mut c = client.clone();
+            let r = request.clone();
+            async move { c.get_job(r).await }
+        })
+        .await;
+    got.map(tonic::Response::into_inner)
+        .map_err(|s| status_error(&what, &s))
 }
 
 pub fn watch(a: WatchArgs) -> Result<()> {
@@ -207,7 +221,8 @@ pub fn watch(a: WatchArgs) -> Result<()> {
             ProgressBar::hidden()
         };
         let json = a.json;
-        let job = follow(&mut client, &a.job_id, &bar, &mut |e| {
+        let retry = a.connect.retry();
+        let job = follow(&mut client, retry, &a.job_id, &bar, &mut |e| {
             if json {
                 println!("{}", event_json(e));
             }
@@ -216,7 +231,7 @@ pub fn watch(a: WatchArgs) -> Result<()> {
         bar.finish_and_clear();
         let mut written = Vec::new();
         if let Some(out) = &a.out {
-            let full = get(&mut client, &a.job_id, true).await?;
+            let full = get(&mut client, retry, &a.job_id, true).await?;
             for img in &full.images {
                 let stem = format!("{}-{}-{}", a.job_id, img.request_index, img.sample_index);
                 written.push(crate::outputs::write_image(

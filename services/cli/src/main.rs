@@ -26,6 +26,7 @@ mod manifest;
 mod model;
 mod outputs;
 mod parity;
+mod retry;
 mod serve;
 mod serve_all;
 mod submit;

@@ -10,18 +10,17 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::{bail, Result};
 use futures::StreamExt;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use mip_proto::v1::{Job, JobStatus, SubmitJobRequest};
 use serde_json::{json, Map, Value};
-use tonic::Code;
 
 use crate::client::{runtime, status_error, ConnectArgs, Coordinator};
 use crate::jobs;
 use crate::manifest::{self, Entry, Ready};
+use crate::retry::Retry;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -190,7 +189,7 @@ async fn run_items(a: &Args, todo: &[&Entry], report: &mut Report) -> Result<()>
 
 /// Submit (re-attaching by idempotency key), follow, write the images.
 async fn run_one(client: &mut Coordinator, a: &Args, entry: &Entry, ready: &Ready, bar: &ProgressBar) -> Outcome {
-    let job = match submit(client, ready.job.clone()).await {
+    let job = match submit(client, a.connect.retry(), ready.job.clone()).await {
         Ok(j) => j,
         Err(e) => {
             return Outcome::Failed {
@@ -203,14 +202,15 @@ async fn run_one(client: &mut Coordinator, a: &Args, entry: &Entry, ready: &Read
         job_id: Some(job.job_id.clone()),
         error: format!("{error:#}"),
     };
-    let done = match jobs::follow(client, &job.job_id, bar, &mut |_| {}).await {
+    let retry = a.connect.retry();
+    let done = match jobs::follow(client, retry, &job.job_id, bar, &mut |_| {}).await {
         Ok(d) => d,
         Err(e) => return failed(e),
     };
     if let Err(e) = jobs::finished_ok(&done) {
         return failed(e);
     }
-    let full = match jobs::get(client, &job.job_id, true).await {
+    let full = match jobs::get(client, retry, &job.job_id, true).await {
         Ok(f) => f,
         Err(e) => return failed(e),
     };
@@ -240,11 +240,19 @@ async fn run_one(client: &mut Coordinator, a: &Args, entry: &Entry, ready: &Read
     }
 }
 
-/// SubmitJob, retrying while the queue is full; a job that already ended badly under this key is retried under a
-/// key derived from it (so a re-run re-attaches to the retry, too).
-async fn submit(client: &mut Coordinator, mut request: SubmitJobRequest) -> Result<Job> {
+/// SubmitJob, retried while the coordinator is unavailable or its queue is full (safe: the item's idempotency key
+/// makes a repeated submission return the first job); a job that already ended badly under this key is retried under
+/// a key derived from it (so a re-run re-attaches to the retry, too).
+async fn submit(client: &mut Coordinator, retry: Retry, mut request: SubmitJobRequest) -> Result<Job> {
     for _ in 0..4 {
-        let job = submit_with_backoff(client, request.clone()).await?;
+        let submitted = retry
+            .call("submitting", || {
+                let mut c = client.clone();
+                let r = request.clone();
+                async move { c.submit_job(r).await }
+            })
+            .await;
+        let job = submitted.map_err(|s| status_error("submitting", &s))?.into_inner();
         let ended_badly = job.status == JobStatus::Failed as i32 || job.status == JobStatus::Cancelled as i32;
         if !ended_badly {
             return Ok(job);
@@ -252,21 +260,6 @@ async fn submit(client: &mut Coordinator, mut request: SubmitJobRequest) -> Resu
         request.idempotency_key = format!("{}/retry-{}", request.idempotency_key, job.job_id);
     }
     bail!("the job failed on every retry")
-}
-
-async fn submit_with_backoff(client: &mut Coordinator, request: SubmitJobRequest) -> Result<Job> {
-    let mut wait = Duration::from_millis(250);
-    for _ in 0..20 {
-        match client.submit_job(request.clone()).await {
-            Ok(r) => return Ok(r.into_inner()),
-            Err(s) if s.code() == Code::ResourceExhausted => {
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(5));
-            }
-            Err(s) => return Err(status_error("submitting", &s)),
-        }
-    }
-    bail!("submitting: the coordinator's queue stayed full")
 }
 
 /// Whether every sample's PNG and sidecar are in `out`.

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use mip_admission::{Limits, LimitsConfig};
 use mip_common::tls::{ClientTls, ServerTls};
 
 use serde::{Deserialize, Serialize};
@@ -17,6 +18,8 @@ use crate::error::CoordinatorError;
 #[serde(deny_unknown_fields, default)]
 pub struct CoordinatorConfig {
     pub server: ServerConfig,
+    /// Request limits, the same section (and defaults) as the worker's: what `SubmitJob` and `Generate` admit.
+    pub limits: LimitsConfig,
     pub redis: RedisConfig,
     pub coordinator: SchedulingConfig,
     pub worker_tls: WorkerTlsConfig,
@@ -32,6 +35,9 @@ pub struct ServerConfig {
     /// Largest gRPC message, both ways, on every hop (public API, worker calls, probes).
     pub max_message_bytes: usize,
     pub tls: TlsConfig,
+    /// HTTP/2 pings to clients every this many ms; a client silent for `keepalive_timeout_ms` more is dropped.
+    pub keepalive_interval_ms: u64,
+    pub keepalive_timeout_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -40,6 +46,8 @@ impl Default for ServerConfig {
             listen: "0.0.0.0:50050".into(),
             max_message_bytes: 64 << 20,
             tls: TlsConfig::default(),
+            keepalive_interval_ms: 10_000,
+            keepalive_timeout_ms: 10_000,
         }
     }
 }
@@ -118,6 +126,16 @@ pub struct SchedulingConfig {
     pub lease_ms: u64,
     /// A waiting task's effective priority rises by 1 per this many milliseconds waited; 0 = no aging.
     pub priority_aging_ms: u64,
+    /// HTTP/2 pings on the worker channels every this many ms (also while idle); a worker that does not answer one
+    /// within `worker_keepalive_timeout_ms` (a frozen process) loses its connection and its running attempts.
+    pub worker_keepalive_interval_ms: u64,
+    pub worker_keepalive_timeout_ms: u64,
+    /// Progress watchdog of a running attempt: silence allowed = factor x the longest step seen + slack; before two
+    /// steps have arrived, `watchdog_first_event_ms` (0 = unbounded). Past it the attempt is cancelled, the worker
+    /// marked unhealthy and the task retried elsewhere.
+    pub watchdog_factor: f64,
+    pub watchdog_slack_ms: u64,
+    pub watchdog_first_event_ms: u64,
 }
 
 impl Default for SchedulingConfig {
@@ -134,6 +152,11 @@ impl Default for SchedulingConfig {
             max_samples: 16,
             lease_ms: 10_000,
             priority_aging_ms: 30_000,
+            worker_keepalive_interval_ms: 5_000,
+            worker_keepalive_timeout_ms: 5_000,
+            watchdog_factor: 4.0,
+            watchdog_slack_ms: 10_000,
+            watchdog_first_event_ms: 300_000,
         }
     }
 }
@@ -142,6 +165,7 @@ impl Default for SchedulingConfig {
 #[derive(Debug, Clone)]
 pub struct ValidConfig {
     pub max_message_bytes: usize,
+    pub limits: Limits,
     pub redis_url: Option<String>,
     pub ttl: Duration,
     pub workers: Vec<String>,
@@ -161,6 +185,11 @@ pub struct ValidConfig {
     pub max_samples: u32,
     pub lease: Duration,
     pub priority_aging: Option<Duration>,
+    /// `(interval, timeout)` of the HTTP/2 pings of the public server.
+    pub server_keepalive: (Duration, Duration),
+    /// `(interval, timeout)` of the HTTP/2 pings on the worker channels.
+    pub worker_keepalive: (Duration, Duration),
+    pub watchdog: crate::watchdog::Watchdog,
 }
 
 impl CoordinatorConfig {
@@ -183,7 +212,7 @@ impl CoordinatorConfig {
             .iter()
             .map(|w| normalize_url(w, tls))
             .collect::<Result<Vec<_>, _>>()?;
-        let ranges: [(&'static str, u64, u64, u64); 8] = [
+        let ranges: [(&'static str, u64, u64, u64); 13] = [
             ("coordinator.dns_interval_ms", c.dns_interval_ms, 10, 3_600_000),
             ("coordinator.max_queued_tasks", c.max_queued_tasks as u64, 1, 1 << 20),
             ("coordinator.max_attempts", c.max_attempts.into(), 1, 10),
@@ -192,6 +221,31 @@ impl CoordinatorConfig {
             ("coordinator.max_samples", c.max_samples.into(), 1, 1024),
             ("coordinator.lease_ms", c.lease_ms, 200, 600_000),
             ("coordinator.priority_aging_ms", c.priority_aging_ms, 0, 86_400_000),
+            (
+                "coordinator.worker_keepalive_interval_ms",
+                c.worker_keepalive_interval_ms,
+                100,
+                3_600_000,
+            ),
+            (
+                "coordinator.worker_keepalive_timeout_ms",
+                c.worker_keepalive_timeout_ms,
+                100,
+                3_600_000,
+            ),
+            ("coordinator.watchdog_slack_ms", c.watchdog_slack_ms, 0, 3_600_000),
+            (
+                "server.keepalive_interval_ms",
+                self.server.keepalive_interval_ms,
+                100,
+                3_600_000,
+            ),
+            (
+                "server.keepalive_timeout_ms",
+                self.server.keepalive_timeout_ms,
+                100,
+                3_600_000,
+            ),
         ];
         for (field, v, lo, hi) in ranges {
             if !(lo..=hi).contains(&v) {
@@ -201,8 +255,18 @@ impl CoordinatorConfig {
         if self.redis.ttl_seconds == 0 {
             return Err(CoordinatorError::invalid("redis.ttl_seconds", "must be positive", 0));
         }
+        if !(c.watchdog_factor.is_finite() && (1.0..=1000.0).contains(&c.watchdog_factor)) {
+            return Err(CoordinatorError::invalid(
+                "coordinator.watchdog_factor",
+                "must be a finite number in 1..=1000",
+                c.watchdog_factor,
+            ));
+        }
+        let limits = Limits::from_config(&self.limits)?;
+        let ms = Duration::from_millis;
         Ok(ValidConfig {
             max_message_bytes: self.server.max_message_bytes,
+            limits,
             redis_url: (!self.redis.url.is_empty()).then(|| self.redis.url.clone()),
             ttl: Duration::from_secs(self.redis.ttl_seconds),
             workers,
@@ -221,6 +285,16 @@ impl CoordinatorConfig {
             max_samples: c.max_samples,
             lease: Duration::from_millis(c.lease_ms),
             priority_aging: (c.priority_aging_ms > 0).then(|| Duration::from_millis(c.priority_aging_ms)),
+            server_keepalive: (
+                ms(self.server.keepalive_interval_ms),
+                ms(self.server.keepalive_timeout_ms),
+            ),
+            worker_keepalive: (ms(c.worker_keepalive_interval_ms), ms(c.worker_keepalive_timeout_ms)),
+            watchdog: crate::watchdog::Watchdog {
+                factor: c.watchdog_factor,
+                slack: ms(c.watchdog_slack_ms),
+                first: (c.watchdog_first_event_ms > 0).then(|| ms(c.watchdog_first_event_ms)),
+            },
         })
     }
 }

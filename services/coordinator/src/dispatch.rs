@@ -22,6 +22,7 @@ use crate::metrics::Metrics;
 use crate::placement;
 use crate::registry::{Permit, Registry, WorkerId};
 use crate::store::Store;
+use crate::watchdog::Watchdog;
 
 /// Longest wait between placement tries (slots released and health changes also wake the waiter).
 const RETRY_PLACEMENT: Duration = Duration::from_millis(200);
@@ -43,6 +44,8 @@ pub struct Dispatcher {
     pub instance: String,
     /// Moving average of a task's run time on a worker, in ms (0 = none finished yet).
     pub avg_task_ms: AtomicU64,
+    /// How long a running attempt may stay silent.
+    pub watchdog: Watchdog,
 }
 
 /// The waiting tasks (ticket → priority and since when), with optional priority aging: a task's effective
@@ -315,7 +318,8 @@ impl Dispatcher {
             Ok(None) => image,
             Ok(Some(first)) => first,
             Err(e) => {
-                tracing::warn!(job_id = %job.id, error = %e, "storing a result failed");
+                tracing::warn!(job_id = %job.id, error = %e, "storing a result failed; kept for a re-write");
+                job.mark_dirty();
                 image
             }
         };
@@ -334,8 +338,38 @@ impl Dispatcher {
             return;
         }
         if let Err(e) = self.store.save_job(&job.snapshot(false)).await {
-            tracing::warn!(job_id = %job.id, error = %e, "storing the job state failed");
+            tracing::warn!(job_id = %job.id, error = %e, "storing the job state failed; kept for a re-write");
+            job.mark_dirty();
         }
+    }
+
+    /// Writes a job's whole state again after the store missed writes: every image (write-once, so an image
+    /// recorded meanwhile wins), the snapshot, and for an ended job the release of its lease. False (and the job
+    /// still dirty) when the store fails again.
+    pub async fn rewrite(&self, job: &JobHandle) -> bool {
+        if !job.take_dirty() || job.is_abandoned() {
+            return true;
+        }
+        let _order = job.persist_lock.lock().await;
+        let mut result = Ok(());
+        for image in job.images() {
+            result = result.and(self.store.save_result(&job.id, &image).await.map(|_| ()));
+        }
+        let result = match result {
+            Ok(()) => self.store.save_job(&job.snapshot(false)).await,
+            Err(e) => Err(e),
+        };
+        let result = match result {
+            Ok(()) if job.is_finished() => self.store.release_lease(&job.id, &self.instance).await,
+            other => other,
+        };
+        if let Err(e) = result {
+            tracing::warn!(job_id = %job.id, error = %e, "re-writing the job state failed");
+            job.mark_dirty();
+            return false;
+        }
+        tracing::info!(job_id = %job.id, "job state re-written after a store outage");
+        true
     }
 
     /// A job ended: persist it, count it and give its lease up.
@@ -345,6 +379,7 @@ impl Dispatcher {
         self.persist(job).await;
         if let Err(e) = self.store.release_lease(&job.id, &self.instance).await {
             tracing::warn!(job_id = %job.id, error = %e, "releasing the job lease failed");
+            job.mark_dirty();
         }
     }
 
@@ -422,8 +457,17 @@ impl Dispatcher {
             if let Some(t) = timeout {
                 req.set_timeout(t);
             }
+            let mut clock = self.watchdog.clock();
             let mut stream = permit.client().generate(req).await?.into_inner();
-            while let Some(ev) = stream.message().await? {
+            loop {
+                let next = match clock.bound() {
+                    None => stream.message().await?,
+                    Some(b) => tokio::time::timeout(b, stream.message())
+                        .await
+                        .map_err(|_| clock.expired(b))??,
+                };
+                let Some(ev) = next else { break };
+                clock.observe();
                 match ev.event {
                     Some(generate_event::Event::Progress(p)) => job.progress(spec.index, p.step, p.total),
                     Some(generate_event::Event::Image(img)) => {

@@ -7,11 +7,7 @@ use tonic::Status;
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
     #[error("`{field}` {rule}, got {value}")]
-    Invalid {
-        field: &'static str,
-        rule: String,
-        value: String,
-    },
+    Invalid { field: String, rule: String, value: String },
     #[error("job `{0}` not found")]
     NotFound(String),
     #[error("queue full: {queued} tasks queued + {asked} asked > coordinator.max_queued_tasks {limit}")]
@@ -30,11 +26,21 @@ pub enum CoordinatorError {
 }
 
 impl CoordinatorError {
-    pub fn invalid(field: &'static str, rule: impl Into<String>, value: impl ToString) -> Self {
+    pub fn invalid(field: impl Into<String>, rule: impl Into<String>, value: impl ToString) -> Self {
         Self::Invalid {
-            field,
+            field: field.into(),
             rule: rule.into(),
             value: value.to_string(),
+        }
+    }
+}
+
+impl From<mip_admission::InvalidInput> for CoordinatorError {
+    fn from(e: mip_admission::InvalidInput) -> Self {
+        Self::Invalid {
+            field: e.field,
+            rule: e.rule,
+            value: e.value,
         }
     }
 }

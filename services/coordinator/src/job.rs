@@ -60,6 +60,9 @@ pub struct JobHandle {
     events: broadcast::Sender<JobEvent>,
     cancel: watch::Sender<bool>,
     abandoned: AtomicBool,
+    /// A write of this job to the store failed (Redis slow, paused or restarted): its whole state (snapshot and
+    /// images) is written again once the store answers.
+    dirty: AtomicBool,
     /// Serializes writes of the job to the store, so a later snapshot is never overwritten by an earlier one.
     pub persist_lock: tokio::sync::Mutex<()>,
 }
@@ -175,8 +178,23 @@ impl JobHandle {
             events,
             cancel,
             abandoned: AtomicBool::new(false),
+            dirty: AtomicBool::new(false),
             persist_lock: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Notes that the store missed a write of this job.
+    pub fn mark_dirty(&self) {
+        self.dirty.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the store missed a write; clears the flag (set it again if the re-write fails).
+    pub fn take_dirty(&self) -> bool {
+        self.dirty.swap(false, Ordering::SeqCst)
+    }
+
+    pub fn is_dirty(&self) -> bool {
+        self.dirty.load(Ordering::SeqCst)
     }
 
     /// Indices of the tasks still to run (neither DONE nor FAILED).

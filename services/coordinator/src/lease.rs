@@ -16,7 +16,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use crate::error::CoordinatorError;
 use crate::job::{is_final, JobHandle};
 use crate::service::{lock, Coordinator, Inner};
-use crate::store::TRACE_FIELDS;
+use crate::store::{Renewal, TRACE_FIELDS};
 
 /// The W3C fields of `span`'s context (empty when tracing has no OpenTelemetry layer or propagator).
 pub fn trace_fields(span: &tracing::Span) -> Vec<(String, String)> {
@@ -72,19 +72,24 @@ pub(crate) async fn run(inner: Weak<Inner>) {
 }
 
 impl Coordinator {
-    /// Renews the leases of this coordinator's running jobs; abandons the jobs whose lease is no longer ours.
+    /// Renews the leases of this coordinator's running jobs (taking back those that lapsed during a store outage)
+    /// and re-writes the state the store missed; abandons the jobs whose lease is someone else's.
     async fn renew_leases(&self) {
-        let jobs: Vec<Arc<JobHandle>> = lock(&self.inner.jobs)
+        let d = &self.inner.dispatcher;
+        let (jobs, ended): (Vec<Arc<JobHandle>>, Vec<Arc<JobHandle>>) = lock(&self.inner.jobs)
             .values()
-            .filter(|j| !j.is_finished() && !j.is_abandoned())
+            .filter(|j| !j.is_abandoned() && (!j.is_finished() || j.is_dirty()))
             .cloned()
-            .collect();
+            .partition(|j| !j.is_finished());
+        // An ended job's final state is the truth: written again whatever became of its lease.
+        for job in &ended {
+            d.rewrite(job).await;
+        }
         if jobs.is_empty() {
             return;
         }
         let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
-        let d = &self.inner.dispatcher;
-        let held = match d.store.renew_leases(&ids, &d.instance, self.inner.cfg.lease).await {
+        let renewals = match d.store.renew_leases(&ids, &d.instance, self.inner.cfg.lease).await {
             Ok(h) => h,
             Err(e) => {
                 tracing::warn!(error = %e, jobs = ids.len(), "renewing job leases failed");
@@ -92,16 +97,23 @@ impl Coordinator {
             }
         };
         let mut kept = Vec::new();
-        for (job, ours) in jobs.iter().zip(held) {
-            if ours {
-                kept.push(job.clone());
+        for (job, renewal) in jobs.iter().zip(renewals) {
+            match renewal {
+                Renewal::Held | Renewal::Reclaimed => {
+                    if renewal == Renewal::Reclaimed {
+                        tracing::warn!(parent: &job.span, job_id = %job.id, "job lease lapsed during a store outage; taken back");
+                        job.mark_dirty();
+                    }
+                    d.rewrite(job).await;
+                    kept.push(job.clone());
+                }
+                Renewal::Lost if job.is_finished() => {}
+                Renewal::Lost => {
+                    tracing::warn!(parent: &job.span, job_id = %job.id, "job lease lost: stopping its tasks here");
+                    lock(&self.inner.jobs).remove(&job.id);
+                    job.abandon();
+                }
             }
-            if ours || job.is_finished() {
-                continue;
-            }
-            tracing::warn!(parent: &job.span, job_id = %job.id, "job lease lost: stopping its tasks here");
-            lock(&self.inner.jobs).remove(&job.id);
-            job.abandon();
         }
         self.apply_cancel_requests(&kept).await;
     }

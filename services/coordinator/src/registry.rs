@@ -43,6 +43,8 @@ pub struct RegistryOptions {
     pub tls: Option<ClientTlsConfig>,
     /// The `mip_coord_workers{state}` gauge lives here.
     pub metrics: Metrics,
+    /// `(interval, timeout)` of the HTTP/2 pings on every worker channel (sent while idle too).
+    pub keepalive: (Duration, Duration),
 }
 
 /// One worker.
@@ -156,7 +158,10 @@ impl Registry {
         let mut ep = Endpoint::from_shared(url.to_owned())
             .map_err(bad)?
             .connect_timeout(PROBE_TIMEOUT)
-            .tcp_nodelay(true);
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(self.opts.keepalive.0)
+            .keep_alive_timeout(self.opts.keepalive.1)
+            .keep_alive_while_idle(true);
         if let Some(tls) = &self.opts.tls {
             ep = ep.tls_config(tls.clone()).map_err(bad)?;
         }
@@ -351,6 +356,7 @@ mod tests {
             max_message_bytes: 1 << 20,
             tls: None,
             metrics: Metrics::new().expect("metrics"),
+            keepalive: (Duration::from_secs(5), Duration::from_secs(5)),
         };
         Arc::new(Registry::new(&urls, opts).expect("registry"))
     }

@@ -72,6 +72,7 @@ pub async fn run(config: CoordinatorConfig, listener: TcpListener, shutdown: imp
             max_message_bytes: cfg.max_message_bytes,
             tls: worker_tls,
             metrics: metrics.clone(),
+            keepalive: cfg.worker_keepalive,
         },
     )?);
     let background = start_background(&cfg, &registry, &metrics, metrics_listener).await;
@@ -86,13 +87,16 @@ pub async fn run(config: CoordinatorConfig, listener: TcpListener, shutdown: imp
         .build_v1()
         .context("building the reflection service")?;
     let max = cfg.max_message_bytes;
+    let (ping_every, ping_timeout) = cfg.server_keepalive;
     let auth = BearerAuth::new(tokens, metrics.clone());
     let core = Coordinator::new(cfg, registry, store, metrics);
     let api = CoordinatorServer::new(CoordinatorApi::new(core))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
     let api = InterceptedService::new(api, auth);
-    let mut builder = Server::builder();
+    let mut builder = Server::builder()
+        .http2_keepalive_interval(Some(ping_every))
+        .http2_keepalive_timeout(Some(ping_timeout));
     if let Some(tls) = server_tls {
         builder = builder.tls_config(tls).context("server.tls configuration")?;
     }

@@ -71,6 +71,7 @@ impl Coordinator {
             waiting: WaitQueue::new(cfg.priority_aging),
             instance: format!("{:032x}", rand::random::<u128>()),
             avg_task_ms: Default::default(),
+            watchdog: cfg.watchdog,
         });
         let me = Self {
             inner: Arc::new(Inner {
@@ -111,22 +112,33 @@ impl Coordinator {
     ) -> Result<Job, CoordinatorError> {
         let metrics = &self.inner.dispatcher.metrics;
         let tasks = self.split(&req).inspect_err(|_| metrics.reject("invalid_argument"))?;
+        crate::admission::check_requests(req.requests.clone(), self.inner.cfg.limits, self.list_workers())
+            .await
+            .inspect_err(|_| metrics.reject("invalid_argument"))?;
         let id = format!("{:032x}", rand::random::<u128>());
         if !req.idempotency_key.is_empty() {
             let owner = self
                 .inner
                 .dispatcher
                 .store
-                .claim_idempotency(&req.idempotency_key, &id)
+                .claim_idempotency(
+                    &req.idempotency_key,
+                    &id,
+                    &self.inner.dispatcher.instance,
+                    self.inner.cfg.lease,
+                )
                 .await?;
             if owner != id {
+                // The first submission under this key; while it is still being created (or its writes are in
+                // doubt) there is nothing to return yet: the caller retries, and once that job's lease lapses
+                // without a record the key is taken over (see `Store::claim_idempotency`).
                 return match self.get(&owner, false).await {
                     Ok(job) => Ok(job),
-                    Err(_) => Ok(Job {
-                        job_id: owner,
-                        status: JobStatus::Queued as i32,
-                        ..Default::default()
-                    }),
+                    Err(CoordinatorError::NotFound(_)) => Err(CoordinatorError::Store(format!(
+                        "job `{owner}` of idempotency key {:?} is still being created; retry",
+                        req.idempotency_key
+                    ))),
+                    Err(e) => Err(e),
                 };
             }
         }
@@ -241,7 +253,6 @@ impl Coordinator {
         }
         let mut tasks = Vec::new();
         for (ri, r) in req.requests.iter().enumerate() {
-            check_request(ri, r)?;
             for s in 0..samples {
                 let mut request = r.clone();
                 request.seed = r.seed.map(|seed| seed.wrapping_add(u64::from(s)));
@@ -380,25 +391,4 @@ impl Coordinator {
     pub fn list_workers(&self) -> Vec<WorkerStatus> {
         self.inner.dispatcher.registry.snapshot()
     }
-}
-
-/// Light checks here; the worker validates the rest (sizes, steps, images).
-fn check_request(index: usize, r: &GenerationRequest) -> Result<(), CoordinatorError> {
-    if r.prompt.trim().is_empty() {
-        return Err(CoordinatorError::invalid(
-            "requests[].prompt",
-            "must not be empty",
-            format!("request {index}"),
-        ));
-    }
-    for s in &r.subjects {
-        if s.images.is_empty() && s.subject_key.is_empty() {
-            return Err(CoordinatorError::invalid(
-                "requests[].subjects[].images",
-                "must hold images or a subject_key",
-                format!("request {index}, subject {:?}", s.name),
-            ));
-        }
-    }
-    Ok(())
 }

@@ -27,14 +27,51 @@ const PREFIX: &str = "mip:coord";
 const RENEW: &str = r"
 local out = {}
 for i, k in ipairs(KEYS) do
-  if redis.call('GET', k) == ARGV[1] then
+  local v = redis.call('GET', k)
+  local id = ARGV[3 + i]
+  if v == ARGV[1] then
     redis.call('PEXPIRE', k, ARGV[2])
     out[i] = 1
+  elseif not v and (redis.call('SISMEMBER', ARGV[3] .. ':active', id) == 1
+                    or redis.call('EXISTS', ARGV[3] .. ':job:' .. id) == 0) then
+    redis.call('SET', k, ARGV[1], 'PX', ARGV[2])
+    out[i] = 2
   else
     out[i] = 0
   end
 end
 return out
+";
+
+/// Binds the idempotency key KEYS[1] to job ARGV[1] (TTL ARGV[2] s) unless it names a job that exists or is being
+/// created; returns the job id the key names afterwards. A key naming a job with neither a state record (`job`
+/// field) nor a lease is taken over: a submission whose writes timed out here but reached Redis later leaves such
+/// a key behind once its lease lapses. The new job's lease (owner ARGV[4], ARGV[5] ms) is taken in the same step, so no other replica can
+/// see the key without a lease. ARGV[3] is the key prefix.
+const CLAIM_IDEM: &str = r"
+local cur = redis.call('GET', KEYS[1])
+if cur and cur ~= ARGV[1] then
+  if redis.call('HEXISTS', ARGV[3] .. ':job:' .. cur, 'job') == 1 or redis.call('EXISTS', ARGV[3] .. ':lease:' .. cur) == 1 then
+    return cur
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('SET', ARGV[3] .. ':lease:' .. ARGV[1], ARGV[4], 'PX', ARGV[5])
+return ARGV[1]
+";
+
+/// Takes the lease KEYS[1] for ARGV[1] (PX ARGV[2]) when nobody holds it, or extends it when ARGV[1] does.
+const CLAIM: &str = r"
+local v = redis.call('GET', KEYS[1])
+if not v then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+if v == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
 ";
 
 /// Deletes the lease KEYS[1] if it still holds ARGV[1].
@@ -57,6 +94,18 @@ pub struct StoredJob {
 
 /// The trace fields kept in the job hash.
 pub const TRACE_FIELDS: [&str; 2] = ["traceparent", "tracestate"];
+
+/// What renewing one lease found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Renewal {
+    /// Still ours, extended.
+    Held,
+    /// It had lapsed (Redis unreachable for longer than the lease, or restarted empty) and nobody took it: ours
+    /// again, and the job's state must be written in full.
+    Reclaimed,
+    /// Someone else's, or the job ended elsewhere.
+    Lost,
+}
 
 fn lease_key(job_id: &str) -> String {
     format!("{PREFIX}:lease:{job_id}")
@@ -108,22 +157,28 @@ impl Store {
         self.conn.is_some()
     }
 
-    /// Binds `key` to `job_id` unless it is bound already; returns the job id the key names.
-    pub async fn claim_idempotency(&self, key: &str, job_id: &str) -> Result<String, CoordinatorError> {
+    /// Binds `key` to `job_id` unless it names a job that exists (see [`CLAIM_IDEM`]); returns the job id the key
+    /// names. When that is `job_id`, its lease is `owner`'s for `lease`.
+    pub async fn claim_idempotency(
+        &self,
+        key: &str,
+        job_id: &str,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<String, CoordinatorError> {
         let Some(mut c) = self.conn.clone() else {
             let mut m = self.idem.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             return Ok(m.entry(key.to_owned()).or_insert_with(|| job_id.to_owned()).clone());
         };
-        let k = format!("{PREFIX}:idem:{key}");
-        let opts = redis::SetOptions::default()
-            .conditional_set(redis::ExistenceCheck::NX)
-            .with_expiration(redis::SetExpiry::EX(self.ttl_secs));
-        let set: Option<String> = timed(c.set_options(&k, job_id, opts)).await?;
-        if set.is_some() {
-            return Ok(job_id.to_owned());
-        }
-        let existing: Option<String> = timed(c.get(&k)).await?;
-        Ok(existing.unwrap_or_else(|| job_id.to_owned()))
+        let script = redis::Script::new(CLAIM_IDEM);
+        let mut inv = script.prepare_invoke();
+        inv.key(format!("{PREFIX}:idem:{key}"))
+            .arg(job_id)
+            .arg(self.ttl_secs)
+            .arg(PREFIX)
+            .arg(owner)
+            .arg(lease.as_millis() as u64);
+        timed(inv.invoke_async(&mut c)).await
     }
 
     /// Writes the job's spec and trace fields, then [`save_job`](Self::save_job).
@@ -210,27 +265,29 @@ impl Store {
         timed(c.srem::<_, _, ()>(format!("{PREFIX}:active"), job_id)).await
     }
 
-    /// Takes the lease of a job nobody holds; true when it is now `owner`'s.
+    /// Takes the lease of a job nobody holds (or extends `owner`'s own); true when it is now `owner`'s.
     pub async fn claim_lease(&self, job_id: &str, owner: &str, ttl: Duration) -> Result<bool, CoordinatorError> {
         let Some(mut c) = self.conn.clone() else {
             return Ok(true);
         };
-        let opts = redis::SetOptions::default()
-            .conditional_set(redis::ExistenceCheck::NX)
-            .with_expiration(redis::SetExpiry::PX(ttl.as_millis() as u64));
-        let set: Option<String> = timed(c.set_options(lease_key(job_id), owner, opts)).await?;
-        Ok(set.is_some())
+        let script = redis::Script::new(CLAIM);
+        let mut inv = script.prepare_invoke();
+        inv.key(lease_key(job_id)).arg(owner).arg(ttl.as_millis() as u64);
+        let held: i64 = timed(inv.invoke_async(&mut c)).await?;
+        Ok(held == 1)
     }
 
-    /// Extends the leases `owner` still holds; one flag per id (false: the lease is gone or someone else's).
+    /// Extends the leases `owner` still holds, and takes back a lease that lapsed while Redis could not be reached
+    /// if nobody else took it and the job has not ended elsewhere (it is still active, or Redis lost it); one
+    /// [`Renewal`] per id.
     pub async fn renew_leases(
         &self,
         ids: &[String],
         owner: &str,
         ttl: Duration,
-    ) -> Result<Vec<bool>, CoordinatorError> {
+    ) -> Result<Vec<Renewal>, CoordinatorError> {
         let Some(mut c) = self.conn.clone() else {
-            return Ok(vec![true; ids.len()]);
+            return Ok(vec![Renewal::Held; ids.len()]);
         };
         if ids.is_empty() {
             return Ok(Vec::new());
@@ -240,9 +297,19 @@ impl Store {
         for id in ids {
             inv.key(lease_key(id));
         }
-        inv.arg(owner).arg(ttl.as_millis() as u64);
+        inv.arg(owner).arg(ttl.as_millis() as u64).arg(PREFIX);
+        for id in ids {
+            inv.arg(id);
+        }
         let out: Vec<i64> = timed(inv.invoke_async(&mut c)).await?;
-        Ok(out.into_iter().map(|v| v == 1).collect())
+        Ok(out
+            .into_iter()
+            .map(|v| match v {
+                1 => Renewal::Held,
+                2 => Renewal::Reclaimed,
+                _ => Renewal::Lost,
+            })
+            .collect())
     }
 
     /// Gives a lease up if `owner` still holds it.

@@ -58,6 +58,10 @@ pub struct ServerConfig {
     pub tls: TlsConfig,
     /// On shutdown, how long running work may take to finish before it is cancelled.
     pub drain_seconds: u64,
+    /// HTTP/2 pings to clients every this many ms; a client silent for `keepalive_timeout_ms` more is dropped
+    /// (its running work is cancelled like any dropped stream).
+    pub keepalive_interval_ms: u64,
+    pub keepalive_timeout_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -68,6 +72,8 @@ impl Default for ServerConfig {
             max_message_bytes: 64 << 20,
             tls: TlsConfig::default(),
             drain_seconds: 30,
+            keepalive_interval_ms: 10_000,
+            keepalive_timeout_ms: 10_000,
         }
     }
 }
@@ -222,6 +228,8 @@ pub struct ValidConfig {
     pub max_message_bytes: usize,
     pub tls: Option<TlsFiles>,
     pub drain: Duration,
+    /// `(interval, timeout)` of the server's HTTP/2 pings.
+    pub keepalive: (Duration, Duration),
     pub limits: Limits,
     pub cache: CacheConfig,
     pub model_dir: PathBuf,
@@ -245,7 +253,7 @@ impl WorkerConfig {
     /// Checks every field once; the result is what the server runs from.
     pub fn validate(&self) -> Result<ValidConfig, ConfigInvalid> {
         let s = &self.server;
-        let limits = Limits::from_config(&self.limits)?;
+        let limits = Limits::from_config(&self.limits).map_err(|e| ConfigInvalid::new(e.field, e.rule, e.value))?;
         let min_message = limits.max_image_bytes.saturating_add(4096);
         if s.max_message_bytes < min_message {
             return Err(ConfigInvalid::new(
@@ -255,6 +263,14 @@ impl WorkerConfig {
             ));
         }
         let tls = tls_files(&s.tls)?;
+        for (field, v) in [
+            ("server.keepalive_interval_ms", s.keepalive_interval_ms),
+            ("server.keepalive_timeout_ms", s.keepalive_timeout_ms),
+        ] {
+            if !(100..=3_600_000).contains(&v) {
+                return Err(ConfigInvalid::new(field, "must be in 100..=3600000", v));
+            }
+        }
         let device = DeviceKind::parse(&self.model.device).ok_or_else(|| {
             ConfigInvalid::new(
                 "model.device",
@@ -310,6 +326,10 @@ impl WorkerConfig {
             max_message_bytes: s.max_message_bytes,
             tls,
             drain: Duration::from_secs(s.drain_seconds),
+            keepalive: (
+                Duration::from_millis(s.keepalive_interval_ms),
+                Duration::from_millis(s.keepalive_timeout_ms),
+            ),
             limits,
             cache: CacheConfig {
                 redis_url: (!r.url.is_empty()).then(|| r.url.clone()),

@@ -40,27 +40,8 @@ pub enum ModelError {
     Cancelled { completed_steps: usize, total_steps: usize },
 }
 
-/// A request value that breaks a rule; names the field, the rule and the value.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("`{field}` {rule}, got {value}")]
-pub struct InvalidInput {
-    /// The offending field, e.g. `subjects[1].name`.
-    pub field: String,
-    /// The rule it breaks, e.g. `must be a multiple of 8 in 64..=4096`.
-    pub rule: String,
-    /// The value received, rendered for humans.
-    pub value: String,
-}
-
-impl InvalidInput {
-    pub fn new(field: impl Into<String>, rule: impl Into<String>, value: impl ToString) -> Self {
-        Self {
-            field: field.into(),
-            rule: rule.into(),
-            value: value.to_string(),
-        }
-    }
-}
+/// A request value that breaks a rule (one type for the whole cluster, in `mip-admission`).
+pub use mip_admission::InvalidInput;
 
 /// Shorthand for results of the model core.
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;

@@ -96,7 +96,9 @@ pub async fn run_with(
 
     let api = WorkerServer::new(WorkerApi::new(core.clone(), metrics.clone()))
         .max_decoding_message_size(cfg.max_message_bytes);
-    let mut builder = Server::builder();
+    let mut builder = Server::builder()
+        .http2_keepalive_interval(Some(cfg.keepalive.0))
+        .http2_keepalive_timeout(Some(cfg.keepalive.1));
     if let Some(tls) = tls {
         builder = builder.tls_config(tls).context("server TLS configuration")?;
     }

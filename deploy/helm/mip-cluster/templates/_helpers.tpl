@@ -114,6 +114,8 @@ app.kubernetes.io/component: {{ .component }}
 {{- $_ := set $server "tls" $tls -}}
 {{- end -}}
 {{- $c := dict "server" $server -}}
+{{- /* The coordinator admits exactly what the workers do: the same request limits. */ -}}
+{{- with .Values.worker.config.limits -}}{{- $_ := set $c "limits" (deepCopy .) -}}{{- end -}}
 {{- $redisUrl := include "mip.redisUrl" . -}}
 {{- if $redisUrl -}}{{- $_ := set $c "redis" (dict "url" $redisUrl) -}}{{- end -}}
 {{- $_ := set $c "coordinator" (dict "workers_dns" (printf "%s:%v" (include "mip.workerHeadless" .) .Values.worker.port)) -}}

@@ -7,14 +7,12 @@
 //! decompression-bomb guard). Every failure on user bytes is an [`InvalidInput`] naming the field; a panic inside
 //! a decoder is caught and reported the same way.
 
-use std::io::Cursor;
+use image::DynamicImage;
+use mip_admission::image::{check_header, decode_within};
 
-use image::{DynamicImage, ImageReader, Limits};
+pub use mip_admission::limits::DEFAULT_MAX_PIXELS;
 
 use crate::error::InvalidInput;
-
-/// Pillow's `Image.MAX_IMAGE_PIXELS` (its decompression-bomb warning threshold), the default pixel limit.
-pub const DEFAULT_MAX_PIXELS: u64 = 89_478_485;
 
 /// An 8-bit RGB image, row-major, 3 bytes per pixel (`data.len() == width * height * 3`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,34 +39,10 @@ impl RgbImage {
     }
 }
 
-/// Reads the dimensions of `bytes` from the image header without decoding pixels.
-pub fn image_dimensions(bytes: &[u8], field: &str) -> Result<(u32, u32), InvalidInput> {
-    let reader = guessed_reader(bytes, field)?;
-    reader.into_dimensions().map_err(|e| undecodable(field, bytes, &e))
-}
-
-/// Decodes `bytes` into RGB after checking, from the header, that the image is non-empty and has at most
-/// `max_pixels` pixels.
+/// Decodes `bytes` into RGB after checking, from the header, that the image is non-empty, in a supported format
+/// and has at most `max_pixels` pixels (the cluster's shared image rules, `mip_admission::image`).
 pub fn decode_rgb(bytes: &[u8], field: &str, max_pixels: u64) -> Result<RgbImage, InvalidInput> {
-    if bytes.is_empty() {
-        return Err(InvalidInput::new(field, "must be a non-empty image file", "0 bytes"));
-    }
-    let (w, h) = image_dimensions(bytes, field)?;
-    if w == 0 || h == 0 {
-        return Err(InvalidInput::new(
-            field,
-            "must have a non-zero width and height",
-            format!("{w}x{h}"),
-        ));
-    }
-    let pixels = u64::from(w) * u64::from(h);
-    if pixels > max_pixels {
-        return Err(InvalidInput::new(
-            field,
-            format!("must have at most {max_pixels} pixels"),
-            format!("{w}x{h} = {pixels} pixels"),
-        ));
-    }
+    let (w, h) = check_header(bytes, field, max_pixels)?;
     if bytes.starts_with(&[0xFF, 0xD8]) {
         // Baseline JPEGs are decoded exactly as libjpeg-turbo (Pillow) does; others fall through.
         let exact = std::panic::catch_unwind(|| super::jpeg::decode_baseline(bytes))
@@ -78,38 +52,7 @@ pub fn decode_rgb(bytes: &[u8], field: &str, max_pixels: u64) -> Result<RgbImage
             return Ok(img);
         }
     }
-    let mut reader = guessed_reader(bytes, field)?;
-    let mut limits = Limits::default();
-    limits.max_image_width = Some(w);
-    limits.max_image_height = Some(h);
-    // Room for 16-bit RGBA output plus decoder scratch.
-    limits.max_alloc = Some(pixels.saturating_mul(8).saturating_add(64 << 20));
-    reader.limits(limits);
-    let decoded = std::panic::catch_unwind(move || reader.decode())
-        .map_err(|_| InvalidInput::new(field, "must be a decodable image", "a file the decoder rejected"))?
-        .map_err(|e| undecodable(field, bytes, &e))?;
-    if decoded.width() != w || decoded.height() != h {
-        return Err(InvalidInput::new(
-            field,
-            format!("must decode to its header size {w}x{h}"),
-            format!("{}x{}", decoded.width(), decoded.height()),
-        ));
-    }
-    Ok(to_rgb_like_pillow(&decoded))
-}
-
-fn guessed_reader<'a>(bytes: &'a [u8], field: &str) -> Result<ImageReader<Cursor<&'a [u8]>>, InvalidInput> {
-    ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| undecodable(field, bytes, &e))
-}
-
-fn undecodable(field: &str, bytes: &[u8], e: &dyn std::fmt::Display) -> InvalidInput {
-    InvalidInput::new(
-        field,
-        "must be a PNG, JPEG, BMP, GIF or WebP image",
-        format!("{} bytes that cannot be decoded ({e})", bytes.len()),
-    )
+    Ok(to_rgb_like_pillow(&decode_within(bytes, field, w, h)?))
 }
 
 /// Converts any decoded image to 8-bit RGB as transformers' `convert_to_rgb` does on the image Pillow would have
@@ -186,6 +129,8 @@ fn clip16(v: u16) -> u8 {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Cursor;
+
     use super::*;
 
     fn png_bytes(img: DynamicImage) -> Vec<u8> {
@@ -242,7 +187,7 @@ mod tests {
     #[test]
     fn pixel_limit_is_checked_from_the_header() {
         let bytes = png_bytes(DynamicImage::new_rgb8(30, 20));
-        assert_eq!(image_dimensions(&bytes, "f").expect("dims"), (30, 20));
+        assert_eq!(check_header(&bytes, "f", 600).expect("dims"), (30, 20));
         let e = decode_rgb(&bytes, "subjects[1].images[0]", 599).expect_err("over limit");
         assert_eq!(e.field, "subjects[1].images[0]");
         assert!(e.rule.contains("599"), "{e}");

@@ -13,7 +13,7 @@ use candle_core::{Device, Tensor};
 use serde::Deserialize;
 use serde_json::Value;
 
-pub use super::image_decode::{decode_rgb, image_dimensions, RgbImage, DEFAULT_MAX_PIXELS};
+pub use super::image_decode::{decode_rgb, RgbImage, DEFAULT_MAX_PIXELS};
 use super::resample::{resize_bicubic_window, Window};
 use crate::error::{ForwardContext, InvalidInput, ModelError, Result};
 

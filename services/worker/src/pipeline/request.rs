@@ -1,18 +1,12 @@
 //! Generation requests and their validation: a raw [`GenerateRequest`] becomes a [`ValidRequest`] (defaults filled,
 //! seed fixed, ranges checked) before anything touches the model. Errors name the field, the rule and the value.
 
-use crate::error::InvalidInput;
+use mip_admission::generation::{check_finite, check_side, check_steps, check_text, GUIDANCE_RANGE, SCALE_RANGE};
+use mip_admission::Limits;
 
-/// Most subjects one request may carry.
-pub const MAX_SUBJECTS: usize = 8;
-/// Most reference images per subject.
-pub const MAX_IMAGES_PER_SUBJECT: usize = 8;
-/// Most denoising steps.
-pub const MAX_STEPS: usize = 200;
-/// Smallest and largest image side in pixels.
-pub const SIDE_RANGE: (usize, usize) = (64, 4096);
-/// Most characters in a prompt.
-pub const MAX_PROMPT_CHARS: usize = 2000;
+pub use mip_admission::limits::{MAX_IMAGES_PER_SUBJECT, MAX_PROMPT_CHARS, MAX_STEPS, MAX_SUBJECTS, SIDE_RANGE};
+
+use crate::error::InvalidInput;
 
 /// One subject: its name as written in the prompt and its reference images (encoded bytes).
 #[derive(Debug, Clone, Default)]
@@ -73,48 +67,30 @@ pub struct ValidRequest {
 }
 
 impl GenerateRequest {
-    /// Checks every field; `default_scale` is the loaded variant's image-prompt scale.
+    /// Checks every field with the cluster's rules at the pipeline's hard maxima ([`Limits::HARD`]);
+    /// `default_scale` is the loaded variant's image-prompt scale.
     pub fn validate(self, default_scale: f64) -> Result<ValidRequest, InvalidInput> {
-        check_text("prompt", &self.prompt, true)?;
+        let hard = Limits::HARD;
+        check_text("prompt", &self.prompt, true, hard.max_prompt_chars)?;
         if let Some(n) = &self.negative_prompt {
-            check_text("negative_prompt", n, false)?;
+            check_text("negative_prompt", n, false, hard.max_prompt_chars)?;
         }
-        check_subjects(&self.subjects)?;
-        for (field, v) in [("width", self.width), ("height", self.height)] {
-            if v % 8 != 0 || v < SIDE_RANGE.0 || v > SIDE_RANGE.1 {
-                return Err(InvalidInput::new(
-                    field,
-                    format!("must be a multiple of 8 in {}..={}", SIDE_RANGE.0, SIDE_RANGE.1),
-                    v,
-                ));
-            }
-        }
-        if self.steps == 0 || self.steps > MAX_STEPS {
-            return Err(InvalidInput::new(
-                "steps",
-                format!("must be in 1..={MAX_STEPS}"),
-                self.steps,
-            ));
-        }
-        check_finite("guidance", self.guidance, 0.0, 50.0)?;
-        let scale = self.scale.unwrap_or(default_scale);
-        check_finite("scale", scale, 0.0, 10.0)?;
-        let scheduler = self.scheduler.parse().map_err(|_| {
-            InvalidInput::new(
-                "scheduler",
-                "must be one of euler, ddim, dpmpp_2m_karras",
-                &self.scheduler,
-            )
-        })?;
+        check_subjects(&self.subjects, &hard)?;
+        let width = check_side("width", self.width, &hard)?;
+        let height = check_side("height", self.height, &hard)?;
+        let steps = check_steps(self.steps, &hard)?;
+        let guidance = check_finite("guidance", self.guidance, GUIDANCE_RANGE)?;
+        let scale = check_finite("scale", self.scale.unwrap_or(default_scale), SCALE_RANGE)?;
+        let scheduler = self.scheduler.parse()?;
         let seed = self.seed.unwrap_or_else(rand::random);
         Ok(ValidRequest {
             prompt: self.prompt,
             negative_prompt: self.negative_prompt,
             subjects: self.subjects,
-            width: self.width,
-            height: self.height,
-            steps: self.steps,
-            guidance: self.guidance,
+            width,
+            height,
+            steps,
+            guidance,
             scale,
             scheduler,
             seed,
@@ -122,45 +98,21 @@ impl GenerateRequest {
     }
 }
 
-fn check_text(field: &str, text: &str, required: bool) -> Result<(), InvalidInput> {
-    let chars = text.chars().count();
-    if required && text.trim().is_empty() {
-        return Err(InvalidInput::new(field, "must not be empty", "\"\""));
-    }
-    if chars > MAX_PROMPT_CHARS {
-        return Err(InvalidInput::new(
-            field,
-            format!("must be at most {MAX_PROMPT_CHARS} characters"),
-            format!("{chars} characters"),
-        ));
-    }
-    if text.contains('\0') {
-        return Err(InvalidInput::new(field, "must not contain NUL characters", "a NUL"));
-    }
-    Ok(())
-}
-
-fn check_subjects(subjects: &[SubjectRequest]) -> Result<(), InvalidInput> {
-    if subjects.is_empty() || subjects.len() > MAX_SUBJECTS {
+/// Subject count, names, image counts and non-empty images (the bytes themselves are checked when decoded).
+fn check_subjects(subjects: &[SubjectRequest], limits: &Limits) -> Result<(), InvalidInput> {
+    if subjects.is_empty() || subjects.len() > limits.max_subjects {
         return Err(InvalidInput::new(
             "subjects",
-            format!("must hold 1..={MAX_SUBJECTS} subjects"),
+            format!("must hold 1..={} subjects", limits.max_subjects),
             subjects.len(),
         ));
     }
     for (i, s) in subjects.iter().enumerate() {
-        if s.name.trim().is_empty() {
-            return Err(InvalidInput::new(
-                format!("subjects[{i}].name"),
-                "must not be empty",
-                "\"\"",
-            ));
-        }
-        check_text(&format!("subjects[{i}].name"), &s.name, true)?;
-        if s.images.is_empty() || s.images.len() > MAX_IMAGES_PER_SUBJECT {
+        check_text(&format!("subjects[{i}].name"), &s.name, true, limits.max_prompt_chars)?;
+        if s.images.is_empty() || s.images.len() > limits.max_images_per_subject {
             return Err(InvalidInput::new(
                 format!("subjects[{i}].images"),
-                format!("must hold 1..={MAX_IMAGES_PER_SUBJECT} images"),
+                format!("must hold 1..={} images", limits.max_images_per_subject),
                 s.images.len(),
             ));
         }
@@ -171,17 +123,6 @@ fn check_subjects(subjects: &[SubjectRequest]) -> Result<(), InvalidInput> {
                 "0 bytes",
             ));
         }
-    }
-    Ok(())
-}
-
-fn check_finite(field: &str, v: f64, lo: f64, hi: f64) -> Result<(), InvalidInput> {
-    if !v.is_finite() || v < lo || v > hi {
-        return Err(InvalidInput::new(
-            field,
-            format!("must be a finite number in {lo}..={hi}"),
-            v,
-        ));
     }
     Ok(())
 }

@@ -381,6 +381,10 @@ impl WorkerService for WorkerCore {
             queue_depth: u32::try_from(depth).unwrap_or(u32::MAX),
             ready: s.exec.is_ready() && !s.draining.load(Ordering::SeqCst),
             num_tokens: info.map(|i| i.num_tokens as u32).unwrap_or_default(),
+            limits: Some(s.limits.to_proto()),
+            default_width: info.map(|i| i.default_size[0] as u32).unwrap_or_default(),
+            default_height: info.map(|i| i.default_size[1] as u32).unwrap_or_default(),
+            default_scale: info.map(|i| i.default_scale).unwrap_or_default(),
             counters: Some(pb::Counters {
                 image_encoder_calls: s.exec.image_encoder_calls(),
                 subject_hits_memory: stats.subject.hits_memory,

@@ -1,0 +1,151 @@
+//! Admission at the door: before a job is stored or queued, each of its requests is checked with the cluster's
+//! shared rules (`mip-admission`, the very code the worker runs) against the coordinator's own `limits`, images
+//! decoded in full (truncated, corrupt or oversized data is refused here, not on a worker), and then against the
+//! limits the workers report in `Info`: a request that no known worker can run is refused too. Errors name the
+//! request index and the field (`requests[1].subjects[0].images[2]`), the rule and the value.
+
+use mip_admission::{validate_generation, Defaults, ImageCheck, InvalidInput, Limits};
+use mip_proto::v1::{GenerationRequest, WorkerStatus};
+
+use crate::error::CoordinatorError;
+
+/// What zero sizes and an absent scale become when no worker has reported its model's defaults yet.
+const FALLBACK_DEFAULTS: Defaults = Defaults {
+    size: [1024, 1024],
+    scale: 0.75,
+};
+
+/// The limits and defaults one worker reported.
+#[derive(Debug, Clone, Copy)]
+struct WorkerRules {
+    limits: Limits,
+    defaults: Defaults,
+}
+
+fn worker_rules(workers: &[WorkerStatus]) -> Vec<WorkerRules> {
+    workers
+        .iter()
+        .filter_map(|w| {
+            let info = w.info.as_ref()?;
+            let limits = Limits::from_proto(info.limits.as_ref()?)?;
+            let size = [info.default_width as usize, info.default_height as usize];
+            let defaults = if size.contains(&0) || !info.default_scale.is_finite() {
+                FALLBACK_DEFAULTS
+            } else {
+                Defaults {
+                    size,
+                    scale: info.default_scale,
+                }
+            };
+            Some(WorkerRules { limits, defaults })
+        })
+        .collect()
+}
+
+/// Checks every request of a job (on a blocking thread: images are decoded); `workers` is the registry's view.
+pub async fn check_requests(
+    requests: Vec<GenerationRequest>,
+    limits: Limits,
+    workers: Vec<WorkerStatus>,
+) -> Result<(), CoordinatorError> {
+    let rules = worker_rules(&workers);
+    tokio::task::spawn_blocking(move || {
+        requests
+            .into_iter()
+            .enumerate()
+            .try_for_each(|(i, r)| check_request(r, &limits, &rules).map_err(|e| e.within(&format!("requests[{i}]."))))
+    })
+    .await
+    .map_err(|e| CoordinatorError::Store(format!("admission task: {e}")))?
+    .map_err(CoordinatorError::from)
+}
+
+/// One request: the coordinator's limits with a full image decode, then at least one worker's limits.
+fn check_request(r: GenerationRequest, limits: &Limits, workers: &[WorkerRules]) -> Result<(), InvalidInput> {
+    let defaults = workers.first().map_or(FALLBACK_DEFAULTS, |w| w.defaults);
+    validate_generation(r.clone(), limits, &defaults, ImageCheck::Decode)?;
+    let mut first_refusal = None;
+    for w in workers {
+        match validate_generation(r.clone(), &w.limits, &w.defaults, ImageCheck::Header) {
+            Ok(_) => return Ok(()),
+            Err(e) => {
+                first_refusal.get_or_insert(e);
+            }
+        }
+    }
+    match first_refusal {
+        None => Ok(()),
+        Some(mut e) => {
+            e.rule = format!("{} (the limit of every worker)", e.rule);
+            Err(e)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mip_proto::v1::{Subject, WorkerInfo};
+
+    fn png() -> Vec<u8> {
+        let mut out = Vec::new();
+        let img = image::RgbImage::from_pixel(3, 3, image::Rgb([9, 9, 9]));
+        img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+            .expect("png");
+        out
+    }
+
+    fn request(steps: u32) -> GenerationRequest {
+        GenerationRequest {
+            prompt: "a cat".into(),
+            subjects: vec![Subject {
+                name: "cat".into(),
+                images: vec![png()],
+                subject_key: String::new(),
+            }],
+            steps,
+            ..Default::default()
+        }
+    }
+
+    fn worker(max_steps: usize) -> WorkerStatus {
+        let limits = Limits {
+            max_steps,
+            ..Limits::default()
+        };
+        WorkerStatus {
+            info: Some(WorkerInfo {
+                limits: Some(limits.to_proto()),
+                default_width: 64,
+                default_height: 64,
+                default_scale: 0.75,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn requests_are_named_by_index_and_checked_against_the_workers() {
+        let l = Limits::default();
+        check_requests(vec![request(4)], l, vec![]).await.expect("valid");
+        let e = check_requests(vec![request(4), request(101)], l, vec![])
+            .await
+            .expect_err("101 steps");
+        assert!(e.to_string().contains("`requests[1].steps`"), "{e}");
+        // 50 steps is within the coordinator's limits but beyond both workers'.
+        let ws = vec![worker(20), worker(40)];
+        let e = check_requests(vec![request(50)], l, ws.clone())
+            .await
+            .expect_err("no worker");
+        assert!(e.to_string().contains("every worker"), "{e}");
+        check_requests(vec![request(30)], l, ws)
+            .await
+            .expect("the second worker can");
+        let mut truncated = request(4);
+        let png = png();
+        truncated.subjects[0].images[0] = png[..png.len() - 8].to_vec();
+        let e = check_requests(vec![truncated], l, vec![]).await.expect_err("truncated");
+        assert!(e.to_string().contains("requests[0].subjects[0].images[0]"), "{e}");
+    }
+}
