@@ -16,30 +16,35 @@ const FALLBACK_DEFAULTS: Defaults = Defaults {
 };
 
 /// The limits and defaults one worker reported.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 struct WorkerRules {
     limits: Limits,
     defaults: Defaults,
 }
 
+/// The distinct rules of the workers (a fleet of identical workers is checked against once).
 fn worker_rules(workers: &[WorkerStatus]) -> Vec<WorkerRules> {
-    workers
-        .iter()
-        .filter_map(|w| {
-            let info = w.info.as_ref()?;
-            let limits = Limits::from_proto(info.limits.as_ref()?)?;
-            let size = [info.default_width as usize, info.default_height as usize];
-            let defaults = if size.contains(&0) || !info.default_scale.is_finite() {
-                FALLBACK_DEFAULTS
-            } else {
-                Defaults {
-                    size,
-                    scale: info.default_scale,
-                }
-            };
-            Some(WorkerRules { limits, defaults })
-        })
-        .collect()
+    let mut rules: Vec<WorkerRules> = Vec::new();
+    let reported = workers.iter().filter_map(|w| {
+        let info = w.info.as_ref()?;
+        let limits = Limits::from_proto(info.limits.as_ref()?)?;
+        let size = [info.default_width as usize, info.default_height as usize];
+        let defaults = if size.contains(&0) || !info.default_scale.is_finite() {
+            FALLBACK_DEFAULTS
+        } else {
+            Defaults {
+                size,
+                scale: info.default_scale,
+            }
+        };
+        Some(WorkerRules { limits, defaults })
+    });
+    for r in reported {
+        if !rules.contains(&r) {
+            rules.push(r);
+        }
+    }
+    rules
 }
 
 /// Checks every request of a job (on a blocking thread: images are decoded); `workers` is the registry's view.
@@ -64,6 +69,14 @@ pub async fn check_requests(
 fn check_request(r: GenerationRequest, limits: &Limits, workers: &[WorkerRules]) -> Result<(), InvalidInput> {
     let defaults = workers.first().map_or(FALLBACK_DEFAULTS, |w| w.defaults);
     validate_generation(r.clone(), limits, &defaults, ImageCheck::Decode)?;
+    // A worker with the coordinator's own rules admits what was just admitted: no second pass over the images.
+    let same = WorkerRules {
+        limits: *limits,
+        defaults,
+    };
+    if workers.contains(&same) {
+        return Ok(());
+    }
     let mut first_refusal = None;
     for w in workers {
         match validate_generation(r.clone(), &w.limits, &w.defaults, ImageCheck::Header) {
