@@ -358,7 +358,10 @@ def check_coordinator(docs: list[dict], schema: dict, name: str) -> None:
         problem(f"{where}: workers serve TLS {bool(wtls.get('cert'))} but worker_tls.ca is {ctls.get('ca')!r}")
     if wtls.get("client_ca") and not (ctls.get("cert") and ctls.get("key")):
         problem(f"{where}: workers require client certificates but worker_tls has no cert/key")
+    drain = cfg.get("server", {}).get("drain_seconds", 30)
     for spec, c in containers(docs, "coordinator"):
+        if spec.get("terminationGracePeriodSeconds", 30) <= drain:
+            problem(f"{where}: terminationGracePeriodSeconds <= server.drain_seconds {drain}")
         args = [str(a) for a in c.get("args") or []]
         if "--config" not in args or args[args.index("--config") + 1:][:1] != ["/etc/mip/coordinator.yaml"]:
             problem(f"{where}: args {args} do not pass --config /etc/mip/coordinator.yaml")

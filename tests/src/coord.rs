@@ -41,6 +41,7 @@ pub fn config(
     let mut cfg = CoordinatorConfig::default();
     cfg.coordinator.workers = urls;
     cfg.coordinator.health_interval_ms = 100;
+    cfg.server.drain_seconds = 2;
     if let Some(r) = redis {
         cfg.redis.url = r.url();
     }
@@ -156,13 +157,28 @@ impl Coord {
         connect_retry(self.addr, tls, token).await
     }
 
-    /// Stops the coordinator and checks that `run` returned Ok.
-    pub async fn stop(mut self) {
+    /// Signals shutdown (the coordinator drains, then stops); see [`stopped`](Self::stopped).
+    pub fn request_stop(&mut self) {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
+    }
+
+    /// Whether `run` has returned.
+    pub fn is_stopped(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// Waits (bounded) for `run` to return after [`request_stop`](Self::request_stop) and checks it returned Ok.
+    pub async fn stopped(self) {
         let r = tokio::time::timeout(BOUND, self.task).await.expect("stops in time");
         r.expect("join").expect("run returns Ok");
+    }
+
+    /// Stops the coordinator and checks that `run` returned Ok.
+    pub async fn stop(mut self) {
+        self.request_stop();
+        self.stopped().await;
     }
 }
 

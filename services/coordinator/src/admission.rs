@@ -5,9 +5,11 @@
 //! request index and the field (`requests[1].subjects[0].images[2]`), the rule and the value.
 
 use mip_admission::{validate_generation, Defaults, ImageCheck, InvalidInput, Limits};
-use mip_proto::v1::{GenerationRequest, WorkerStatus};
+use mip_proto::v1::{GenerationRequest, SubmitJobRequest, WorkerStatus};
 
+use crate::config::ValidConfig;
 use crate::error::CoordinatorError;
+use crate::job::TaskSpec;
 
 /// What zero sizes and an absent scale become when no worker has reported its model's defaults yet.
 const FALLBACK_DEFAULTS: Defaults = Defaults {
@@ -93,6 +95,46 @@ fn check_request(r: GenerationRequest, limits: &Limits, workers: &[WorkerRules])
             Err(e)
         }
     }
+}
+
+/// One task per image: request × sample; seed = request seed + sample index when a seed is given.
+pub fn split(req: &SubmitJobRequest, cfg: &ValidConfig) -> Result<Vec<TaskSpec>, CoordinatorError> {
+    if req.requests.is_empty() || req.requests.len() > cfg.max_requests {
+        return Err(CoordinatorError::invalid(
+            "requests",
+            format!("must hold 1..={} requests", cfg.max_requests),
+            req.requests.len(),
+        ));
+    }
+    let samples = req.samples.max(1);
+    if samples > cfg.max_samples {
+        return Err(CoordinatorError::invalid(
+            "samples",
+            format!("must be in 0..={}", cfg.max_samples),
+            samples,
+        ));
+    }
+    if req.idempotency_key.len() > 256 {
+        return Err(CoordinatorError::invalid(
+            "idempotency_key",
+            "must be at most 256 bytes",
+            req.idempotency_key.len(),
+        ));
+    }
+    let mut tasks = Vec::new();
+    for (ri, r) in req.requests.iter().enumerate() {
+        for s in 0..samples {
+            let mut request = r.clone();
+            request.seed = r.seed.map(|seed| seed.wrapping_add(u64::from(s)));
+            tasks.push(TaskSpec {
+                index: tasks.len() as u32,
+                request_index: ri as u32,
+                sample_index: s,
+                request,
+            });
+        }
+    }
+    Ok(tasks)
 }
 
 #[cfg(test)]

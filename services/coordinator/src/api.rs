@@ -1,5 +1,7 @@
 //! The gRPC adapter of `mip.v1.Coordinator`: unwrap the request, call [`Coordinator`], convert the error. The
-//! `Generate` call's own deadline (its `grpc-timeout` header) bounds its task.
+//! `Generate` call's own deadline (its `grpc-timeout` header) bounds its task. A WatchJob stream of a job this
+//! coordinator stops running (another replica claimed it, or this one is shutting down) ends with UNAVAILABLE
+//! `job_moved`: watching again follows the job to wherever it runs.
 
 use std::pin::Pin;
 
@@ -13,6 +15,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::error::CoordinatorError;
 use crate::service::Coordinator;
 
 /// Events buffered per WatchJob stream.
@@ -44,7 +47,8 @@ impl CoordinatorRpc for CoordinatorApi {
     type WatchJobStream = EventStream;
 
     async fn watch_job(&self, r: Request<WatchJobRequest>) -> Result<Response<EventStream>, Status> {
-        let w = self.core.watch(&r.into_inner().job_id).await?;
+        let job_id = r.into_inner().job_id;
+        let w = self.core.watch(&job_id).await?;
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
         tokio::spawn(async move {
             for e in w.replay {
@@ -54,10 +58,25 @@ impl CoordinatorRpc for CoordinatorApi {
                 }
             }
             let Some(mut live) = w.live else { return };
+            let mut moved = w.moved;
+            let job_moved = async {
+                match moved.as_mut() {
+                    Some(m) => {
+                        let _ = m.wait_for(|gone| *gone).await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::pin!(job_moved);
             loop {
                 let next = tokio::select! {
+                    biased;
                     r = live.recv() => r,
                     () = tx.closed() => return,
+                    () = &mut job_moved => {
+                        let _ = tx.send(Err(CoordinatorError::Moved(job_id).into())).await;
+                        return;
+                    }
                 };
                 match next {
                     Ok(e) => {

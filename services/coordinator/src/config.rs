@@ -38,6 +38,9 @@ pub struct ServerConfig {
     /// HTTP/2 pings to clients every this many ms; a client silent for `keepalive_timeout_ms` more is dropped.
     pub keepalive_interval_ms: u64,
     pub keepalive_timeout_ms: u64,
+    /// On SIGTERM: refuse new jobs (health NOT_SERVING) and let running jobs finish for at most this long, then
+    /// hand the unfinished ones over (their leases released for another replica) and exit.
+    pub drain_seconds: u64,
 }
 
 impl Default for ServerConfig {
@@ -48,6 +51,7 @@ impl Default for ServerConfig {
             tls: TlsConfig::default(),
             keepalive_interval_ms: 10_000,
             keepalive_timeout_ms: 10_000,
+            drain_seconds: 30,
         }
     }
 }
@@ -190,6 +194,8 @@ pub struct ValidConfig {
     /// `(interval, timeout)` of the HTTP/2 pings on the worker channels.
     pub worker_keepalive: (Duration, Duration),
     pub watchdog: crate::watchdog::Watchdog,
+    /// How long a shutdown waits for running jobs.
+    pub drain: Duration,
 }
 
 impl CoordinatorConfig {
@@ -212,7 +218,8 @@ impl CoordinatorConfig {
             .iter()
             .map(|w| normalize_url(w, tls))
             .collect::<Result<Vec<_>, _>>()?;
-        let ranges: [(&'static str, u64, u64, u64); 13] = [
+        let ranges: [(&'static str, u64, u64, u64); 14] = [
+            ("server.drain_seconds", self.server.drain_seconds, 0, 3600),
             ("coordinator.dns_interval_ms", c.dns_interval_ms, 10, 3_600_000),
             ("coordinator.max_queued_tasks", c.max_queued_tasks as u64, 1, 1 << 20),
             ("coordinator.max_attempts", c.max_attempts.into(), 1, 10),
@@ -295,6 +302,7 @@ impl CoordinatorConfig {
                 slack: ms(c.watchdog_slack_ms),
                 first: (c.watchdog_first_event_ms > 0).then(|| ms(c.watchdog_first_event_ms)),
             },
+            drain: Duration::from_secs(self.server.drain_seconds),
         })
     }
 }

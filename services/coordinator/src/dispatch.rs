@@ -6,23 +6,23 @@
 //! recorded there once (HSETNX) before the job sees it. Each attempt is a `task` span, child of the job's span,
 //! whose context travels to the worker in the request metadata.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mip_common::errors::{status, Kind};
-use mip_proto::v1::{generate_event, GenerateTask, Job, JobImage, JobStatus};
+use mip_proto::v1::{generate_event, GenerateTask, JobImage};
 use tonic::{Code, Status};
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::job::JobHandle;
 use crate::metrics::Metrics;
-use crate::placement;
-use crate::registry::{Permit, Registry, WorkerId};
-use crate::store::Store;
+use crate::placement::{self, WorkerId};
+use crate::queue::{InQueue, Queue, Waiting};
+use crate::registry::{Permit, Registry};
 use crate::watchdog::Watchdog;
+use crate::writer::JobWriter;
 
 /// Longest wait between placement tries (slots released and health changes also wake the waiter).
 const RETRY_PLACEMENT: Duration = Duration::from_millis(200);
@@ -33,131 +33,15 @@ const ETA_WEIGHT: f64 = 0.2;
 /// What a task runner needs.
 pub struct Dispatcher {
     pub registry: Arc<Registry>,
-    pub store: Arc<Store>,
+    pub writer: Arc<JobWriter>,
     pub max_attempts: u32,
     pub metrics: Metrics,
-    /// Tasks not yet started, across jobs.
-    pub queued: Arc<AtomicUsize>,
-    /// The tasks waiting for a slot: a task takes a slot only while no task of a higher effective priority waits.
-    pub waiting: WaitQueue,
-    /// This coordinator's instance id (the value of the job leases it holds).
-    pub instance: String,
+    /// Tasks not yet started, and the order in which they take slots.
+    pub queue: Arc<Queue>,
     /// Moving average of a task's run time on a worker, in ms (0 = none finished yet).
     pub avg_task_ms: AtomicU64,
     /// How long a running attempt may stay silent.
     pub watchdog: Watchdog,
-}
-
-/// The waiting tasks (ticket → priority and since when), with optional priority aging: a task's effective
-/// priority is its priority + 1 per `aging` waited, so low priorities cannot starve.
-pub struct WaitQueue {
-    aging: Option<Duration>,
-    next: AtomicU64,
-    entries: Mutex<BTreeMap<u64, (i32, Instant)>>,
-}
-
-impl WaitQueue {
-    pub fn new(aging: Option<Duration>) -> Self {
-        Self {
-            aging,
-            next: AtomicU64::new(0),
-            entries: Mutex::new(BTreeMap::new()),
-        }
-    }
-
-    /// The effective priority of a task of `priority` waiting since `since`.
-    pub fn effective(&self, priority: i32, since: Instant, now: Instant) -> i64 {
-        let aged = match self.aging {
-            Some(a) if !a.is_zero() => (now.saturating_duration_since(since).as_millis() / a.as_millis()) as i64,
-            _ => 0,
-        };
-        i64::from(priority) + aged
-    }
-
-    /// Tasks waiting now.
-    pub fn len(&self) -> usize {
-        lock(&self.entries).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-/// A task's place among the waiting ones; removed on drop.
-struct Waiting<'a> {
-    queue: &'a WaitQueue,
-    ticket: u64,
-    priority: i32,
-    since: Instant,
-}
-
-impl<'a> Waiting<'a> {
-    fn new(queue: &'a WaitQueue, priority: i32) -> Self {
-        Self::since(queue, priority, Instant::now())
-    }
-
-    /// A task of `priority` waiting since `since`.
-    fn since(queue: &'a WaitQueue, priority: i32, since: Instant) -> Self {
-        let ticket = queue.next.fetch_add(1, Ordering::SeqCst);
-        lock(&queue.entries).insert(ticket, (priority, since));
-        Self {
-            queue,
-            ticket,
-            priority,
-            since,
-        }
-    }
-
-    /// No task of a higher effective priority waits.
-    fn is_first(&self) -> bool {
-        let now = Instant::now();
-        let mine = self.queue.effective(self.priority, self.since, now);
-        lock(&self.queue.entries)
-            .iter()
-            .all(|(&t, &(p, since))| t == self.ticket || self.queue.effective(p, since, now) <= mine)
-    }
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        lock(&self.queue.entries).remove(&self.ticket);
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// One task's presence in the `mip_coord_queue_depth` gauge; leaves it on drop.
-struct InQueue<'a> {
-    metrics: &'a Metrics,
-    priority: i32,
-    inside: bool,
-}
-
-impl<'a> InQueue<'a> {
-    fn enter(metrics: &'a Metrics, priority: i32) -> Self {
-        metrics.queue(priority, 1);
-        Self {
-            metrics,
-            priority,
-            inside: true,
-        }
-    }
-
-    fn set(&mut self, inside: bool) {
-        if inside != self.inside {
-            self.metrics.queue(self.priority, if inside { 1 } else { -1 });
-            self.inside = inside;
-        }
-    }
-}
-
-impl Drop for InQueue<'_> {
-    fn drop(&mut self) {
-        self.set(false);
-    }
 }
 
 /// Resolves at the deadline (with its `deadline_ms`); never without one.
@@ -197,18 +81,6 @@ impl Outcome {
     }
 }
 
-/// The label of `mip_coord_jobs_total`.
-pub fn status_label(status: i32) -> &'static str {
-    match JobStatus::try_from(status) {
-        Ok(JobStatus::Done) => "done",
-        Ok(JobStatus::Failed) => "failed",
-        Ok(JobStatus::Cancelled) => "cancelled",
-        Ok(JobStatus::Running) => "running",
-        Ok(JobStatus::Queued) => "queued",
-        _ => "unspecified",
-    }
-}
-
 impl Dispatcher {
     /// Runs task `index` of `job` to its end (image, final failure, cancellation or the job's abandonment).
     pub async fn run_task(self: Arc<Self>, job: Arc<JobHandle>, index: usize) {
@@ -244,12 +116,12 @@ impl Dispatcher {
                 }
             }
             if std::mem::take(&mut counted_queued) {
-                self.queued.fetch_sub(1, Ordering::SeqCst);
+                self.queue.leave(1);
             }
             in_queue.set(false);
             first_placed.get_or_insert_with(Instant::now);
             job.started(spec.index, permit.url(), attempt);
-            self.persist(&job).await;
+            self.writer.persist(&job).await;
             let span = tracing::info_span!(parent: &job.span, "task", job_id = %job.id, task = index, attempt,
                 worker = %permit.url());
             let began = Instant::now();
@@ -260,7 +132,7 @@ impl Dispatcher {
             match result {
                 Ok(image) => {
                     self.observe_run(began.elapsed());
-                    self.record(&job, image).await;
+                    self.writer.record(&job, image).await;
                     outcome = Outcome::Ok;
                     break;
                 }
@@ -273,7 +145,7 @@ impl Dispatcher {
                     }
                     excluded.push(permit.idx);
                     job.failed(spec.index, &status, again);
-                    self.persist(&job).await;
+                    self.writer.persist(&job).await;
                     if !again {
                         outcome = Outcome::Failed;
                         break;
@@ -284,7 +156,7 @@ impl Dispatcher {
             }
         }
         if counted_queued {
-            self.queued.fetch_sub(1, Ordering::SeqCst);
+            self.queue.leave(1);
         }
         drop(in_queue);
         let since = first_placed.unwrap_or_else(Instant::now);
@@ -293,7 +165,7 @@ impl Dispatcher {
             .with_label_values(&[outcome.label()])
             .observe(since.elapsed().as_secs_f64());
         if let Some(done) = job.finish_if_complete() {
-            self.finished(&job, &done).await;
+            self.writer.finished(&job, &done).await;
         }
     }
 
@@ -306,81 +178,7 @@ impl Dispatcher {
             &status(Kind::DeadlineExceeded, None, msg),
             false,
         );
-        self.persist(job).await;
-    }
-
-    /// Records an image in the store first (once per task, whichever attempt wins), then in the job.
-    async fn record(&self, job: &JobHandle, image: JobImage) {
-        if !job.task_open(image.task_index) || job.is_abandoned() {
-            return;
-        }
-        let image = match self.store.save_result(&job.id, &image).await {
-            Ok(None) => image,
-            Ok(Some(first)) => first,
-            Err(e) => {
-                tracing::warn!(job_id = %job.id, error = %e, "storing a result failed; kept for a re-write");
-                job.mark_dirty();
-                image
-            }
-        };
-        if job.deliver(image) {
-            self.persist(job).await;
-        }
-    }
-
-    /// Writes the job's current state to the store (not once another coordinator owns it).
-    pub async fn persist(&self, job: &JobHandle) {
-        if !self.store.persistent() || job.is_abandoned() {
-            return;
-        }
-        let _order = job.persist_lock.lock().await;
-        if job.is_abandoned() {
-            return;
-        }
-        if let Err(e) = self.store.save_job(&job.snapshot(false)).await {
-            tracing::warn!(job_id = %job.id, error = %e, "storing the job state failed; kept for a re-write");
-            job.mark_dirty();
-        }
-    }
-
-    /// Writes a job's whole state again after the store missed writes: every image (write-once, so an image
-    /// recorded meanwhile wins), the snapshot, and for an ended job the release of its lease. False (and the job
-    /// still dirty) when the store fails again.
-    pub async fn rewrite(&self, job: &JobHandle) -> bool {
-        if !job.take_dirty() || job.is_abandoned() {
-            return true;
-        }
-        let _order = job.persist_lock.lock().await;
-        let mut result = Ok(());
-        for image in job.images() {
-            result = result.and(self.store.save_result(&job.id, &image).await.map(|_| ()));
-        }
-        let result = match result {
-            Ok(()) => self.store.save_job(&job.snapshot(false)).await,
-            Err(e) => Err(e),
-        };
-        let result = match result {
-            Ok(()) if job.is_finished() => self.store.release_lease(&job.id, &self.instance).await,
-            other => other,
-        };
-        if let Err(e) = result {
-            tracing::warn!(job_id = %job.id, error = %e, "re-writing the job state failed");
-            job.mark_dirty();
-            return false;
-        }
-        tracing::info!(job_id = %job.id, "job state re-written after a store outage");
-        true
-    }
-
-    /// A job ended: persist it, count it and give its lease up.
-    pub async fn finished(&self, job: &JobHandle, done: &Job) {
-        self.metrics.jobs.with_label_values(&[status_label(done.status)]).inc();
-        tracing::info!(parent: &job.span, job_id = %job.id, status = status_label(done.status), "job ended");
-        self.persist(job).await;
-        if let Err(e) = self.store.release_lease(&job.id, &self.instance).await {
-            tracing::warn!(job_id = %job.id, error = %e, "releasing the job lease failed");
-            job.mark_dirty();
-        }
+        self.writer.persist(job).await;
     }
 
     fn observe_run(&self, took: Duration) {
@@ -414,7 +212,7 @@ impl Dispatcher {
     /// higher priority waits. The chosen worker remembers the task's subjects, and the placement is counted in
     /// `mip_coord_affinity_total` (tasks with subjects only).
     async fn acquire(&self, key: &[u8; 32], excluded: &[WorkerId], priority: i32) -> Permit {
-        let me = Waiting::new(&self.waiting, priority);
+        let me = Waiting::new(&self.queue.waiting, priority);
         loop {
             let wake = self.registry.changed();
             tokio::pin!(wake);
@@ -498,42 +296,5 @@ impl Dispatcher {
                 ))
             }),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn aging_raises_a_waiting_tasks_priority() {
-        let q = WaitQueue::new(Some(Duration::from_millis(100)));
-        let t0 = Instant::now();
-        assert_eq!(q.effective(1, t0, t0), 1);
-        assert_eq!(q.effective(1, t0, t0 + Duration::from_millis(250)), 3);
-        let flat = WaitQueue::new(None);
-        assert_eq!(flat.effective(-2, t0, t0 + Duration::from_secs(3600)), -2);
-    }
-
-    #[test]
-    fn a_long_waiting_low_task_goes_before_a_new_high_one() {
-        let q = WaitQueue::new(Some(Duration::from_secs(10)));
-        let low = Waiting::new(&q, 0);
-        let high = Waiting::new(&q, 2);
-        assert!(high.is_first() && !low.is_first(), "strict priority while nobody aged");
-        drop(high);
-        let Some(long_ago) = Instant::now().checked_sub(Duration::from_secs(45)) else {
-            return; // a clock this close to its origin cannot express the wait
-        };
-        let old_low = Waiting::since(&q, 0, long_ago);
-        let newer = Waiting::new(&q, 2);
-        assert!(old_low.is_first() && !newer.is_first(), "aged 4 levels > 2");
-        assert_eq!(q.len(), 3);
-        drop((low, old_low, newer));
-        assert!(q.is_empty());
-        let flat = WaitQueue::new(None);
-        let old = Waiting::since(&flat, 0, long_ago);
-        let new = Waiting::new(&flat, 1);
-        assert!(new.is_first() && !old.is_first(), "no aging: strict classes");
     }
 }

@@ -14,6 +14,10 @@ pub enum CoordinatorError {
     QueueFull { queued: usize, asked: usize, limit: usize },
     #[error("job state store: {0}")]
     Store(String),
+    #[error("the coordinator is draining (shutting down); submit to another replica or retry")]
+    Draining,
+    #[error("job `{0}` moved to another coordinator (this one lost its lease); watch it again")]
+    Moved(String),
     #[error("worker `{url}`: {message}")]
     WorkerUrl { url: String, message: String },
     #[error("job `{job_id}` ended {status}: {message}")]
@@ -55,6 +59,8 @@ impl From<CoordinatorError> for Status {
             CoordinatorError::NotFound(_) => status(Kind::NotFound, None, msg),
             CoordinatorError::QueueFull { .. } => status(Kind::QueueFull, None, msg),
             CoordinatorError::Store(_) => status(Kind::Unavailable, Some("job_store_unavailable"), msg),
+            CoordinatorError::Draining => status(Kind::Unavailable, Some("draining"), msg),
+            CoordinatorError::Moved(_) => status(Kind::Unavailable, Some("job_moved"), msg),
             CoordinatorError::JobEnded { code, .. } => {
                 let mut s = Status::new(code, msg);
                 if let Ok(v) = "job_failed".parse() {

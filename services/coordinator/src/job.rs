@@ -7,15 +7,18 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use mip_proto::v1::job_event::Event;
 use mip_proto::v1::{
-    GenerationRequest, Job, JobDone, JobEvent, JobImage, JobQueued, JobStatus, TaskFailed, TaskProgress, TaskStarted,
-    TaskState, TaskStatus,
+    GenerationRequest, Job, JobDone, JobEvent, JobImage, JobQueued, JobStatus, SubmitJobRequest, TaskFailed,
+    TaskProgress, TaskStarted, TaskState, TaskStatus,
 };
 use tokio::sync::{broadcast, watch};
+
+use crate::status::is_final;
+use crate::store::Fence;
 
 /// Events buffered per watcher before it lags.
 const EVENT_BUFFER: usize = 1024;
@@ -47,6 +50,26 @@ struct State {
     failure_code: i32,
 }
 
+/// What the store needs to write a job in full, and the right to write it.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// The lease this coordinator holds the job with.
+    pub fence: Fence,
+    /// The job as submitted.
+    pub spec: Arc<SubmitJobRequest>,
+    /// The job span's W3C fields.
+    pub trace: Vec<(String, String)>,
+}
+
+/// A watch of one job: the replayed state, then live events (None when nothing more will come), and a signal
+/// that turns true when this coordinator stops running the job (another owns it now; the watcher should watch
+/// again).
+pub struct JobWatch {
+    pub replay: Vec<JobEvent>,
+    pub live: Option<broadcast::Receiver<JobEvent>>,
+    pub moved: Option<watch::Receiver<bool>>,
+}
+
 /// A job being run (or finished) by this coordinator.
 pub struct JobHandle {
     pub id: String,
@@ -56,10 +79,11 @@ pub struct JobHandle {
     pub deadline: Option<(tokio::time::Instant, u64)>,
     /// The job's trace span; task attempts are its children.
     pub span: tracing::Span,
+    pub record: Record,
     state: Mutex<State>,
     events: broadcast::Sender<JobEvent>,
     cancel: watch::Sender<bool>,
-    abandoned: AtomicBool,
+    abandoned: watch::Sender<bool>,
     /// A write of this job to the store failed (Redis slow, paused or restarted): its whole state (snapshot and
     /// images) is written again once the store answers.
     dirty: AtomicBool,
@@ -83,6 +107,7 @@ impl JobHandle {
         place: QueuePlace,
         deadline: Option<Duration>,
         span: tracing::Span,
+        record: Record,
     ) -> Self {
         let job = Job {
             job_id: id.clone(),
@@ -101,7 +126,7 @@ impl JobHandle {
             ..Default::default()
         };
         let deadline = deadline.map(|d| (tokio::time::Instant::now() + d, d.as_millis() as u64));
-        Self::build(job, BTreeMap::new(), tasks, place, deadline, span)
+        Self::build(job, BTreeMap::new(), tasks, place, deadline, span, record)
     }
 
     /// A job resumed from the store: tasks with an image are DONE, failed ones stay FAILED, the others are queued
@@ -110,9 +135,10 @@ impl JobHandle {
         mut job: Job,
         images: Vec<JobImage>,
         tasks: Vec<TaskSpec>,
-        deadline_ms: u64,
         span: tracing::Span,
+        record: Record,
     ) -> Self {
+        let deadline_ms = record.spec.deadline_ms;
         let images: BTreeMap<u32, JobImage> = images
             .into_iter()
             .filter(|i| (i.task_index as usize) < tasks.len())
@@ -144,7 +170,7 @@ impl JobHandle {
             let left = (job.created_at_ms + deadline_ms).saturating_sub(now_ms());
             (tokio::time::Instant::now() + Duration::from_millis(left), deadline_ms)
         });
-        let handle = Self::build(job, images, tasks, QueuePlace::default(), deadline, span);
+        let handle = Self::build(job, images, tasks, QueuePlace::default(), deadline, span, record);
         if handle.lock().job.failed_tasks > 0 {
             handle.lock().failure_code = tonic::Code::Unknown as i32;
         }
@@ -158,15 +184,18 @@ impl JobHandle {
         place: QueuePlace,
         deadline: Option<(tokio::time::Instant, u64)>,
         span: tracing::Span,
+        record: Record,
     ) -> Self {
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         let (cancel, _) = watch::channel(false);
+        let (abandoned, _) = watch::channel(false);
         Self {
             id: job.job_id.clone(),
             priority: job.priority,
             tasks,
             deadline,
             span,
+            record,
             state: Mutex::new(State {
                 job,
                 images,
@@ -177,7 +206,7 @@ impl JobHandle {
             }),
             events,
             cancel,
-            abandoned: AtomicBool::new(false),
+            abandoned,
             dirty: AtomicBool::new(false),
             persist_lock: tokio::sync::Mutex::new(()),
         }
@@ -218,14 +247,25 @@ impl JobHandle {
             .map(|(at, _)| at.saturating_duration_since(tokio::time::Instant::now()))
     }
 
-    /// Stops this job's tasks here (another coordinator owns it now) without changing its state.
+    /// Stops this job's tasks here (another coordinator owns it now, or this one stops) without changing its
+    /// state.
     pub fn abandon(&self) {
-        self.abandoned.store(true, Ordering::SeqCst);
+        self.abandoned.send_replace(true);
         let _ = self.cancel.send(true);
     }
 
     pub fn is_abandoned(&self) -> bool {
-        self.abandoned.load(Ordering::SeqCst)
+        *self.abandoned.borrow()
+    }
+
+    /// The watch of this job here: its replayed state, live events, and the abandonment signal.
+    pub fn watch(&self) -> JobWatch {
+        let (replay, live) = self.subscribe();
+        JobWatch {
+            replay,
+            live: Some(live),
+            moved: Some(self.abandoned.subscribe()),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -426,9 +466,4 @@ fn open_in(s: &State, index: u32) -> bool {
             .tasks
             .get(index as usize)
             .is_some_and(|t| t.status == TaskStatus::Running as i32 || t.status == TaskStatus::Queued as i32)
-}
-
-/// DONE, FAILED or CANCELLED.
-pub fn is_final(status: i32) -> bool {
-    status == JobStatus::Done as i32 || status == JobStatus::Failed as i32 || status == JobStatus::Cancelled as i32
 }

@@ -6,7 +6,8 @@
 //! `mip_coord_affinity_total{outcome}` (hot: the rendezvous-first worker, which served the same subjects before;
 //! cold: the rendezvous-first worker, not seen with them; spilled: another worker, because of load or health),
 //! `mip_coord_rejected_total{reason}` (queue_full, unauthenticated, invalid_argument, deadline_exceeded, …),
-//! `mip_coord_jobs_total{status}` (finished jobs) and `mip_coord_workers{state}` (healthy / unhealthy).
+//! `mip_coord_jobs_total{status}` (finished jobs), `mip_coord_workers{state}` (healthy / unhealthy) and
+//! `mip_coord_fenced_writes_total` (writes the store refused because another coordinator claimed the job).
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
 
@@ -21,6 +22,7 @@ pub struct Metrics {
     pub rejected: IntCounterVec,
     pub jobs: IntCounterVec,
     pub workers: IntGaugeVec,
+    pub fenced: IntCounter,
 }
 
 /// Building the metrics failed (a duplicate name: a programming error, reported rather than panicking).
@@ -82,6 +84,11 @@ impl Metrics {
             &["status"],
         )?;
         let workers = IntGaugeVec::new(Opts::new("mip_coord_workers", "Known workers by state"), &["state"])?;
+        let fenced = IntCounter::new(
+            "mip_coord_fenced_writes_total",
+            "Job state writes refused because another coordinator claimed the job",
+        )?;
+        registry.register(Box::new(fenced.clone()))?;
         registry.register(Box::new(queue_depth.clone()))?;
         registry.register(Box::new(task_duration.clone()))?;
         registry.register(Box::new(retries.clone()))?;
@@ -98,6 +105,7 @@ impl Metrics {
             rejected,
             jobs,
             workers,
+            fenced,
         })
     }
 

@@ -11,7 +11,10 @@ use std::sync::Arc;
 use mip_proto::v1::GenerationRequest;
 
 use crate::metrics::Affinity;
-use crate::registry::WorkerId;
+
+/// A worker's identity for the life of the coordinator (its slot in the registry); never reused, even when its
+/// URL comes back.
+pub type WorkerId = usize;
 
 /// `c` of the bounded-load rule.
 pub const LOAD_FACTOR: f64 = 1.25;

@@ -29,8 +29,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Affinity keys remembered per worker (least recently used ones are forgotten).
 pub const WARM_KEYS: usize = 4096;
 
-/// A worker's identity for the life of the coordinator; never reused, even when its URL comes back.
-pub type WorkerId = usize;
+pub use crate::placement::WorkerId;
 
 /// How the registry reaches and limits workers.
 #[derive(Clone)]

@@ -1,7 +1,10 @@
 //! Running a coordinator: [`run`] validates the configuration, loads the TLS material and the tokens file, connects
 //! the job store, starts the worker poller (and DNS discovery, and the metrics endpoint, when configured) and serves
 //! `mip.v1.Coordinator` (behind bearer-token auth when `auth.tokens_file` is set), `grpc.health.v1` and reflection
-//! on the listener, over TLS when `server.tls` is set, until `shutdown` resolves.
+//! on the listener, over TLS when `server.tls` is set, with the lease loop beside it. When `shutdown` resolves it
+//! drains: health NOT_SERVING, new jobs refused (UNAVAILABLE `draining`), running jobs given up to
+//! `server.drain_seconds` to finish; the unfinished ones are then handed over (their tasks stopped here, their
+//! leases released so another replica resumes them at once), and the server stops.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -10,7 +13,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use mip_proto::v1::coordinator_server::{CoordinatorServer, SERVICE_NAME};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
@@ -22,7 +25,6 @@ use crate::discovery::DnsWorkers;
 use crate::metrics::Metrics;
 use crate::registry::{Registry, RegistryOptions};
 use crate::service::Coordinator;
-use crate::store::Store;
 
 /// Background tasks that stop with the server.
 struct Background {
@@ -60,11 +62,9 @@ pub async fn run(config: CoordinatorConfig, listener: TcpListener, shutdown: imp
         None => None,
     };
     let metrics = Metrics::new()?;
-    let store = Arc::new(
-        Store::connect(cfg.redis_url.as_deref(), cfg.ttl)
-            .await
-            .context("connecting the job store (redis.url)")?,
-    );
+    let store = crate::store::connect(cfg.redis_url.as_deref(), cfg.ttl)
+        .await
+        .context("connecting the job store (redis.url)")?;
     let registry = Arc::new(Registry::new(
         &cfg.workers,
         RegistryOptions {
@@ -88,9 +88,21 @@ pub async fn run(config: CoordinatorConfig, listener: TcpListener, shutdown: imp
         .context("building the reflection service")?;
     let max = cfg.max_message_bytes;
     let (ping_every, ping_timeout) = cfg.server_keepalive;
+    let drain = cfg.drain;
     let auth = BearerAuth::new(tokens, metrics.clone());
     let core = Coordinator::new(cfg, registry, store, metrics);
-    let api = CoordinatorServer::new(CoordinatorApi::new(core))
+    let (leases_stop, leases_stopped) = oneshot::channel::<()>();
+    let leases = tokio::spawn({
+        let core = core.clone();
+        async move {
+            core.leases()
+                .run(&core, async {
+                    let _ = leases_stopped.await;
+                })
+                .await;
+        }
+    });
+    let api = CoordinatorServer::new(CoordinatorApi::new(core.clone()))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
     let api = InterceptedService::new(api, auth);
@@ -101,12 +113,48 @@ pub async fn run(config: CoordinatorConfig, listener: TcpListener, shutdown: imp
         builder = builder.tls_config(tls).context("server.tls configuration")?;
     }
     tracing::info!(addr = ?listener.local_addr().ok(), "coordinator listening");
-    let result = builder
+    let (server_stop, server_stopped) = oneshot::channel::<()>();
+    let server = builder
         .add_service(health_service)
         .add_service(reflection)
         .add_service(api)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await;
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            let _ = server_stopped.await;
+        });
+    tokio::pin!(server);
+    let mut early = tokio::select! {
+        r = &mut server => Some(r),
+        () = shutdown => None,
+    };
+    if early.is_none() {
+        // The server keeps answering while draining: health NOT_SERVING, SubmitJob refused with `draining`,
+        // watches and reads served.
+        tracing::info!(seconds = drain.as_secs(), "shutdown requested: draining");
+        health
+            .set_service_status(SERVICE_NAME, tonic_health::ServingStatus::NotServing)
+            .await;
+        health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+        tokio::select! {
+            r = &mut server => early = Some(r),
+            drained = core.drain(drain) => if !drained {
+                tracing::warn!(seconds = drain.as_secs(), "drain time over: handing the unfinished jobs over");
+            },
+        }
+    }
+    core.hand_over().await;
+    let _ = leases_stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(5), leases).await;
+    let result = match early {
+        Some(r) => r,
+        None => {
+            let _ = server_stop.send(());
+            tokio::time::timeout(Duration::from_secs(5), &mut server)
+                .await
+                .unwrap_or(Ok(()))
+        }
+    };
     background.stop().await;
     result.context("gRPC server")
 }

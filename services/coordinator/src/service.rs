@@ -1,39 +1,52 @@
-//! The coordinator's domain API (no gRPC types beyond the messages): submit, watch, get, cancel, list. With Redis
-//! every job is owned through a lease (see [`crate::lease`]): a job submitted here is leased to this instance
-//! before its tasks start, and jobs of a dead coordinator are resumed here once their lease expires.
+//! The coordinator's domain API (no gRPC types beyond the messages): submit, watch, get, cancel, list, and the
+//! drain on shutdown. Every job is owned through a lease ([`crate::leases`]): a job submitted here is claimed (with
+//! its fencing token) before it is stored and its tasks start, and a job of a dead or stopped coordinator is
+//! resumed here once nobody holds its lease ([`LeaseHolder::resume`]). Its state changes reach the store only
+//! through the [`JobWriter`]. Jobs run by another replica are watched and cancelled through the store
+//! ([`crate::remote`]).
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use mip_proto::v1::{GenerationRequest, Job, JobEvent, JobStatus, ListJobsResponse, SubmitJobRequest, WorkerStatus};
+use mip_proto::v1::{GenerationRequest, Job, JobStatus, ListJobsResponse, SubmitJobRequest, WorkerStatus};
 use tokio::sync::broadcast;
 
+use crate::admission;
 use crate::config::ValidConfig;
 use crate::dispatch::Dispatcher;
-use crate::dispatch::WaitQueue;
 use crate::error::CoordinatorError;
-use crate::job::{JobHandle, QueuePlace, TaskSpec};
+use crate::job::{JobHandle, JobWatch, QueuePlace, Record};
+use crate::leases::{LeaseHolder, Leases};
 use crate::metrics::Metrics;
+use crate::queue::Queue;
 use crate::registry::Registry;
-use crate::store::Store;
+use crate::status::is_final;
+use crate::store::{Fence, JobStore, NewClaim};
+use crate::writer::JobWriter;
 
-/// Jobs kept in memory (running ones always are).
+/// Job handles kept in memory (running ones always are; finished ones are then read from the store).
 pub const MAX_JOBS_IN_MEMORY: usize = 10_000;
+
+/// How often a drain looks whether the jobs run here have ended.
+const DRAIN_POLL: Duration = Duration::from_millis(50);
 
 /// The coordinator; cheap to clone.
 #[derive(Clone)]
 pub struct Coordinator {
-    pub(crate) inner: Arc<Inner>,
+    inner: Arc<Inner>,
 }
 
-pub(crate) struct Inner {
-    pub(crate) cfg: ValidConfig,
-    pub(crate) dispatcher: Arc<Dispatcher>,
-    pub(crate) jobs: Mutex<HashMap<String, Arc<JobHandle>>>,
-    /// Job ids in submission order (ListJobs without Redis).
-    pub(crate) order: Mutex<Vec<String>>,
+struct Inner {
+    cfg: ValidConfig,
+    dispatcher: Arc<Dispatcher>,
+    leases: Arc<Leases>,
+    jobs: Mutex<HashMap<String, Arc<JobHandle>>>,
+    /// Job ids in the order they came into memory (eviction of finished handles).
+    order: Mutex<VecDeque<String>>,
+    /// Set by a drain: no new jobs.
+    draining: AtomicBool,
 }
 
 impl Drop for Inner {
@@ -48,53 +61,51 @@ impl Drop for Inner {
     }
 }
 
-/// A watch of one job: the replayed state, then live events (None when the job is only in the store).
-pub struct JobWatch {
-    pub replay: Vec<JobEvent>,
-    pub live: Option<broadcast::Receiver<JobEvent>>,
-}
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Coordinator {
-    /// A coordinator with a fresh random instance id; inside a tokio runtime it also starts the lease loop (renewal
-    /// of its jobs' leases, resumption of unowned unfinished jobs), which ends when the coordinator is dropped.
-    pub fn new(cfg: ValidConfig, registry: Arc<Registry>, store: Arc<Store>, metrics: Metrics) -> Self {
+    /// A coordinator with a fresh random instance id. Its leases are kept by [`Leases::run`], which the caller
+    /// starts with [`Self::leases`] (the server does, with its shutdown signal).
+    pub fn new(cfg: ValidConfig, registry: Arc<Registry>, store: Arc<dyn JobStore>, metrics: Metrics) -> Self {
+        let writer = Arc::new(JobWriter::new(store.clone(), metrics.clone()));
         let dispatcher = Arc::new(Dispatcher {
             registry,
-            store,
+            writer,
             max_attempts: cfg.max_attempts,
             metrics,
-            queued: Arc::new(AtomicUsize::new(0)),
-            waiting: WaitQueue::new(cfg.priority_aging),
-            instance: format!("{:032x}", rand::random::<u128>()),
+            queue: Arc::new(Queue::new(cfg.max_queued_tasks, cfg.priority_aging)),
             avg_task_ms: Default::default(),
             watchdog: cfg.watchdog,
         });
-        let me = Self {
+        Self {
             inner: Arc::new(Inner {
+                leases: Arc::new(Leases::new(store, cfg.lease)),
                 cfg,
                 dispatcher,
                 jobs: Mutex::new(HashMap::new()),
-                order: Mutex::new(Vec::new()),
+                order: Mutex::new(VecDeque::new()),
+                draining: AtomicBool::new(false),
             }),
-        };
-        if me.inner.dispatcher.store.persistent() {
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(crate::lease::run(Arc::downgrade(&me.inner)));
-            }
         }
-        me
     }
 
     /// This coordinator's instance id (the value of its job leases).
     pub fn instance(&self) -> &str {
-        &self.inner.dispatcher.instance
+        self.inner.leases.instance()
     }
 
-    pub(crate) fn job(&self, id: &str) -> Option<Arc<JobHandle>> {
+    /// The leases of this coordinator's jobs.
+    pub fn leases(&self) -> Arc<Leases> {
+        self.inner.leases.clone()
+    }
+
+    fn store(&self) -> &Arc<dyn JobStore> {
+        &self.inner.dispatcher.writer.store
+    }
+
+    fn job(&self, id: &str) -> Option<Arc<JobHandle>> {
         lock(&self.inner.jobs).get(id).cloned()
     }
 
@@ -110,53 +121,29 @@ impl Coordinator {
         req: SubmitJobRequest,
         rpc_deadline: Option<Duration>,
     ) -> Result<Job, CoordinatorError> {
-        let metrics = &self.inner.dispatcher.metrics;
-        let tasks = self.split(&req).inspect_err(|_| metrics.reject("invalid_argument"))?;
-        crate::admission::check_requests(req.requests.clone(), self.inner.cfg.limits, self.list_workers())
-            .await
-            .inspect_err(|_| metrics.reject("invalid_argument"))?;
-        let id = format!("{:032x}", rand::random::<u128>());
-        if !req.idempotency_key.is_empty() {
-            let owner = self
-                .inner
-                .dispatcher
-                .store
-                .claim_idempotency(
-                    &req.idempotency_key,
-                    &id,
-                    &self.inner.dispatcher.instance,
-                    self.inner.cfg.lease,
-                )
-                .await?;
-            if owner != id {
-                // The first submission under this key; while it is still being created (or its writes are in
-                // doubt) there is nothing to return yet: the caller retries, and once that job's lease lapses
-                // without a record the key is taken over (see `Store::claim_idempotency`).
-                return match self.get(&owner, false).await {
-                    Ok(job) => Ok(job),
-                    Err(CoordinatorError::NotFound(_)) => Err(CoordinatorError::Store(format!(
-                        "job `{owner}` of idempotency key {:?} is still being created; retry",
-                        req.idempotency_key
-                    ))),
-                    Err(e) => Err(e),
-                };
-            }
+        let d = &self.inner.dispatcher;
+        if self.inner.draining.load(Ordering::SeqCst) {
+            d.metrics.reject("draining");
+            return Err(CoordinatorError::Draining);
         }
+        let tasks = admission::split(&req, &self.inner.cfg).inspect_err(|_| d.metrics.reject("invalid_argument"))?;
+        admission::check_requests(req.requests.clone(), self.inner.cfg.limits, self.list_workers())
+            .await
+            .inspect_err(|_| d.metrics.reject("invalid_argument"))?;
         let n = tasks.len();
-        let limit = self.inner.cfg.max_queued_tasks;
-        let queued = &self.inner.dispatcher.queued;
-        let before = queued
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| {
-                (q + n <= limit).then_some(q + n)
-            })
-            .map_err(|q| {
-                metrics.reject("queue_full");
-                CoordinatorError::QueueFull {
-                    queued: q,
-                    asked: n,
-                    limit,
-                }
-            })?;
+        let before = d.queue.admit(n).inspect_err(|_| d.metrics.reject("queue_full"))?;
+        let id = format!("{:032x}", rand::random::<u128>());
+        let fence = match self.inner.leases.claim_new(&id, &req.idempotency_key).await {
+            Ok(NewClaim::Claimed(f)) => f,
+            Ok(NewClaim::Existing(first)) => {
+                d.queue.leave(n);
+                return self.first_of_key(&first, &req.idempotency_key).await;
+            }
+            Err(e) => {
+                d.queue.leave(n);
+                return Err(e);
+            }
+        };
         let deadline = [
             (req.deadline_ms > 0).then(|| Duration::from_millis(req.deadline_ms)),
             rpc_deadline,
@@ -166,146 +153,139 @@ impl Coordinator {
         .min();
         let place = QueuePlace {
             position: before as u32,
-            eta_ms: self.inner.dispatcher.eta_ms(before),
+            eta_ms: d.eta_ms(before),
         };
         let span = tracing::info_span!(parent: None, "job", job_id = %id, tasks = n, priority = req.priority);
-        let trace = crate::lease::trace_fields(&span);
-        let job = Arc::new(JobHandle::new(id.clone(), req.priority, tasks, place, deadline, span));
-        let snapshot = job.snapshot(false);
-        if let Err(e) = self.store_new(&snapshot, &req, &trace).await {
-            queued.fetch_sub(n, Ordering::SeqCst);
+        let record = Record {
+            fence,
+            trace: crate::trace::trace_fields(&span),
+            spec: Arc::new(req),
+        };
+        let job = Arc::new(JobHandle::new(
+            id.clone(),
+            record.spec.priority,
+            tasks,
+            place,
+            deadline,
+            span,
+            record,
+        ));
+        if let Err(e) = d.writer.create(&job).await {
+            d.queue.leave(n);
+            let _ = self.store().release(&job.record.fence).await;
             return Err(e);
         }
-        lock(&self.inner.jobs).insert(id.clone(), job.clone());
-        lock(&self.inner.order).push(id.clone());
-        self.evict_finished();
+        self.keep(job.clone());
         tracing::info!(parent: &job.span, job_id = %id, tasks = n, "job submitted");
         for i in 0..n {
-            tokio::spawn(self.inner.dispatcher.clone().run_task(job.clone(), i));
+            tokio::spawn(d.clone().run_task(job.clone(), i));
         }
-        Ok(snapshot)
+        Ok(job.snapshot(false))
     }
 
-    /// Leases a new job to this instance, then stores it.
-    async fn store_new(
-        &self,
-        job: &Job,
-        req: &SubmitJobRequest,
-        trace: &[(String, String)],
-    ) -> Result<(), CoordinatorError> {
-        let d = &self.inner.dispatcher;
-        if !d
-            .store
-            .claim_lease(&job.job_id, &d.instance, self.inner.cfg.lease)
-            .await?
-        {
-            return Err(CoordinatorError::Store(format!(
-                "job `{}` is leased already",
-                job.job_id
-            )));
+    /// The job an idempotency key was bound to first. While it is still being created (or its writes are in
+    /// doubt) there is nothing to return yet: the caller retries, and once that job's lease lapses without a
+    /// record the key is taken over.
+    async fn first_of_key(&self, first: &str, key: &str) -> Result<Job, CoordinatorError> {
+        match self.get(first, false).await {
+            Err(CoordinatorError::NotFound(_)) => Err(CoordinatorError::Store(format!(
+                "job `{first}` of idempotency key {key:?} is still being created; retry"
+            ))),
+            other => other,
         }
-        d.store.save_new_job(job, req, trace).await
     }
 
-    /// Keeps at most [`MAX_JOBS_IN_MEMORY`] jobs in memory by forgetting the oldest finished ones (with Redis they
-    /// are still served from there).
-    fn evict_finished(&self) {
+    /// Puts a job in memory, forgetting the oldest finished handles beyond [`MAX_JOBS_IN_MEMORY`].
+    fn keep(&self, job: Arc<JobHandle>) {
         let mut jobs = lock(&self.inner.jobs);
-        if jobs.len() <= MAX_JOBS_IN_MEMORY {
-            return;
-        }
         let mut order = lock(&self.inner.order);
-        let mut excess = jobs.len() - MAX_JOBS_IN_MEMORY;
-        order.retain(|id| {
-            if excess > 0 && jobs.get(id).is_none_or(|j| j.is_finished()) {
+        order.push_back(job.id.clone());
+        jobs.insert(job.id.clone(), job);
+        let mut excess = jobs.len().saturating_sub(MAX_JOBS_IN_MEMORY);
+        order.retain(|id| match jobs.get(id) {
+            None => false,
+            Some(j) if excess > 0 && j.is_finished() && !j.is_dirty() => {
                 jobs.remove(id);
                 excess -= 1;
-                return false;
+                false
             }
-            true
+            Some(_) => true,
         });
     }
 
-    /// One task per image: request × sample; seed = request seed + sample index when a seed is given.
-    pub(crate) fn split(&self, req: &SubmitJobRequest) -> Result<Vec<TaskSpec>, CoordinatorError> {
-        let cfg = &self.inner.cfg;
-        if req.requests.is_empty() || req.requests.len() > cfg.max_requests {
-            return Err(CoordinatorError::invalid(
-                "requests",
-                format!("must hold 1..={} requests", cfg.max_requests),
-                req.requests.len(),
-            ));
-        }
-        let samples = req.samples.max(1);
-        if samples > cfg.max_samples {
-            return Err(CoordinatorError::invalid(
-                "samples",
-                format!("must be in 0..={}", cfg.max_samples),
-                samples,
-            ));
-        }
-        if req.idempotency_key.len() > 256 {
-            return Err(CoordinatorError::invalid(
-                "idempotency_key",
-                "must be at most 256 bytes",
-                req.idempotency_key.len(),
-            ));
-        }
-        let mut tasks = Vec::new();
-        for (ri, r) in req.requests.iter().enumerate() {
-            for s in 0..samples {
-                let mut request = r.clone();
-                request.seed = r.seed.map(|seed| seed.wrapping_add(u64::from(s)));
-                tasks.push(TaskSpec {
-                    index: tasks.len() as u32,
-                    request_index: ri as u32,
-                    sample_index: s,
-                    request,
-                });
-            }
-        }
-        Ok(tasks)
-    }
-
-    /// The job, from memory or (after a restart) from the store.
+    /// The job, from memory or from the store.
     pub async fn get(&self, id: &str, include_images: bool) -> Result<Job, CoordinatorError> {
         if let Some(j) = self.job(id) {
             return Ok(j.snapshot(include_images));
         }
-        self.inner
-            .dispatcher
-            .store
+        self.store()
             .load_job(id, include_images)
             .await?
             .ok_or_else(|| CoordinatorError::NotFound(id.to_owned()))
     }
 
     /// Cancels a running job; a finished one is returned as it is. A job run by another replica sharing the
-    /// store is cancelled by that replica at its next lease renewal (see [`crate::remote`]); the answer is then the
-    /// job as it is stored now.
+    /// store gets a cancel request its owner applies at its next lease renewal; the answer is then the job as it
+    /// is stored now.
     pub async fn cancel(&self, id: &str) -> Result<Job, CoordinatorError> {
-        match self.job(id) {
-            Some(j) => Ok(self.cancel_handle(&j).await),
-            None => self.cancel_remote(id).await,
+        if let Some(j) = self.job(id) {
+            return Ok(self.cancel_handle(&j).await);
+        }
+        let job = self.get(id, false).await?;
+        if !is_final(job.status) {
+            self.store().request_cancel(id).await?;
+            tracing::info!(job_id = %id, "cancel requested for a job run by another replica");
+        }
+        Ok(job)
+    }
+
+    /// Cancels `j` here (its running tasks stop), persists it and gives its lease up; the job as it is after.
+    async fn cancel_handle(&self, j: &JobHandle) -> Job {
+        if let Some(job) = j.cancel() {
+            tracing::info!(parent: &j.span, job_id = %j.id, "job cancelled");
+            self.inner.dispatcher.writer.finished(j, &job).await;
+            return job;
+        }
+        j.snapshot(false)
+    }
+
+    /// Cancels those of `jobs` (run here) that another replica recorded a cancel request for.
+    async fn apply_cancel_requests(&self, jobs: &[Arc<JobHandle>]) {
+        if jobs.is_empty() {
+            return;
+        }
+        let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
+        let flags = match self.store().cancel_requested(&ids).await {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(error = %e, jobs = ids.len(), "reading cancel requests failed");
+                return;
+            }
+        };
+        for (job, flagged) in jobs.iter().zip(flags) {
+            if flagged && !job.is_finished() {
+                tracing::info!(parent: &job.span, job_id = %job.id, "cancel requested through another replica");
+                self.cancel_handle(job).await;
+            }
         }
     }
 
     /// The replay of a job's state and its live events (for a job run by another replica: events polled from the
-    /// store, see [`crate::remote`]).
+    /// store).
     pub async fn watch(&self, id: &str) -> Result<JobWatch, CoordinatorError> {
         if let Some(j) = self.job(id) {
-            let (replay, live) = j.subscribe();
-            return Ok(JobWatch {
-                replay,
-                live: Some(live),
-            });
+            return Ok(j.watch());
         }
         let job = self.get(id, true).await?;
-        Ok(self.watch_stored(job))
+        Ok(crate::remote::watch_stored(
+            self.store().clone(),
+            job,
+            self.inner.cfg.ttl,
+        ))
     }
 
-    /// Submits one request and waits for its images.
-    /// `rpc_deadline` (the caller's gRPC timeout) bounds the task like `deadline_ms` does.
+    /// Submits one request and waits for its images. `rpc_deadline` (the caller's gRPC timeout) bounds the task
+    /// like `deadline_ms` does.
     pub async fn generate(
         &self,
         req: GenerationRequest,
@@ -331,6 +311,9 @@ impl Coordinator {
                 r = live.recv() => if let Err(broadcast::error::RecvError::Closed) = r { break },
                 _ = cancel_rx.wait_for(|c| *c) => break,
             }
+        }
+        if handle.is_abandoned() && !handle.is_finished() {
+            return Err(CoordinatorError::Moved(job.job_id));
         }
         let done = handle.snapshot(false);
         if done.status != JobStatus::Done as i32 {
@@ -360,17 +343,7 @@ impl Coordinator {
                 .parse()
                 .map_err(|_| CoordinatorError::invalid("page_token", "must come from ListJobsResponse", page_token))?
         };
-        let ids = if self.inner.dispatcher.store.persistent() {
-            self.inner.dispatcher.store.list_job_ids(offset, size + 1).await?
-        } else {
-            lock(&self.inner.order)
-                .iter()
-                .rev()
-                .skip(offset)
-                .take(size + 1)
-                .cloned()
-                .collect()
-        };
+        let ids = self.store().list_job_ids(offset, size + 1).await?;
         let more = ids.len() > size;
         let mut jobs = Vec::new();
         for id in ids.iter().take(size) {
@@ -390,5 +363,132 @@ impl Coordinator {
 
     pub fn list_workers(&self) -> Vec<WorkerStatus> {
         self.inner.dispatcher.registry.snapshot()
+    }
+
+    /// Stops taking jobs and waits (at most `wait`) for the jobs running here to end; true when they all did.
+    pub async fn drain(&self, wait: Duration) -> bool {
+        self.inner.draining.store(true, Ordering::SeqCst);
+        let until = tokio::time::Instant::now() + wait;
+        loop {
+            if self.running().is_empty() {
+                return true;
+            }
+            if tokio::time::Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(DRAIN_POLL).await;
+        }
+    }
+
+    /// Stops the unfinished jobs here and gives their leases up, so another replica (or this one restarted)
+    /// resumes them at its next scan instead of after the lease lapses; their stored state stays as written.
+    pub async fn hand_over(&self) {
+        for job in self.running() {
+            job.abandon();
+            lock(&self.inner.jobs).remove(&job.id);
+            if !job.is_dirty() {
+                if let Err(e) = self.store().release(&job.record.fence).await {
+                    tracing::warn!(job_id = %job.id, error = %e, "releasing a handed-over job's lease failed");
+                }
+            }
+            tracing::info!(parent: &job.span, job_id = %job.id, "job handed over");
+        }
+    }
+
+    /// The unfinished jobs run here.
+    fn running(&self) -> Vec<Arc<JobHandle>> {
+        lock(&self.inner.jobs)
+            .values()
+            .filter(|j| !j.is_abandoned() && !j.is_finished())
+            .cloned()
+            .collect()
+    }
+}
+
+#[tonic::async_trait]
+impl LeaseHolder for Coordinator {
+    /// The unfinished jobs, and the ended ones whose final state the store has not taken yet.
+    fn held(&self) -> Vec<Arc<JobHandle>> {
+        lock(&self.inner.jobs)
+            .values()
+            .filter(|j| !j.is_abandoned() && (!j.is_finished() || j.is_dirty()))
+            .cloned()
+            .collect()
+    }
+
+    /// Writes the dirty jobs again (an ended job's too: its final state is the truth while its fence holds), drops
+    /// the jobs fenced out meanwhile, and applies recorded cancel requests.
+    async fn renewed(&self, kept: Vec<Arc<JobHandle>>) {
+        for job in &kept {
+            self.inner.dispatcher.writer.rewrite(job).await;
+        }
+        lock(&self.inner.jobs).retain(|_, j| !j.is_abandoned());
+        let running: Vec<Arc<JobHandle>> = kept.into_iter().filter(|j| !j.is_finished()).collect();
+        self.apply_cancel_requests(&running).await;
+    }
+
+    fn lost(&self, job: &Arc<JobHandle>) {
+        lock(&self.inner.jobs).remove(&job.id);
+        job.abandon();
+    }
+
+    fn runs(&self, id: &str) -> bool {
+        self.job(id).is_some()
+    }
+
+    /// Resumes a job from the store: tasks with a stored image are DONE, the others run again, and the job span
+    /// continues the stored trace. A job that ended, vanished or no longer validates is dropped from the active
+    /// set.
+    async fn resume(&self, fence: Fence) -> Result<(), CoordinatorError> {
+        let d = &self.inner.dispatcher;
+        let id = fence.job_id.clone();
+        if self.inner.draining.load(Ordering::SeqCst) {
+            return self.store().release(&fence).await;
+        }
+        let stored = self.store().load_stored(&id).await?;
+        let tasks = stored
+            .as_ref()
+            .filter(|s| !is_final(s.job.status))
+            .map(|s| admission::split(&s.spec, &self.inner.cfg));
+        let (stored, tasks) = match (stored, tasks) {
+            (Some(s), Some(Ok(t))) => (s, t),
+            (_, Some(Err(e))) => {
+                tracing::warn!(job_id = %id, error = %e, "a stored job no longer validates; dropping it");
+                self.store().forget_active(&id).await?;
+                return self.store().release(&fence).await;
+            }
+            _ => {
+                self.store().forget_active(&id).await?;
+                return self.store().release(&fence).await;
+            }
+        };
+        let span = tracing::info_span!(parent: None, "job", job_id = %id, resumed = true, token = fence.token);
+        crate::trace::continue_trace(&span, &stored.trace);
+        let record = Record {
+            fence,
+            spec: Arc::new(stored.spec),
+            trace: stored.trace,
+        };
+        let job = Arc::new(JobHandle::restore(stored.job, stored.images, tasks, span, record));
+        let pending = job.pending_tasks();
+        tracing::info!(parent: &job.span, job_id = %id, pending = pending.len(), "job resumed");
+        self.keep(job.clone());
+        if self.store().cancel_requested(std::slice::from_ref(&id)).await?.first() == Some(&true) {
+            tracing::info!(parent: &job.span, job_id = %id, "cancel requested through another replica");
+            self.cancel_handle(&job).await;
+            return Ok(());
+        }
+        d.queue.readmit(pending.len());
+        d.writer.persist(&job).await;
+        if pending.is_empty() {
+            if let Some(done) = job.finish_if_complete() {
+                d.writer.finished(&job, &done).await;
+            }
+            return Ok(());
+        }
+        for i in pending {
+            tokio::spawn(d.clone().run_task(job.clone(), i));
+        }
+        Ok(())
     }
 }

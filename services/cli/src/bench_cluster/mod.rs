@@ -2,7 +2,8 @@
 //!
 //! For each backend — `real` (in-process workers on `--model`) and `synthetic` (workers that spend a fixed
 //! `--service-ms` per image, see [`synthetic`]) — it starts the largest number of workers asked, then for each
-//! count N in `--workers` a coordinator (memory job store) over the first N of them, and measures:
+//! count N in `--workers` a coordinator (memory job store, or Redis with `--redis`) over the first N of them, and
+//! measures:
 //! - throughput: one job of `--tasks` images, submitted and watched to the end; images per second and the speedup
 //!   over the first count;
 //! - overhead per task (one worker): the median latency of `--reps` sequential one-image `Generate` calls through
@@ -58,6 +59,9 @@ pub struct Args {
     /// Service time of a synthetic worker per image, in milliseconds.
     #[arg(long, default_value_t = 100)]
     service_ms: u64,
+    /// The coordinators' job store: a Redis URL (fenced writes, leases), or memory when not given.
+    #[arg(long, value_name = "URL")]
+    redis: Option<String>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -129,7 +133,7 @@ async fn measure(args: &Args, backend: &str) -> Result<serde_json::Value> {
     };
     let mut rows = Vec::new();
     for &n in &args.workers {
-        let coordinator = Coordinator::start(&urls[..n]).await?;
+        let coordinator = Coordinator::start(&urls[..n], args.redis.as_deref()).await?;
         let mut client = coordinator.client.clone();
         run_job(&mut client, &request, n as u32).await.context("warm-up job")?;
         let started = Instant::now();
@@ -145,9 +149,10 @@ async fn measure(args: &Args, backend: &str) -> Result<serde_json::Value> {
         let s = r["images_per_s"].as_f64().unwrap_or(0.0) / base;
         r["speedup"] = json!(s);
     }
-    let (direct, through) = overhead(&urls[0], &request, args.reps).await?;
+    let (direct, through) = overhead(&urls[0], &request, args.reps, args.redis.as_deref()).await?;
     Ok(json!({
         "backend": backend,
+        "job_store": if args.redis.is_some() { "redis" } else { "memory" },
         "service_ms": (backend == "synthetic").then_some(args.service_ms),
         "throughput": rows,
         "direct_median_ms": direct,
@@ -211,8 +216,9 @@ struct Coordinator {
 }
 
 impl Coordinator {
-    async fn start(urls: &[String]) -> Result<Self> {
+    async fn start(urls: &[String], redis: Option<&str>) -> Result<Self> {
         let mut cfg = CoordinatorConfig::default();
+        cfg.redis.url = redis.unwrap_or_default().to_owned();
         cfg.coordinator.workers = urls.to_vec();
         cfg.coordinator.health_interval_ms = 100;
         cfg.coordinator.max_queued_tasks = 1 << 16;
@@ -284,9 +290,9 @@ async fn run_job(client: &mut CoordinatorClient<Channel>, request: &GenerationRe
 
 /// Median milliseconds of `reps` one-image calls straight to the worker at `url`, and through a coordinator
 /// (interleaved, so both see the same host load; the first pair warms caches and is not counted).
-async fn overhead(url: &str, request: &GenerationRequest, reps: usize) -> Result<(f64, f64)> {
+async fn overhead(url: &str, request: &GenerationRequest, reps: usize, redis: Option<&str>) -> Result<(f64, f64)> {
     let mut worker = WorkerClient::connect(url.to_owned()).await?;
-    let coordinator = Coordinator::start(&[url.to_owned()]).await?;
+    let coordinator = Coordinator::start(&[url.to_owned()], redis).await?;
     let mut client = coordinator.client.clone();
     let (mut direct, mut through) = (Vec::new(), Vec::new());
     for i in 0..=reps {
@@ -320,9 +326,10 @@ fn median(v: &mut [f64]) -> f64 {
 
 fn print_report(r: &serde_json::Value) {
     let backend = r["backend"].as_str().unwrap_or("?");
+    let store = r["job_store"].as_str().unwrap_or("?");
     match r["service_ms"].as_u64() {
-        Some(ms) => println!("backend {backend} ({ms} ms per image, one at a time per worker)"),
-        None => println!("backend {backend}"),
+        Some(ms) => println!("backend {backend} ({ms} ms per image, one at a time per worker), job store {store}"),
+        None => println!("backend {backend}, job store {store}"),
     }
     println!(
         "  {:>7}  {:>6}  {:>8}  {:>8}  {:>7}",

@@ -17,6 +17,9 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use tokio::sync::{mpsc, oneshot, watch};
 
+/// Longest wait for room in the executor channel (see [`Executor::submit`]).
+const QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 use crate::cache::keys::files_identity;
 use crate::config::{dtype_name, DeviceKind};
 use crate::error::{ModelError, Result};
@@ -283,17 +286,21 @@ impl Executor {
         self.shared.pipeline.get().cloned()
     }
 
-    fn submit(&self, work: Work, cancel: &CancelToken) -> std::result::Result<(), ExecError> {
+    /// Queues `work`. The channel holds as many jobs as requests are admitted, but a request that went away
+    /// leaves its job queued until the device thread skips it, so a new request may find the channel full for a
+    /// moment: it waits (at most [`QUEUE_WAIT`]) rather than failing.
+    async fn submit(&self, work: Work, cancel: &CancelToken) -> std::result::Result<(), ExecError> {
         let job = Job {
             work,
             cancel: cancel.clone(),
             enqueued: Instant::now(),
             span: tracing::Span::current(),
         };
-        self.tx.try_send(job).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => ExecError::QueueFull,
-            mpsc::error::TrySendError::Closed(_) => ExecError::Stopped,
-        })
+        match tokio::time::timeout(QUEUE_WAIT, self.tx.send(job)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(ExecError::Stopped),
+            Err(_) => Err(ExecError::QueueFull),
+        }
     }
 
     async fn ask(
@@ -302,7 +309,7 @@ impl Executor {
         cancel: &CancelToken,
     ) -> std::result::Result<Vec<u8>, ExecError> {
         let (reply, rx) = oneshot::channel();
-        self.submit(work(reply), cancel)?;
+        self.submit(work(reply), cancel).await?;
         rx.await.map_err(|_| ExecError::Stopped)?
     }
 
@@ -321,13 +328,13 @@ impl Executor {
     }
 
     /// Queues a generation; its events arrive on the returned channel.
-    pub fn generate(
+    pub async fn generate(
         &self,
         work: GenerateWork,
         cancel: &CancelToken,
     ) -> std::result::Result<mpsc::Receiver<ExecEvent>, ExecError> {
         let (events, rx) = mpsc::channel(work.request.steps + 2);
-        self.submit(Work::Generate { work, events }, cancel)?;
+        self.submit(Work::Generate { work, events }, cancel).await?;
         Ok(rx)
     }
 

@@ -15,6 +15,8 @@ pub enum WorkerError {
     Draining,
     #[error("queue full: {capacity} requests already waiting")]
     QueueFull { capacity: usize },
+    #[error("busy: {0}")]
+    Busy(String),
     #[error("cancelled")]
     Cancelled,
     #[error("deadline exceeded")]
@@ -33,7 +35,7 @@ impl WorkerError {
             Self::NotFound { .. } => Kind::NotFound,
             Self::NotReady => Kind::NotReady,
             Self::Draining => Kind::Unavailable,
-            Self::QueueFull { .. } => Kind::QueueFull,
+            Self::QueueFull { .. } | Self::Busy(_) => Kind::QueueFull,
             Self::Cancelled => Kind::Cancelled,
             Self::DeadlineExceeded => Kind::DeadlineExceeded,
             Self::Device(_) | Self::Internal(_) => Kind::Internal,
@@ -56,7 +58,7 @@ impl From<ExecError> for WorkerError {
             ExecError::NotReady => Self::NotReady,
             ExecError::Stopped => Self::Draining,
             ExecError::Cancelled => Self::Cancelled,
-            ExecError::QueueFull => Self::Internal("executor channel full".into()),
+            ExecError::QueueFull => Self::Busy("the executor channel stayed full".into()),
             ExecError::Device(m) => Self::Device(m),
             ExecError::Model(m) => m.into(),
         }

@@ -339,7 +339,12 @@ impl WorkerService for WorkerCore {
         let prepared = Self::with_deadline(ctx, self.prepare_generation(task, &a)).await;
         let (work, subjects, subjects_ms, names_ms) = prepared.inspect_err(|e| self.count_error(e))?;
         let steps = work.request.steps;
-        let events = self.inner.exec.generate(work, &a.token).map_err(WorkerError::from)?;
+        let events = self
+            .inner
+            .exec
+            .generate(work, &a.token)
+            .await
+            .map_err(WorkerError::from)?;
         let (out, rx) = mpsc::channel(steps + 2);
         let core = self.clone();
         tokio::spawn(async move {
