@@ -66,6 +66,11 @@ async fn a_stale_owner_cannot_overwrite_the_new_owners_state() {
         Recorded::New
     );
     assert_eq!(b.claim("j1", "B", LEASE).await.expect("claim"), None, "A holds it");
+    assert_eq!(
+        a.claim("j1", "A", LEASE).await.expect("claim"),
+        None,
+        "a held lease is not claimed again, not even by its owner"
+    );
 
     // A is paused past its lease; B takes the job over with a newer token.
     tokio::time::sleep(LEASE * 2).await;

@@ -100,7 +100,6 @@ impl Leases {
                     job.mark_dirty();
                     kept.push(job);
                 }
-                Renewal::Lost if job.is_finished() => {}
                 Renewal::Lost => {
                     tracing::warn!(parent: &job.span, job_id = %job.id, "job lease lost: stopping its tasks here");
                     holder.lost(&job);

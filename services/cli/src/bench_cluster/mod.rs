@@ -18,8 +18,8 @@ use mip_coordinator::config::CoordinatorConfig;
 use mip_proto::v1::coordinator_client::CoordinatorClient;
 use mip_proto::v1::worker_client::WorkerClient;
 use mip_proto::v1::{
-    generate_event, job_event, GenerateTask, GenerationRequest, JobStatus, ListWorkersRequest, SubmitJobRequest,
-    WatchJobRequest,
+    generate_event, job_event, GenerateTask, GenerationRequest, JobStatus, ListWorkersRequest, Subject,
+    SubmitJobRequest, WatchJobRequest,
 };
 use serde_json::json;
 use tokio::sync::{oneshot, watch};
@@ -120,6 +120,11 @@ async fn measure(args: &Args, backend: &str) -> Result<serde_json::Value> {
         let request = GenerationRequest {
             prompt: "a cat".into(),
             steps: args.steps,
+            subjects: vec![Subject {
+                name: "cat".into(),
+                images: vec![grey_png()?],
+                ..Default::default()
+            }],
             ..Default::default()
         };
         (
@@ -206,6 +211,16 @@ async fn start_real(args: &Args, max: usize) -> Result<(Vec<String>, Pool, Gener
         },
         request,
     ))
+}
+
+/// A 32x32 grey PNG: the reference image of the synthetic backend's subject (the coordinator decodes every
+/// reference image at admission, so it must be a real one).
+fn grey_png() -> Result<Vec<u8>> {
+    let img = image::RgbImage::from_pixel(32, 32, image::Rgb([128, 128, 128]));
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png)
+        .context("encoding the synthetic subject image")?;
+    Ok(out.into_inner())
 }
 
 /// A coordinator in this process over `urls`, once all of them are healthy.

@@ -94,7 +94,7 @@ pub trait JobStore: Send + Sync {
         lease: Duration,
     ) -> Result<NewClaim, CoordinatorError>;
 
-    /// Claims the lease of a job nobody holds (resuming it) with a new token; None when someone holds it.
+    /// Claims the lease of a job nobody holds (resuming it) with a new token; None when it is held, by anyone.
     async fn claim(&self, job_id: &str, owner: &str, lease: Duration) -> Result<Option<Fence>, CoordinatorError>;
 
     /// Extends the leases still held with these fences; takes back a lease that lapsed (store outage) when nobody

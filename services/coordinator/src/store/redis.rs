@@ -48,11 +48,10 @@ redis.call('EXPIRE', KEYS[2], ARGV[4])
 return {t, ARGV[1]}
 ";
 
-/// KEYS: lease, fence. ARGV: owner, lease ms, TTL s. Takes a lease nobody holds (or the owner's own) with a new
-/// token; 0 when another owner holds it.
+/// KEYS: lease, fence. ARGV: owner, lease ms, TTL s. Takes a lease nobody holds with a new token; 0 when it is
+/// held (by anyone: a job this owner holds is running here, or about to be).
 const CLAIM: &str = r"
-local v = redis.call('GET', KEYS[1])
-if v and v ~= ARGV[1] then
+if redis.call('EXISTS', KEYS[1]) == 1 then
   return 0
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
