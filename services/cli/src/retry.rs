@@ -22,6 +22,9 @@ pub struct Retry {
 pub fn transient(s: &Status) -> bool {
     match s.code() {
         Code::Unavailable | Code::ResourceExhausted => true,
+        // This client never cancels a call it still waits for, so CANCELLED means the connection was cut under it
+        // (a coordinator killed mid-call: hyper reports "operation was canceled").
+        Code::Cancelled => true,
         // A connection cut mid-call (h2 / transport error) surfaces as UNKNOWN with the transport error as source.
         Code::Unknown => std::error::Error::source(s).is_some(),
         _ => false,
@@ -114,5 +117,6 @@ mod tests {
         assert!(transient(&Status::resource_exhausted("queue")));
         assert!(!transient(&Status::invalid_argument("bad")));
         assert!(!transient(&Status::unknown("no source")));
+        assert!(transient(&Status::cancelled("operation was canceled")));
     }
 }

@@ -7,6 +7,7 @@
 //! - [`telemetry`]: log subscriber and OTLP trace export, with a guard that flushes on drop.
 //! - [`propagation`]: W3C trace context in gRPC metadata (server-side parent, client interceptor).
 //! - [`metrics_http`]: the `/metrics` (Prometheus text) and `/healthz` HTTP endpoint.
+//! - [`reflection`]: gRPC server reflection, v1 and v1alpha.
 //! - [`tls`]: server and client TLS (mutual TLS when a client CA is set) from PEM files.
 //! - `testing` (feature `testing`, for other crates' tests): a throwaway `redis-server` on a free loopback port;
 //!   `tls::testing` writes a throwaway PKI.
@@ -16,6 +17,7 @@ pub mod deadline;
 pub mod errors;
 pub mod metrics_http;
 pub mod propagation;
+pub mod reflection;
 pub mod shutdown;
 pub mod telemetry;
 #[cfg(feature = "testing")]

@@ -81,11 +81,8 @@ pub async fn run(config: CoordinatorConfig, listener: TcpListener, shutdown: imp
     health
         .set_service_status(SERVICE_NAME, tonic_health::ServingStatus::Serving)
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(mip_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .context("building the reflection service")?;
+    let (reflection, reflection_v1alpha) = mip_common::reflection::services(&[mip_proto::FILE_DESCRIPTOR_SET])
+        .context("building the reflection services")?;
     let max = cfg.max_message_bytes;
     let (ping_every, ping_timeout) = cfg.server_keepalive;
     let drain = cfg.drain;
@@ -117,6 +114,7 @@ pub async fn run(config: CoordinatorConfig, listener: TcpListener, shutdown: imp
     let server = builder
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(api)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
             let _ = server_stopped.await;

@@ -1,6 +1,6 @@
 //! Running a worker: [`run`] validates the configuration, starts the device executor (which loads the model and
 //! warms up in the background), serves `mip.v1.Worker`, `grpc.health.v1` (NOT_SERVING until the executor is ready,
-//! and again after a device error) and reflection (v1) on the given listener, and `GET /metrics` on
+//! and again after a device error) and reflection (v1 and v1alpha) on the given listener, and `GET /metrics` on
 //! `telemetry.metrics_listen`. When `shutdown` resolves it drains: health NOT_SERVING, no new requests, running
 //! work may finish within `server.drain_seconds` (then it is cancelled), the server stops, the executor thread ends.
 
@@ -64,11 +64,8 @@ pub async fn run_with(
 
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(mip_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .context("building the reflection service")?;
+    let (reflection, reflection_v1alpha) = mip_common::reflection::services(&[mip_proto::FILE_DESCRIPTOR_SET])
+        .context("building the reflection services")?;
 
     let exec_opts = ExecutorOptions {
         model_name: model_name(&cfg.model_dir),
@@ -107,6 +104,7 @@ pub async fn run_with(
     let server = builder
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(api)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
             let _ = stop_rx.await;
