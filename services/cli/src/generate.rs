@@ -69,7 +69,7 @@ pub struct Args {
     json: bool,
 }
 
-pub fn run(args: Args, verbose: bool) -> Result<()> {
+pub fn run(args: Args, v: crate::verbosity::Verbosity) -> Result<()> {
     if args.samples == 0 || args.samples > 64 {
         bail!("`--samples` must be in 1..=64, got {}", args.samples);
     }
@@ -101,8 +101,8 @@ pub fn run(args: Args, verbose: bool) -> Result<()> {
     };
     let rt = crate::client::runtime()?;
     rt.block_on(async {
-        let _logs = if verbose {
-            Some(crate::serve_all::init_logs(verbose, "mip")?)
+        let _logs = if v.client_logs() {
+            Some(crate::serve_all::init_logs(v, "mip")?)
         } else {
             None
         };
@@ -165,9 +165,7 @@ async fn submit_and_write(args: &Args, connect: &ConnectArgs, mut job: SubmitJob
         .map_err(|s| status_error("submitting the job", &s))?
         .into_inner();
     let bar = if jobs::bars_enabled(args.json) {
-        ProgressBar::new(0)
-            .with_style(jobs::job_bar_style())
-            .with_prefix("generating")
+        jobs::job_bar("generating")
     } else {
         ProgressBar::hidden()
     };

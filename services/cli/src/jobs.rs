@@ -104,11 +104,20 @@ pub fn event_json(e: &JobEvent) -> Value {
     json!({"job_id": e.job_id, "event": body})
 }
 
-/// The style of a per-job bar.
-pub fn job_bar_style() -> ProgressStyle {
+/// The style of a per-job bar once a task reported its first step.
+fn job_bar_style() -> ProgressStyle {
     ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} steps {msg}")
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> ")
+}
+
+/// A per-job bar labelled `prefix`: only the job's state (submitted, queued with its position, running on a
+/// worker) until a task reports a step, then the steps of all its tasks.
+pub fn job_bar(prefix: impl Into<std::borrow::Cow<'static, str>>) -> ProgressBar {
+    let waiting = ProgressStyle::with_template("{prefix:>12} {msg}").unwrap_or_else(|_| ProgressStyle::default_bar());
+    let bar = ProgressBar::new(0).with_style(waiting).with_prefix(prefix);
+    bar.set_message("submitted");
+    bar
 }
 
 /// Whether progress bars should be drawn (stderr is a terminal and no `--json`).
@@ -188,6 +197,9 @@ fn track(event: &JobEvent, steps: &mut HashMap<u32, (u64, u64)>, bar: &ProgressB
     }
     let (pos, len) = steps.values().fold((0, 0), |(p, l), (s, t)| (p + s, l + t));
     if len > 0 {
+        if bar.length() == Some(0) {
+            bar.set_style(job_bar_style());
+        }
         bar.set_length(len);
         bar.set_position(pos);
     }
@@ -216,7 +228,7 @@ pub fn watch(a: WatchArgs) -> Result<()> {
     runtime()?.block_on(async {
         let mut client = a.connect.connect().await?;
         let bar = if bars_enabled(a.json) {
-            ProgressBar::new(0).with_style(job_bar_style()).with_prefix("job")
+            job_bar("job")
         } else {
             ProgressBar::hidden()
         };

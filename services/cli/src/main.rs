@@ -6,7 +6,9 @@
 //! - `serve worker` / `serve coordinator` / `serve all`: run the services (gRPC);
 //! - `parity`: check the implementation against a golden fixture folder; `bench`: per-stage timings (`--sdxl`: SDXL shapes);
 //!   `bench-cluster`: coordinator overhead per task and throughput against 1, 2 and 4 workers;
-//! - `model demo`: write the built-in demo model.
+//! - `model demo`: write the built-in demo model; `completions`: a shell completion script.
+//!
+//! `-v` / `-vv` / `-vvv` / `-q` set the log level of every subcommand ([`verbosity`]).
 //!
 //! Each subcommand lives in its own module (`client` holds the shared gRPC connection: URL, bearer token, TLS;
 //! `local` an in-process cluster; `outputs` the PNG + sidecar writer); this file only parses arguments and
@@ -30,6 +32,7 @@ mod retry;
 mod serve;
 mod serve_all;
 mod submit;
+mod verbosity;
 mod workers;
 mod yaml;
 
@@ -39,9 +42,8 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "mip", version, about)]
 struct Cli {
-    /// Print progress logs on stderr.
-    #[arg(short, long, global = true)]
-    verbose: bool,
+    #[command(flatten)]
+    verbosity: verbosity::Verbosity,
     #[command(subcommand)]
     command: Command,
 }
@@ -72,18 +74,28 @@ enum Command {
     Serve(serve::Command),
     /// Show the health, load, model and counters of workers (via --coordinator, or --workers URLs directly).
     Workers(workers::Args),
+    /// Print a shell completion script (e.g. `mip completions bash > /etc/bash_completion.d/mip`).
+    Completions(CompletionsArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct CompletionsArgs {
+    /// The shell.
+    #[arg(value_enum)]
+    shell: clap_complete::Shell,
 }
 
 fn main() {
     let cli = Cli::parse();
+    let v = cli.verbosity;
     // Services and `generate` set up their own logging; the client commands log with `-v` only.
     let _logs = match &cli.command {
-        Command::Serve(_) | Command::Generate(_) => None,
-        _ if cli.verbose => serve_all::init_logs(true, "mip").ok(),
+        Command::Serve(_) | Command::Generate(_) | Command::Completions(_) => None,
+        _ if v.client_logs() => serve_all::init_logs(v, "mip").ok(),
         _ => None,
     };
     let result = match cli.command {
-        Command::Generate(a) => generate::run(*a, cli.verbose),
+        Command::Generate(a) => generate::run(*a, v),
         Command::Submit(a) => submit::run(a),
         Command::Watch(a) => jobs::watch(a),
         Command::Jobs(a) => jobs::jobs(a),
@@ -92,8 +104,17 @@ fn main() {
         Command::Bench(a) => bench::run(a),
         Command::BenchCluster(a) => bench_cluster::run(a),
         Command::Model(c) => model::run(c),
-        Command::Serve(c) => serve::run(c, cli.verbose),
+        Command::Serve(c) => serve::run(c, v),
         Command::Workers(a) => workers::run(a),
+        Command::Completions(a) => {
+            clap_complete::generate(
+                a.shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "mip",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

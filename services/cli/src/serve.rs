@@ -11,6 +11,8 @@ use mip_common::telemetry::TelemetryConfig;
 use mip_coordinator::config::CoordinatorConfig;
 use mip_worker::config::WorkerConfig;
 
+use crate::verbosity::Verbosity;
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve one model on one device over gRPC (mip.v1.Worker, health, reflection).
@@ -65,16 +67,12 @@ pub struct WorkerArgs {
     dtype: Option<String>,
 }
 
-pub fn run(cmd: Command, verbose: bool) -> Result<()> {
+pub fn run(cmd: Command, v: Verbosity) -> Result<()> {
     match cmd {
-        Command::Worker(a) => run_worker(a, verbose),
-        Command::Coordinator(a) => run_coordinator(a, verbose),
-        Command::All(a) => crate::serve_all::run(a, verbose),
+        Command::Worker(a) => run_worker(a, v),
+        Command::Coordinator(a) => run_coordinator(a, v),
+        Command::All(a) => crate::serve_all::run(a, v),
     }
-}
-
-fn log_filter(verbose: bool) -> String {
-    std::env::var("RUST_LOG").unwrap_or_else(|_| if verbose { "info" } else { "warn" }.into())
 }
 
 /// The flags that were given, as config overrides.
@@ -112,7 +110,7 @@ where
     })
 }
 
-fn run_coordinator(a: CoordinatorArgs, verbose: bool) -> Result<()> {
+fn run_coordinator(a: CoordinatorArgs, v: Verbosity) -> Result<()> {
     let flags = overrides(&[
         ("server.listen", &a.listen),
         ("redis.url", &a.redis),
@@ -128,7 +126,7 @@ fn run_coordinator(a: CoordinatorArgs, verbose: bool) -> Result<()> {
         otlp_endpoint: Some(config.telemetry.otlp_endpoint.clone()).filter(|e| !e.is_empty()),
         sample_ratio: config.telemetry.sample_ratio,
         service_name: "mip-coordinator".into(),
-        log_filter: log_filter(verbose),
+        log_filter: v.filter(),
     };
     let listen = config.server.listen.clone();
     let c = &config.coordinator;
@@ -147,7 +145,7 @@ fn run_coordinator(a: CoordinatorArgs, verbose: bool) -> Result<()> {
     })
 }
 
-fn run_worker(a: WorkerArgs, verbose: bool) -> Result<()> {
+fn run_worker(a: WorkerArgs, v: Verbosity) -> Result<()> {
     let flags = overrides(&[
         ("server.listen", &a.listen),
         ("model.path", &a.model),
@@ -165,7 +163,7 @@ fn run_worker(a: WorkerArgs, verbose: bool) -> Result<()> {
         otlp_endpoint: Some(config.telemetry.otlp_endpoint.clone()).filter(|e| !e.is_empty()),
         sample_ratio: config.telemetry.sample_ratio,
         service_name: "mip-worker".into(),
-        log_filter: log_filter(verbose),
+        log_filter: v.filter(),
     };
     let listen = config.server.listen.clone();
     let describe = format!("model {}", config.model.path);

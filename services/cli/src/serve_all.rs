@@ -16,6 +16,7 @@ use mip_worker::config::WorkerConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::local::LocalCluster;
+use crate::verbosity::Verbosity;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -51,8 +52,8 @@ pub struct AllConfig {
 }
 
 /// Logs on stderr (`RUST_LOG`, else info with `-v`, else warn); keep the guard alive.
-pub fn init_logs(verbose: bool, service: &str) -> Result<TelemetryGuard> {
-    let log_filter = std::env::var("RUST_LOG").unwrap_or_else(|_| if verbose { "info" } else { "warn" }.into());
+pub fn init_logs(v: Verbosity, service: &str) -> Result<TelemetryGuard> {
+    let log_filter = v.filter();
     mip_common::telemetry::init(&TelemetryConfig {
         otlp_endpoint: None,
         sample_ratio: 1.0,
@@ -85,7 +86,7 @@ fn load(a: &Args) -> Result<AllConfig> {
     Ok(config)
 }
 
-pub fn run(a: Args, verbose: bool) -> Result<()> {
+pub fn run(a: Args, v: Verbosity) -> Result<()> {
     if !(1..=64).contains(&a.workers) {
         anyhow::bail!("`--workers` must be in 1..=64, got {}", a.workers);
     }
@@ -97,7 +98,7 @@ pub fn run(a: Args, verbose: bool) -> Result<()> {
     probe.validate()?;
     let rt = crate::client::runtime()?;
     rt.block_on(async move {
-        let guard = init_logs(verbose, "mip-all")?;
+        let guard = init_logs(v, "mip-all")?;
         let listen = config.coordinator.server.listen.clone();
         let listener = tokio::net::TcpListener::bind(&listen)
             .await

@@ -166,9 +166,7 @@ async fn run_items(a: &Args, todo: &[&Entry], report: &mut Report) -> Result<()>
     let mut results = futures::stream::iter(todo.iter().copied())
         .map(|entry| {
             let mut client = client.clone();
-            let bar = multi.insert_before(&overall, ProgressBar::new(0));
-            bar.set_style(jobs::job_bar_style());
-            bar.set_prefix(entry.place(yaml));
+            let bar = multi.insert_before(&overall, jobs::job_bar(entry.place(yaml)));
             async move {
                 let outcome = match &entry.item {
                     Ok(ready) => run_one(&mut client, a, entry, ready, &bar).await,

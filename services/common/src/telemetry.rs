@@ -1,8 +1,9 @@
 //! Process-wide telemetry: logs and, optionally, distributed traces.
 //!
-//! [`init`] installs a `tracing` subscriber made of an env-filter, a human-readable `fmt` layer on stderr and, when
-//! [`TelemetryConfig::otlp_endpoint`] is set, a `tracing-opentelemetry` layer that exports spans over OTLP/gRPC
-//! (batch span processor, parent-based trace-id-ratio sampler). The W3C TraceContext propagator is always set as
+//! [`init`] installs a `tracing` subscriber made of a human-readable `fmt` layer on stderr behind the env-filter of
+//! [`TelemetryConfig::log_filter`] and, when [`TelemetryConfig::otlp_endpoint`] is set, a `tracing-opentelemetry`
+//! layer that exports spans over OTLP/gRPC (batch span processor, parent-based trace-id-ratio sampler) behind a
+//! filter of its own: every INFO span is exported whatever the log level. The W3C TraceContext propagator is always set as
 //! the global propagator, so [`crate::propagation`] carries `traceparent` across gRPC hops.
 //!
 //! The returned [`TelemetryGuard`] flushes and shuts the exporter down when dropped (or on
@@ -20,9 +21,14 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use opentelemetry_sdk::Resource;
 use serde::{Deserialize, Serialize};
+use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer as _;
+
+/// The spans exported over OTLP: every span at INFO or above, whatever the log filter says.
+const SPAN_LEVEL: LevelFilter = LevelFilter::INFO;
 
 /// The `telemetry` section of a service's config file (worker and coordinator alike): trace export and the
 /// Prometheus endpoint. [`TelemetryConfig`] is what [`init`] takes, built from it by the service.
@@ -138,12 +144,17 @@ pub fn init(cfg: &TelemetryConfig) -> anyhow::Result<TelemetryGuard> {
         Some(endpoint) => Some(tracer_provider(endpoint, cfg)?),
         None => None,
     };
-    let otel_layer = provider
-        .as_ref()
-        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(cfg.service_name.clone())));
-    let fmt_layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Each layer has its own filter: the log level (`-v`, `RUST_LOG`) decides what reaches stderr, never which
+    // spans are exported (those are sampled by `sample_ratio` alone).
+    let otel_layer = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer(cfg.service_name.clone()))
+            .with_filter(SPAN_LEVEL)
+    });
+    let fmt_layer = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_filter(filter);
     let installed = tracing_subscriber::registry()
-        .with(filter)
         .with(fmt_layer)
         .with(otel_layer)
         .try_init();

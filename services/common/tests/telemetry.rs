@@ -73,9 +73,11 @@ async fn spans_cross_grpc_metadata_and_reach_the_collector() {
             }),
     );
 
+    // The services' default log level: what reaches stderr must not decide what is exported.
     let cfg = TelemetryConfig {
         otlp_endpoint: Some(format!("http://{addr}")),
         service_name: "mip-telemetry-test".to_owned(),
+        log_filter: "warn".to_owned(),
         ..TelemetryConfig::default()
     };
     let guard = init(&cfg).expect("telemetry init");
