@@ -303,7 +303,7 @@ fn bad_lines_are_reported_with_their_numbers_and_the_rest_still_run() {
 }
 
 #[test]
-fn workers_over_https_are_verified_against_the_tls_ca() {
+fn workers_over_https_are_verified_against_the_tls_ca_or_the_system_roots() {
     let dir = tmp("tls");
     let model = fixture_setup(&dir);
     let pki = mip_common::tls::testing::TestPki::generate(&dir).expect("pki");
@@ -337,8 +337,24 @@ fn workers_over_https_are_verified_against_the_tls_ca() {
         std::thread::sleep(Duration::from_millis(200));
     };
     assert_eq!(info[0]["counters"]["generations"], 0, "{info}");
-    let o = mip(&["workers", "--workers", &url, "--json"]);
-    assert!(!o.status.success());
+    // Without --tls-ca the system's trust roots decide: a store without our CA refuses the server (and the
+    // error says how to name a CA), one that has it (SSL_CERT_FILE, as an administrator would install it) trusts it.
+    std::fs::create_dir_all(dir.join("other")).expect("dir");
+    let other = mip_common::tls::testing::TestPki::generate(&dir.join("other")).expect("another pki");
+    let with_roots = |bundle: &std::path::Path| {
+        mip_cmd()
+            .args(["workers", "--workers", &url, "--json", "--retry-for", "0"])
+            .env("SSL_CERT_FILE", bundle)
+            .env_remove("SSL_CERT_DIR")
+            .output()
+            .expect("mip runs")
+    };
+    let o = with_roots(&other.ca_cert);
+    assert!(!o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("--tls-ca"), "{}", text(&o));
+    let o = with_roots(&pki.ca_cert);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(v[0]["ready"], true, "{v}");
     drop(worker);
 }

@@ -1,6 +1,6 @@
 //! The gRPC client side of the CLI: [`ConnectArgs`] (`--coordinator`, `--token` / `MIP_TOKEN`, `--tls-ca`) and
-//! [`connect`], which opens a channel (http, or https verified against `--tls-ca`) and wraps it with the [`Auth`]
-//! interceptor that adds `authorization: Bearer <token>` to every call. [`status_error`] keeps a `Status`'s code
+//! [`connect`], which opens a channel (http, or https verified against `--tls-ca` or the system's trust roots) and
+//! wraps it with the [`Auth`] interceptor that adds `authorization: Bearer <token>` to every call. [`status_error`] keeps a `Status`'s code
 //! and `mip-reason` in the one-line error the user sees.
 
 use std::path::{Path, PathBuf};
@@ -29,7 +29,7 @@ pub struct ConnectArgs {
     /// Bearer token sent with every call (default: $MIP_TOKEN).
     #[arg(long, env = "MIP_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// PEM file of the CA that signed the server's certificate (for https URLs).
+    /// PEM file of the CA that signed the server's certificate (https URLs; default: the system's trust roots).
     #[arg(long, value_name = "FILE")]
     pub tls_ca: Option<PathBuf>,
     /// Keep retrying calls the coordinator refuses as unavailable or overloaded (or that a broken connection
@@ -121,28 +121,36 @@ pub fn normalize(url: &str) -> String {
     }
 }
 
-/// Connects to `url`; https needs `tls_ca`.
+/// Connects to `url`; https is verified against `tls_ca` when given, else against the system's trust roots
+/// (`SSL_CERT_FILE` / `SSL_CERT_DIR` override where those are read from).
 async fn channel(url: &str, tls_ca: Option<&Path>, timeout: Duration) -> Result<Channel> {
     let url = normalize(url);
     let mut endpoint = Endpoint::from_shared(url.clone())
         .with_context(|| format!("bad URL {url:?}"))?
         .connect_timeout(timeout)
         .tcp_nodelay(true);
-    if url.starts_with("https://") {
-        let Some(ca) = tls_ca else {
-            bail!("{url} is https: `--tls-ca FILE` must name the PEM of the CA that signed its certificate");
+    let https = url.starts_with("https://");
+    if https {
+        let tls = match tls_ca {
+            Some(ca) => {
+                let pem = std::fs::read(ca).with_context(|| format!("`--tls-ca`: cannot read {}", ca.display()))?;
+                ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem))
+            }
+            None => ClientTlsConfig::new().with_native_roots(),
         };
-        let pem = std::fs::read(ca).with_context(|| format!("`--tls-ca`: cannot read {}", ca.display()))?;
-        endpoint = endpoint
-            .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
-            .context("client TLS configuration")?;
+        endpoint = endpoint.tls_config(tls).context("client TLS configuration")?;
     } else if !url.starts_with("http://") {
         bail!("URL must start with http:// or https://, got {url:?}");
     }
-    endpoint
-        .connect()
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to {url}: {}", source_chain(&e)))
+    endpoint.connect().await.map_err(|e| {
+        let hint = if https && tls_ca.is_none() {
+            " (verified against the system's trust roots; `--tls-ca FILE` names the CA that signed the server's \
+             certificate)"
+        } else {
+            ""
+        };
+        anyhow::anyhow!("cannot connect to {url}: {}{hint}", source_chain(&e))
+    })
 }
 
 /// An error and its causes on one line.
