@@ -280,11 +280,14 @@ def cli_flags() -> dict[tuple[str, str], set[str]]:
     """Flags accepted by each `mip serve SUB` (its own plus the global ones of the top-level `Cli`)."""
     main_rs = (ROOT / "services/cli/src/main.rs").read_text()
     serve_rs = (ROOT / "services/cli/src/serve.rs").read_text()
+    # The global flags are the top-level `Cli`'s own and those of the structs it flattens (`verbosity.rs`).
+    main_rs += (ROOT / "services/cli/src/verbosity.rs").read_text().replace("pub struct Verbosity", "struct Cli")
     cli = re.search(r"struct Cli \{(.*?)\n\}", main_rs, re.S)
     global_flags = set()
     if cli:
-        for m in re.finditer(r"#\[arg\(([^\]]*global\s*=\s*true[^\]]*)\)\]\s*(\w+)\s*:", cli.group(1)):
-            global_flags |= clap_flags(m.group(0), "services/cli/src/main.rs")
+        for body in re.findall(r"struct Cli \{(.*?)\n\}", main_rs, re.S):
+            for m in re.finditer(r"#\[arg\(([^\]]*global\s*=\s*true[^\]]*)\)\]\s*(\w+)\s*:", body):
+                global_flags |= clap_flags(m.group(0), "services/cli/src/main.rs")
     else:
         problem("services/cli/src/main.rs: struct Cli not found")
     global_flags |= {"--help", "-h"}
