@@ -28,3 +28,31 @@ fn verbosity_flags_are_global_and_exclusive() {
     assert!(!o.status.success());
     assert!(text(&o).contains("cannot be used with"), "{}", text(&o));
 }
+
+#[test]
+fn enumerated_values_are_listed_and_checked_by_the_parser() {
+    let help = text(&mip(&["generate", "--help"]));
+    for listed in [
+        "[possible values: euler, ddim, dpmpp_2m_karras]",
+        "[possible values: f32, f16, bf16]",
+    ] {
+        assert!(help.contains(listed), "{listed} missing in\n{help}");
+    }
+    for (args, flag) in [
+        (&["generate", "--prompt", "p", "--scheduler", "heun"][..], "--scheduler"),
+        (&["generate", "--prompt", "p", "--dtype", "f64"][..], "--dtype"),
+        (&["generate", "--prompt", "p", "--device", "gpu"][..], "--device"),
+        (&["generate", "--prompt", "p", "--size", "big"][..], "--size"),
+        (&["parity", "x", "--dtype", "f8"][..], "--dtype"),
+    ] {
+        let o = mip(args);
+        assert_eq!(
+            o.status.code(),
+            Some(2),
+            "clap's usage error for {args:?}: {}",
+            text(&o)
+        );
+        let msg = text(&o);
+        assert!(msg.contains("invalid value") && msg.contains(flag), "{msg}");
+    }
+}

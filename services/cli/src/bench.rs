@@ -18,7 +18,7 @@ pub struct Args {
     #[arg(long, default_value = "demo")]
     model: String,
     /// Image size WxH (default: the model's).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::device::size_arg)]
     size: Option<String>,
     /// Subjects in the request.
     #[arg(long, default_value_t = 2)]

@@ -37,7 +37,7 @@ pub struct Args {
     #[arg(long, default_value_t = 30)]
     steps: u32,
     /// Image size WxH, multiples of 8 (default: the model's, 1024x1024 for SDXL).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::device::size_arg)]
     size: Option<String>,
     /// Classifier-free guidance scale.
     #[arg(long, default_value_t = 5.0)]
@@ -48,8 +48,8 @@ pub struct Args {
     /// Number of images (seeds seed, seed+1, …).
     #[arg(long, default_value_t = 1)]
     samples: u32,
-    /// euler, ddim or dpmpp_2m_karras.
-    #[arg(long, default_value = "euler")]
+    /// The sampler.
+    #[arg(long, default_value = "euler", value_parser = crate::device::schedulers())]
     scheduler: String,
     /// Output folder.
     #[arg(long, default_value = "out")]

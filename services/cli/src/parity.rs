@@ -13,10 +13,10 @@ pub struct Args {
     /// Fixture folder (with index.json), e.g. tests/fixtures/mip-tiny-sdxl.
     dir: PathBuf,
     /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, default_value = "cpu", value_parser = crate::device::device_arg)]
     device: String,
     /// f32 (the fixture tolerances), or f16/bf16 (every scaled check loosened to 1e-2 relative).
-    #[arg(long, default_value = "f32")]
+    #[arg(long, default_value = "f32", value_parser = crate::device::DTYPES)]
     dtype: String,
     /// Print only failures and the summary.
     #[arg(long)]

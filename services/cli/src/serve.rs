@@ -60,10 +60,10 @@ pub struct WorkerArgs {
     #[arg(long)]
     redis: Option<String>,
     /// cpu, cuda or cuda:N.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::device::device_arg)]
     device: Option<String>,
-    /// f32, f16 or bf16.
-    #[arg(long)]
+    /// The weights' precision.
+    #[arg(long, value_parser = crate::device::DTYPES)]
     dtype: Option<String>,
 }
 

@@ -36,10 +36,10 @@ pub struct Args {
     #[arg(long)]
     redis: Option<String>,
     /// cpu, cuda or cuda:N (every worker on the same device).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::device::device_arg)]
     device: Option<String>,
-    /// f32, f16 or bf16.
-    #[arg(long)]
+    /// The weights' precision.
+    #[arg(long, value_parser = crate::device::DTYPES)]
     dtype: Option<String>,
 }
 

@@ -42,7 +42,7 @@ pub struct Args {
     #[arg(long, default_value_t = 10)]
     reps: usize,
     /// `real`, `synthetic` or `both`.
-    #[arg(long, default_value = "both")]
+    #[arg(long, default_value = "both", value_parser = ["real", "synthetic", "both"])]
     backend: String,
     /// Model of the real workers: `demo` or a bundle folder.
     #[arg(long, default_value = "demo")]
@@ -51,7 +51,7 @@ pub struct Args {
     #[arg(long = "subject", value_name = "NAME=IMG[,IMG…]")]
     subjects: Vec<String>,
     /// Image size of the real workers.
-    #[arg(long, default_value = "64x64")]
+    #[arg(long, default_value = "64x64", value_parser = crate::device::size_arg)]
     size: String,
     /// Denoising steps per image.
     #[arg(long, default_value_t = 4)]
