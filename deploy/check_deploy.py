@@ -278,18 +278,16 @@ def struct_body(text: str, name: str) -> str | None:
 
 def cli_flags() -> dict[tuple[str, str], set[str]]:
     """Flags accepted by each `mip serve SUB` (its own plus the global ones of the top-level `Cli`)."""
-    main_rs = (ROOT / "services/cli/src/main.rs").read_text()
     serve_rs = (ROOT / "services/cli/src/serve.rs").read_text()
-    # The global flags are the top-level `Cli`'s own and those of the structs it flattens (`verbosity.rs`).
-    main_rs += (ROOT / "services/cli/src/verbosity.rs").read_text().replace("pub struct Verbosity", "struct Cli")
-    cli = re.search(r"struct Cli \{(.*?)\n\}", main_rs, re.S)
+    # The global flags: the top-level `Cli`'s own and those of the `Verbosity` it flattens.
     global_flags = set()
-    if cli:
-        for body in re.findall(r"struct Cli \{(.*?)\n\}", main_rs, re.S):
-            for m in re.finditer(r"#\[arg\(([^\]]*global\s*=\s*true[^\]]*)\)\]\s*(\w+)\s*:", body):
-                global_flags |= clap_flags(m.group(0), "services/cli/src/main.rs")
-    else:
-        problem("services/cli/src/main.rs: struct Cli not found")
+    for path, struct in (("services/cli/src/main.rs", "Cli"), ("services/cli/src/verbosity.rs", "Verbosity")):
+        body = re.search(rf"struct {struct} \{{(.*?)\n\}}", (ROOT / path).read_text(), re.S)
+        if body is None:
+            problem(f"{path}: struct {struct} not found")
+            continue
+        for m in re.finditer(r"#\[arg\(([^\]]*global\s*=\s*true[^\]]*)\)\]\s*(\w+)\s*:", body.group(1)):
+            global_flags |= clap_flags(m.group(0), path)
     global_flags |= {"--help", "-h"}
     out = {}
     enum = re.search(r"pub enum Command \{(.*?)\n\}", serve_rs, re.S)

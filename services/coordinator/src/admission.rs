@@ -124,13 +124,11 @@ pub fn split(req: &SubmitJobRequest, cfg: &ValidConfig) -> Result<Vec<TaskSpec>,
     let mut tasks = Vec::new();
     for (ri, r) in req.requests.iter().enumerate() {
         for s in 0..samples {
-            let mut request = r.clone();
-            request.seed = r.seed.map(|seed| seed.wrapping_add(u64::from(s)));
             tasks.push(TaskSpec {
                 index: tasks.len() as u32,
                 request_index: ri as u32,
                 sample_index: s,
-                request,
+                seed: r.seed.map(|seed| seed.wrapping_add(u64::from(s))),
             });
         }
     }

@@ -89,7 +89,7 @@ impl Dispatcher {
         let mut in_queue = InQueue::enter(&self.metrics, job.priority);
         let mut excluded: Vec<usize> = Vec::new();
         let spec = &job.tasks[index];
-        let key = placement::affinity_key(&spec.request, &format!("{}/{}", job.id, index));
+        let key = placement::affinity_key(job.base_request(index), &format!("{}/{}", job.id, index));
         let mut first_placed: Option<Instant> = None;
         let mut outcome = Outcome::Cancelled;
         for attempt in 1..=self.max_attempts {
@@ -247,7 +247,7 @@ impl Dispatcher {
         let spec = &job.tasks[index];
         let task = GenerateTask {
             task_id: format!("{}/{}", job.id, index),
-            request: Some(spec.request.clone()),
+            request: Some(job.task_request(index)),
         };
         let mut req = tonic::Request::new(task);
         mip_common::propagation::inject(&span.context(), req.metadata_mut());

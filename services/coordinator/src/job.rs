@@ -31,13 +31,15 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// One task's fixed spec.
+/// One task's fixed spec: which request of the job (in [`Record::spec`]) it runs, as which sample, with which
+/// seed. Tasks are always split from the spec of the job they belong to.
 #[derive(Debug, Clone)]
 pub struct TaskSpec {
     pub index: u32,
     pub request_index: u32,
     pub sample_index: u32,
-    pub request: GenerationRequest,
+    /// The request's seed + the sample index (None: the worker draws one).
+    pub seed: Option<u64>,
 }
 
 struct State {
@@ -209,6 +211,19 @@ impl JobHandle {
             abandoned,
             dirty: AtomicBool::new(false),
             persist_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The job request task `index` comes from (its subjects decide the task's placement).
+    pub fn base_request(&self, index: usize) -> &GenerationRequest {
+        &self.record.spec.requests[self.tasks[index].request_index as usize]
+    }
+
+    /// The request task `index` sends to a worker: its job request with the task's own seed.
+    pub fn task_request(&self, index: usize) -> GenerationRequest {
+        GenerationRequest {
+            seed: self.tasks[index].seed,
+            ..self.base_request(index).clone()
         }
     }
 

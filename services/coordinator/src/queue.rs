@@ -50,15 +50,6 @@ impl Queue {
             .queued
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| Some(q.saturating_sub(n)));
     }
-
-    /// Tasks queued now.
-    pub fn len(&self) -> usize {
-        self.queued.load(Ordering::SeqCst)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// The waiting tasks (ticket → priority and since when), with optional priority aging: a task's effective

@@ -130,6 +130,11 @@ fn key(kind: &str, job_id: &str) -> String {
     format!("{PREFIX}:{kind}:{job_id}")
 }
 
+/// The hash of a job's recorded images.
+fn results_key(job_id: &str) -> String {
+    format!("{PREFIX}:job:{job_id}:results")
+}
+
 fn err(e: impl std::fmt::Display) -> CoordinatorError {
     CoordinatorError::Store(e.to_string())
 }
@@ -216,7 +221,7 @@ impl RedisStore {
     }
 
     async fn images(&self, job_id: &str) -> Result<Vec<JobImage>, CoordinatorError> {
-        let all: HashMap<u32, Vec<u8>> = timed(self.conn().hgetall(key("job", &format!("{job_id}:results")))).await?;
+        let all: HashMap<u32, Vec<u8>> = timed(self.conn().hgetall(results_key(job_id))).await?;
         let mut images = all
             .values()
             .map(|v| JobImage::decode(v.as_slice()).map_err(err))
@@ -337,7 +342,7 @@ impl JobStore for RedisStore {
 
     async fn write_result(&self, fence: &Fence, image: &JobImage) -> Result<Recorded, CoordinatorError> {
         let mut inv = self.scripts.write_result.prepare_invoke();
-        inv.key(key("job", &format!("{}:results", fence.job_id)))
+        inv.key(results_key(&fence.job_id))
             .key(key("fence", &fence.job_id))
             .arg(fence.token)
             .arg(image.task_index)
@@ -396,7 +401,7 @@ impl JobStore for RedisStore {
     }
 
     async fn result_indices(&self, job_id: &str) -> Result<Vec<u32>, CoordinatorError> {
-        let mut keys: Vec<u32> = timed(self.conn().hkeys(key("job", &format!("{job_id}:results")))).await?;
+        let mut keys: Vec<u32> = timed(self.conn().hkeys(results_key(job_id))).await?;
         keys.sort_unstable();
         Ok(keys)
     }
@@ -405,7 +410,7 @@ impl JobStore for RedisStore {
         if indices.is_empty() {
             return Ok(Vec::new());
         }
-        let k = key("job", &format!("{job_id}:results"));
+        let k = results_key(job_id);
         let raw: Vec<Option<Vec<u8>>> =
             timed(redis::cmd("HMGET").arg(&k).arg(indices).query_async(&mut self.conn())).await?;
         raw.into_iter()
