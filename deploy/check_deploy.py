@@ -3,21 +3,31 @@
 1. The chart: values files against values.schema.json (draft-07); `helm lint` through helm-sdkpy with the default
    values, with values-all-on.yaml and with its alternative choices (ALT_CHOICES) (any warning or error fails); a real Helm install of both against a throwaway
    in-process stand-in for the Kubernetes API (helm-sdkpy has no client-only `template`), whose manifest is then
-   checked: worker.yaml and coordinator.yaml against the services' config structs (services/{worker,coordinator}/
-   src/config.rs, the shared limits in services/admission/src/limits.rs), every `--flag` of the containers (and of compose) against the clap args of `mip serve SUB`
-   (services/cli/src/serve.rs, main.rs), config file paths against volumeMounts, ports against listen addresses,
-   workers_dns against the headless Service, worker TLS against the coordinator's worker_tls, the ServiceMonitor
-   against the metrics Services.
-2. The images: COPY sources exist, every workspace member is copied, `-p mip-cli` and its `mip` binary match services/cli/Cargo.toml, compose commands.
-Set MIP_DEPLOY_DUMP=DIR to keep the rendered manifests. Prints nothing and exits 0 when everything holds; otherwise prints each problem and exits 1.
+   checked: worker.yaml and coordinator.yaml against the JSON Schemas `mip config schema worker|coordinator`
+   generates from the services' config structs (unknown fields, types, enum values), values.schema.json's
+   worker.config and coordinator.config against the same schemas (field names, leaf types), every `--flag` of the
+   containers (and of compose) against those `mip serve SUB --help` lists (a failing --help: no such subcommand),
+   config file paths against volumeMounts, ports against listen addresses, workers_dns against the headless Service,
+   worker TLS against the coordinator's worker_tls, the ServiceMonitor against the metrics Services.
+2. The Grafana dashboard (dashboards/mip-cluster.json): its ConfigMap renders exactly when grafana.dashboard.enabled,
+   with the configured labels, annotations and namespace and the file as its data; the JSON parses; every panel has
+   a unique id and a title; every metric, label and template variable its PromQL names exists. The metrics and
+   their labels come from dashboards/metrics.txt (a Rust test keeps it equal to the services' registries), not from
+   the Rust sources.
+3. The images: COPY sources exist, every workspace member is copied, `-p mip-cli` and its `mip` binary match services/cli/Cargo.toml, compose commands.
+No Rust source (.rs) is read: the config schemas and flags come from the `mip` binary named by MIP_BIN (deploy/check.sh
+builds it with cargo unless MIP_BIN is set; without it that is a problem). Set MIP_DEPLOY_DUMP=DIR to keep the
+rendered manifests. Prints nothing and exits 0 when everything holds; otherwise prints each problem and exits 1.
 """
 
 import asyncio
 import copy
+import functools
 import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -32,10 +42,11 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "deploy/helm/mip-cluster"
 VALUE_FILES = {"defaults": None, "all-on": ROOT / "deploy/values-all-on.yaml"}
-# `mip` subcommand paths the chart and compose may run (each is checked to exist in services/cli/src/serve.rs).
+# `mip` subcommand paths the chart and compose may run (each is checked to exist: `mip SUB... --help` succeeds).
 ALLOWED_COMMANDS = {("serve", "worker"), ("serve", "coordinator")}
 # A third case: values-all-on.yaml with the other choices (KEDA, bundled Redis with persistence, a model PVC,
-# one-way TLS both to the workers and on the public API, no tokens).
+# one-way TLS both to the workers and on the public API, no tokens, the dashboard in the release namespace with
+# the sidecar's default label only).
 ALT_CHOICES = {
     "worker": {"autoscaling": {"kind": "keda"},
                "modelVolume": {"type": "pvc", "claimName": "mip-models", "hostPath": ""}},
@@ -43,8 +54,13 @@ ALT_CHOICES = {
               "externalUrl": ""},
     "tls": {"mutualTls": False, "workerDomain": ""},
     "coordinator": {"tls": {"clientCa": False}, "auth": {"existingSecret": ""}, "config": {"telemetry": None}},
+    "grafana": {"dashboard": {"namespace": "", "labels": {"release": None}}},
 }
 LINT_SEVERITY = {0: "UNKNOWN", 1: "INFO", 2: "WARNING", 3: "ERROR"}
+RELEASE_NAMESPACE = "mip"
+DASHBOARD = CHART / "dashboards/mip-cluster.json"
+DASHBOARD_KEY = "mip-cluster.json"  # the ConfigMap's data key
+METRICS_LIST = CHART / "dashboards/metrics.txt"
 
 problems: list[str] = []
 
@@ -174,7 +190,7 @@ def render(values: dict[str, dict]) -> dict[str, list[dict]]:
     out = {}
     try:
         for name, vals in values.items():
-            config = helm.Configuration(namespace="mip", kubeconfig=kubeconfig)
+            config = helm.Configuration(namespace=RELEASE_NAMESPACE, kubeconfig=kubeconfig)
             try:
                 release = asyncio.run(helm.Install(config).run("ci", str(CHART), values=vals, wait=False))
             except helm.HelmError as e:
@@ -189,116 +205,228 @@ def render(values: dict[str, dict]) -> dict[str, list[dict]]:
     return out
 
 
-# --- the services' config schemas, read from their serde structs ------------------------------------------------
+# --- facts from the `mip` binary: its config schemas and its flags ---------------------------------------------
 
-LIST = "list"  # a leaf that takes a sequence (Vec<_>)
+MIP_TIMEOUT = 60  # seconds one `mip` query may take
+# A flag line of clap's help: `  -l, --listen <LISTEN>`, `      --config <CONFIG>`, `  -v, --verbose...`, `  -h`.
+# Descriptions (wrapped, or on their own lines in the long help) are indented further and match with no groups.
+HELP_FLAG = re.compile(r"^ {2,6}(-[A-Za-z0-9])?(?:, )?(--[A-Za-z0-9][\w-]*)?")
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def config_schema(files: tuple[str, ...], root: str) -> dict:
-    """Field tree of struct `root` from the given sources: {field: subtree, LIST, or None for a scalar}."""
-    structs: dict[str, dict[str, str]] = {}
-    for rel in files:
-        text = (ROOT / rel).read_text()
-        for m in re.finditer(r"pub struct (\w+) \{(.*?)\n\}", text, re.S):
-            structs[m.group(1)] = dict(re.findall(r"^\s*pub (\w+): ([\w:<>]+),", m.group(2), re.M))
-    # `pub use other::Struct as Alias;` re-exports a struct of another file (e.g. the shared telemetry section).
-    for rel in files:
-        text = (ROOT / rel).read_text()
-        for src, alias in re.findall(r"^pub use [\w:]*::(\w+) as (\w+);", text, re.M):
-            if src in structs:
-                structs[alias] = structs[src]
+@functools.cache
+def mip_bin() -> str | None:
+    """The `mip` binary in MIP_BIN (deploy/check.sh builds it); None, with a problem, when there is none."""
+    exe = os.environ.get("MIP_BIN")
+    if not exe:
+        problem("MIP_BIN is not set: run deploy/check.sh (it builds `mip`) or set MIP_BIN to a `mip` binary")
+        return None
+    found = shutil.which(exe)
+    if found is None:
+        problem(f"MIP_BIN={exe} is not an executable file")
+    return found
 
-    def tree(name: str) -> dict:
-        return {f: (tree(t) if t in structs else LIST if t.startswith("Vec<") else None)
-                for f, t in structs[name].items()}
 
-    if root not in structs:
-        problem(f"{', '.join(files)}: struct {root} not found")
+def run_mip(*args: str) -> subprocess.CompletedProcess | None:
+    """`mip ARGS...` run to completion (None, with a problem, when it cannot be run at all)."""
+    exe = mip_bin()
+    if exe is None:
+        return None
+    try:
+        return subprocess.run([exe, *args], capture_output=True, text=True, timeout=MIP_TIMEOUT,
+                              stdin=subprocess.DEVNULL, env={**os.environ, "NO_COLOR": "1"})
+    except (OSError, subprocess.TimeoutExpired) as e:
+        problem(f"`mip {' '.join(args)}`: {e}")
+        return None
+
+
+def failure(res: subprocess.CompletedProcess) -> str:
+    lines = (res.stderr or res.stdout).strip().splitlines()
+    return f"exit status {res.returncode}" + (f": {lines[-1].strip()}" if lines else "")
+
+
+@functools.cache
+def config_schema(service: str) -> dict:
+    """The JSON Schema of the service's config file, generated from its serde structs by `mip config schema SERVICE`
+    ({}, with a problem, when it cannot be had)."""
+    cmd = f"mip config schema {service}"
+    res = run_mip("config", "schema", service)
+    if res is None:
         return {}
-    return tree(root)
+    if res.returncode != 0:
+        problem(f"`{cmd}`: {failure(res)}")
+        return {}
+    try:
+        schema = json.loads(res.stdout)
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except ValueError as e:
+        problem(f"`{cmd}`: not JSON: {e}")
+        return {}
+    except jsonschema.SchemaError as e:
+        problem(f"`{cmd}`: not a valid JSON Schema: {e.message}")
+        return {}
+    if not isinstance(schema, dict):
+        problem(f"`{cmd}`: expected a JSON Schema object, got {schema!r}")
+        return {}
+    return schema
 
 
-def worker_config_schema() -> dict:
-    return config_schema(("services/common/src/telemetry.rs", "services/admission/src/limits.rs",
-                          "services/worker/src/config.rs"), "WorkerConfig")
-
-
-def coordinator_config_schema() -> dict:
-    return config_schema(("services/common/src/telemetry.rs", "services/admission/src/limits.rs",
-                          "services/coordinator/src/config.rs"), "CoordinatorConfig")
-
-
+# The sections the chart renders (a new or renamed one needs the chart's attention).
 EXPECTED_SECTIONS = {"server", "limits", "redis", "cache", "model", "executor", "telemetry"}
 COORDINATOR_SECTIONS = {"server", "limits", "redis", "coordinator", "worker_tls", "auth", "telemetry"}
 
 
-def check_keys(cfg, schema: dict, where: str, service: str = "worker") -> None:
-    if not isinstance(cfg, dict):
-        problem(f"{where}: expected a mapping, got {cfg!r}")
-        return
-    for k, v in cfg.items():
-        if k not in schema:
-            problem(f"{where}.{k}: unknown field (the {service} rejects unknown fields)")
-        elif schema[k] == LIST:
-            if not isinstance(v, list) or any(isinstance(x, (dict, list)) for x in v):
-                problem(f"{where}.{k}: expected a list of scalars, got {v!r}")
-        elif schema[k] is not None:
-            check_keys(v, schema[k], f"{where}.{k}", service)
-        elif isinstance(v, (dict, list)):
-            problem(f"{where}.{k}: expected a scalar, got {v!r}")
+def check_config(cfg, schema: dict, where: str, service: str = "worker") -> None:
+    """A rendered config file against the service's generated schema (its draft as declared by `$schema`): unknown
+    fields (the structs deny them), wrong types, values outside an enum."""
+    if not schema:
+        return  # reported by config_schema
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    errors = [e for err in validator.iter_errors(cfg) for e in branch_errors(err)]
+    for err in sorted(errors, key=lambda e: [str(p) for p in e.absolute_path]):
+        problem(f"{where}: {err.json_path}: {err.message} (`mip config schema {service}`)")
 
 
-# --- the CLI's flags, read from its clap structs ----------------------------------------------------------------
-
-def kebab(name: str) -> str:
-    return name.replace("_", "-")
-
-
-def clap_flags(body: str, where: str) -> set[str]:
-    """`--long` / `-s` flags of the fields of one clap struct body."""
-    flags: set[str] = set()
-    for m in re.finditer(r"#\[(arg|command)\((.*?)\)\]\s*(?:pub(?:\([^)]*\))?\s+)?(\w+)\s*:", body, re.S):
-        kind, attrs, field = m.groups()
-        if kind == "command" and "flatten" in attrs:
-            problem(f"{where}: #[command(flatten)] {field}: flattened flags are not parsed by this check")
-            continue
-        long = re.search(r'\blong\s*(?:=\s*"([^"]+)")?', attrs)
-        if long:
-            flags.add("--" + (long.group(1) or kebab(field)))
-        short = re.search(r"\bshort\s*(?:=\s*'(.)')?", attrs)
-        if short:
-            flags.add("-" + (short.group(1) or field[0]))
-    return flags
+def branch_errors(err: jsonschema.ValidationError) -> list[jsonschema.ValidationError]:
+    """An anyOf / oneOf error (schemars wraps `Option<Section>` as anyOf [$ref, null]) as the errors of the branch
+    the value was meant for: the one that fails deeper than on the value's own type; else the error itself."""
+    branches: dict = {}
+    for e in err.context or []:
+        branches.setdefault(e.relative_schema_path[0], []).append(e)
+    meant = [errs for errs in branches.values()
+             if any(e.relative_path or e.validator not in ("type", "const", "enum") for e in errs)]
+    if len(meant) != 1:
+        if branches and all(e.validator == "const" for errs in branches.values() for e in errs):
+            err.message = f"{err.instance!r} is not one of {[e.validator_value for e in err.context]}"
+        return [err]
+    return [sub for e in meant[0] for sub in branch_errors(e)]
 
 
-def struct_body(text: str, name: str) -> str | None:
-    m = re.search(rf"pub struct {name} \{{(.*?)\n\}}", text, re.S)
-    return m.group(1) if m else None
+def pointer(root: dict, ref: str):
+    """The schema a local `$ref` (`#/$defs/Name`, a JSON pointer into ROOT) names; None when it names none."""
+    if not ref.startswith("#"):
+        return None
+    node = root
+    for part in filter(None, ref[1:].split("/")):
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            return None
+    return node
 
 
-def cli_flags() -> dict[tuple[str, str], set[str]]:
-    """Flags accepted by each `mip serve SUB` (its own plus the global ones of the top-level `Cli`)."""
-    serve_rs = (ROOT / "services/cli/src/serve.rs").read_text()
-    # The global flags: the top-level `Cli`'s own and those of the `Verbosity` it flattens.
-    global_flags = set()
-    for path, struct in (("services/cli/src/main.rs", "Cli"), ("services/cli/src/verbosity.rs", "Verbosity")):
-        body = re.search(rf"struct {struct} \{{(.*?)\n\}}", (ROOT / path).read_text(), re.S)
-        if body is None:
-            problem(f"{path}: struct {struct} not found")
-            continue
-        for m in re.finditer(r"#\[arg\(([^\]]*global\s*=\s*true[^\]]*)\)\]\s*(\w+)\s*:", body.group(1)):
-            global_flags |= clap_flags(m.group(0), path)
-    global_flags |= {"--help", "-h"}
+def subschemas(node, root: dict, where: str, seen: tuple[str, ...] = ()) -> list[dict]:
+    """NODE and every schema it defers to: its `$ref` (into `$defs` / `definitions`) and its allOf / anyOf / oneOf
+    branches (schemars wraps a `$ref` in them, e.g. an `Option<Struct>` as anyOf [$ref, null]), recursively."""
+    if not isinstance(node, dict):
+        return []  # a boolean schema
+    out = [node]
+    ref = node.get("$ref")
+    if isinstance(ref, str) and ref not in seen:
+        target = pointer(root, ref)
+        if target is None:
+            problem(f"{where}: $ref {ref} does not resolve")
+        else:
+            out += subschemas(target, root, where, seen + (ref,))
+    for key in ("allOf", "anyOf", "oneOf"):
+        for sub in node.get(key) or []:
+            out += subschemas(sub, root, where, seen)
+    return out
+
+
+JSON_TYPES = ((bool, "boolean"), (int, "integer"), (float, "number"), (str, "string"), (list, "array"),
+              (dict, "object"), (type(None), "null"))
+
+
+def schema_types(subs: list[dict]) -> set[str]:
+    """The JSON types the schemas declare: their `type`s, else those of their `enum` / `const` values."""
+    types: set[str] = set()
+    for s in subs:
+        t = s.get("type")
+        if isinstance(t, str):
+            types.add(t)
+        elif isinstance(t, list):
+            types.update(t)
+        else:
+            for v in [*(s.get("enum") or []), *([s["const"]] if "const" in s else [])]:
+                types.add(next(name for cls, name in JSON_TYPES if isinstance(v, cls)))
+    return types
+
+
+def schema_fields(subs: list[dict]) -> tuple[dict[str, list], list, bool]:
+    """({field: [its schemas]}, [the schemas of other keys (a map's values)], whether other keys are refused)."""
+    fields: dict[str, list] = {}
+    for s in subs:
+        for k, v in (s.get("properties") or {}).items():
+            fields.setdefault(k, []).append(v)
+    extra = [s["additionalProperties"] for s in subs if isinstance(s.get("additionalProperties"), dict)]
+    closed = any(s.get("additionalProperties") is False for s in subs)
+    return fields, extra, closed
+
+
+def config_sections(schema: dict) -> set[str]:
+    """The top-level sections of a generated config schema."""
+    return set(schema_fields(subschemas(schema, schema, "config schema"))[0]) if schema else set()
+
+
+def check_values_schema_config() -> None:
+    """values.schema.json's worker.config and coordinator.config name only fields of the services' configs (as
+    `mip config schema` generates them) and, where both give a type, one the service accepts."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+
+    def walk(vnodes: list, gnodes: list, groot: dict, where: str, service: str) -> None:
+        vsubs = [s for n in vnodes for s in subschemas(n, schema, f"values.schema.json {where}")]
+        gsubs = [s for n in gnodes for s in subschemas(n, groot, f"`mip config schema {service}`")]
+        # A null in the values deletes the key (Helm coalescing): it never reaches the config file.
+        vtypes, gtypes = schema_types(vsubs) - {"null"}, schema_types(gsubs)
+        if vtypes and gtypes and any(t not in gtypes and not (t == "integer" and "number" in gtypes)
+                                     for t in vtypes):
+            problem(f"values.schema.json {where}: type {'/'.join(sorted(vtypes))}, but the {service} config's is "
+                    f"{'/'.join(sorted(gtypes))}")
+        vfields = schema_fields(vsubs)[0]
+        gfields, gextra, gclosed = schema_fields(gsubs)
+        for k, sub in vfields.items():
+            if k in gfields:
+                walk(sub, gfields[k], groot, f"{where}.{k}", service)
+            elif gextra:
+                walk(sub, gextra, groot, f"{where}.{k}", service)
+            elif gclosed or gfields:
+                problem(f"values.schema.json {where}.{k}: not a field of the {service} config")
+        vitems = [s["items"] for s in vsubs if isinstance(s.get("items"), dict)]
+        gitems = [s["items"] for s in gsubs if isinstance(s.get("items"), dict)]
+        if vitems and gitems:
+            walk(vitems, gitems, groot, f"{where}[]", service)
+
+    for service in ("worker", "coordinator"):
+        node = ((schema["properties"].get(service) or {}).get("properties") or {}).get("config")
+        generated = config_schema(service)
+        if node is not None and generated:
+            walk([node], [generated], generated, f"{service}.config", service)
+
+
+@functools.cache
+def cli_flags() -> dict[tuple[str, ...], set[str]]:
+    """The flags of each allowed `mip serve SUB`, read from its clap help (`mip serve SUB --help`, which lists the
+    global flags too); a subcommand whose --help fails does not exist."""
     out = {}
-    enum = re.search(r"pub enum Command \{(.*?)\n\}", serve_rs, re.S)
-    variants = dict(re.findall(r"^\s*(\w+)\((\w+)\),", enum.group(1), re.M)) if enum else {}
-    for sub in ("Worker", "Coordinator"):
-        struct = variants.get(sub)
-        body = struct_body(serve_rs, struct) if struct else None
-        if body is None:
-            problem(f"services/cli/src/serve.rs: no args struct for `serve {sub.lower()}`")
+    for cmd in sorted(ALLOWED_COMMANDS):
+        res = run_mip(*cmd, "--help")
+        if res is None:
             continue
-        out[("serve", sub.lower())] = clap_flags(body, f"services/cli/src/serve.rs {struct}") | global_flags
+        if res.returncode != 0:
+            problem(f"`mip {' '.join(cmd)} --help`: {failure(res)} (no `mip {' '.join(cmd)}` subcommand?)")
+            continue
+        flags = set()
+        for line in ANSI_ESCAPE.sub("", res.stdout).splitlines():
+            m = HELP_FLAG.match(line)
+            if m:
+                flags.update(f for f in m.groups() if f)
+        if "--help" not in flags:
+            problem(f"`mip {' '.join(cmd)} --help`: found no --help among its flags (not clap's help layout?)")
+        out[cmd] = flags
     return out
 
 
@@ -337,7 +465,7 @@ def check_coordinator(docs: list[dict], schema: dict, name: str) -> None:
         problem(f"[{name}]: expected one coordinator ConfigMap with coordinator.yaml, found {len(cms)}")
         return
     cfg = yaml.safe_load(cms[0]["data"]["coordinator.yaml"]) or {}
-    check_keys(cfg, schema, f"[{name}] coordinator.yaml", "coordinator")
+    check_config(cfg, schema, f"[{name}] coordinator.yaml", "coordinator")
     if not isinstance(cfg, dict):
         return
     where = f"[{name}] coordinator"
@@ -379,18 +507,16 @@ def check_coordinator(docs: list[dict], schema: dict, name: str) -> None:
 
 
 def check_manifests(rendered: dict[str, list[dict]], values: dict[str, dict]) -> None:
-    schema = worker_config_schema()
-    if schema and set(schema) != EXPECTED_SECTIONS:
-        problem(f"worker config sections changed: {sorted(schema)} (chart expects {sorted(EXPECTED_SECTIONS)})")
-    cschema = coordinator_config_schema()
-    if cschema and set(cschema) != COORDINATOR_SECTIONS:
-        problem(f"coordinator config sections changed: {sorted(cschema)} (chart expects {sorted(COORDINATOR_SECTIONS)})")
-    check_values_schema_config(cschema)
-    flags = cli_flags()
-    serve_rs = (ROOT / "services/cli/src/serve.rs").read_text()
-    for variant, command in (("Worker", "serve worker"), ("Coordinator", "serve coordinator")):
-        if not re.search(rf"^\s*{variant}\(", serve_rs, re.M):
-            problem(f"services/cli/src/serve.rs: no `{command}` subcommand")
+    schema = config_schema("worker")
+    if schema and config_sections(schema) != EXPECTED_SECTIONS:
+        problem(f"worker config sections changed: {sorted(config_sections(schema))} "
+                f"(chart expects {sorted(EXPECTED_SECTIONS)})")
+    cschema = config_schema("coordinator")
+    if cschema and config_sections(cschema) != COORDINATOR_SECTIONS:
+        problem(f"coordinator config sections changed: {sorted(config_sections(cschema))} "
+                f"(chart expects {sorted(COORDINATOR_SECTIONS)})")
+    check_values_schema_config()
+    flags = cli_flags()  # also reports a subcommand of ALLOWED_COMMANDS that does not exist
     for name, docs in rendered.items():
         kinds = {(d["kind"], d["metadata"]["name"]): d for d in docs}
         cms = [d for d in docs if d["kind"] == "ConfigMap" and "worker.yaml" in d.get("data", {})]
@@ -398,7 +524,7 @@ def check_manifests(rendered: dict[str, list[dict]], values: dict[str, dict]) ->
             problem(f"[{name}]: expected one worker ConfigMap with worker.yaml, found {len(cms)}")
         for cm in cms:
             cfg = yaml.safe_load(cm["data"]["worker.yaml"])
-            check_keys(cfg, schema, f"[{name}] worker.yaml")
+            check_config(cfg, schema, f"[{name}] worker.yaml")
             drain = cfg.get("server", {}).get("drain_seconds", 30)
             for d in docs:
                 if d["kind"] == "StatefulSet" and d["metadata"]["name"].endswith("-worker"):
@@ -448,25 +574,194 @@ def check_service_monitor(docs: list[dict], name: str) -> None:
                 problem(f"[{name}] ServiceMonitor/{sm['metadata']['name']}: scrapes no {component} metrics Service")
 
 
-def check_values_schema_config(cschema: dict) -> None:
-    """values.schema.json's coordinator.config names only fields of CoordinatorConfig."""
-    schema = json.loads((CHART / "values.schema.json").read_text())
-    node = schema["properties"]["coordinator"]["properties"]["config"]
-
-    def walk(node: dict, tree, where: str) -> None:
-        for k, sub in (node.get("properties") or {}).items():
-            if not isinstance(tree, dict) or k not in tree:
-                problem(f"values.schema.json {where}.{k}: not a field of the coordinator config")
-            elif isinstance(tree[k], dict):
-                walk(sub, tree[k], f"{where}.{k}")
-
-    walk(node, cschema, "coordinator.config")
-
-
 def check_test_hook(values: dict) -> None:
     hook = CHART / "templates/tests"
     if not any(hook.glob("*.yaml")):
         problem("chart has no `helm test` pod under templates/tests")
+
+
+# --- the Grafana dashboard -------------------------------------------------------------------------------------
+
+# Labels Prometheus puts on every series it scrapes through the ServiceMonitor (target labels), and the series a
+# histogram family exposes.
+TARGET_LABELS = {"namespace", "job", "instance", "pod", "service", "container", "endpoint"}
+HISTOGRAM_SERIES = ("_bucket", "_sum", "_count")
+PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless",
+                "offset", "inf", "nan"}
+GRAFANA_BUILTINS = {"__rate_interval", "__interval", "__interval_ms", "__range", "__range_s", "__range_ms"}
+
+
+def exported_series() -> dict[str, set[str]]:
+    """{series name: its labels} from dashboards/metrics.txt (`NAME TYPE LABEL...` a line)."""
+    series: dict[str, set[str]] = {}
+    rel = METRICS_LIST.relative_to(ROOT)
+    for n, line in enumerate(METRICS_LIST.read_text().splitlines(), 1):
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        if len(words) < 2 or words[1] not in ("counter", "gauge", "histogram") or \
+                not all(re.fullmatch(r"[a-zA-Z_:][\w:]*", w) for w in [words[0], *words[2:]]):
+            problem(f"{rel}:{n}: expected `NAME counter|gauge|histogram LABEL...`, got {line!r}")
+            continue
+        name, kind, labels = words[0], words[1], set(words[2:])
+        if name in series:
+            problem(f"{rel}:{n}: {name} listed twice")
+        if kind == "histogram":
+            series.update({name + s: labels | ({"le"} if s == "_bucket" else set()) for s in HISTOGRAM_SERIES})
+        else:
+            series[name] = labels
+    if not series:
+        problem(f"{rel}: lists no metrics")
+    return series
+
+
+def promql_names(expr: str) -> tuple[list[tuple[str, set[str]]], set[str]]:
+    """The selectors of a PromQL expression ((metric, labels in its matchers), ...) and the labels of its
+    by/without/on/ignoring/group_left/group_right lists."""
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    expr = re.sub(r"\[[^\]]*\]", "", expr)  # ranges, subqueries
+    grouped: set[str] = set()
+
+    def group(m: re.Match) -> str:
+        grouped.update(re.findall(r"[a-zA-Z_]\w*", m.group(2)))
+        return " "  # `sum by (x) (...)` reads as the call `sum (...)`
+
+    expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)", group, expr)
+    selectors: list[tuple[str, set[str]]] = []
+
+    def selector(m: re.Match) -> str:
+        selectors.append((m.group(1) or "", set(re.findall(r"([a-zA-Z_]\w*)\s*(?:=~|!~|!=|=)", m.group(2)))))
+        return " "
+
+    expr = re.sub(r"([a-zA-Z_:][\w:]*)?\s*\{([^}]*)\}", selector, expr)
+    for m in re.finditer(r"(?<![\w.])([a-zA-Z_:][\w:]*)(\s*\()?", expr):
+        if not m.group(2) and m.group(1).lower() not in PROMQL_WORDS:
+            selectors.append((m.group(1), set()))
+    return selectors, grouped
+
+
+def check_promql(expr: str, legend: str, series: dict[str, set[str]], variables: set[str], where: str) -> None:
+    for v in re.findall(r"\$(?:\{(\w+)(?::\w+)?\}|(\w+))", expr + " " + legend):
+        name = v[0] or v[1]
+        if name not in variables and name not in GRAFANA_BUILTINS:
+            problem(f"{where}: ${name} is not a template variable of the dashboard")
+    selectors, grouped = promql_names(re.sub(r"\$\{\w+(?::\w+)?\}|\$\w+", "x", expr))
+    known = set(TARGET_LABELS)
+    for metric, labels in selectors:
+        if not metric:
+            problem(f"{where}: a selector without a metric name in {expr!r}")
+        elif metric not in series:
+            problem(f"{where}: {metric} is not a series the services export ({METRICS_LIST.relative_to(ROOT)})")
+        else:
+            known |= series[metric]
+            for label in sorted(labels - series[metric] - TARGET_LABELS):
+                problem(f"{where}: {metric} has no label {label}")
+    for label in sorted((grouped | set(re.findall(r"\{\{\s*(\w+)\s*\}\}", legend))) - known):
+        problem(f"{where}: label {label} is on none of the metrics of {expr!r}")
+
+
+def dashboard_panels(panels: list) -> list[dict]:
+    """Every panel, those inside (collapsed) rows included."""
+    out = []
+    for p in panels:
+        out.append(p)
+        out += dashboard_panels(p.get("panels") or [])
+    return out
+
+
+def check_dashboard_json() -> None:
+    rel = DASHBOARD.relative_to(ROOT)
+    try:
+        dash = json.loads(DASHBOARD.read_text())
+    except (OSError, ValueError) as e:
+        problem(f"{rel}: {e}")
+        return
+    if not dash.get("uid") or not dash.get("title"):
+        problem(f"{rel}: the dashboard needs a uid and a title")
+    series = exported_series()
+    templating = (dash.get("templating") or {}).get("list") or []
+    variables = {v.get("name") for v in templating}
+    if not any(v.get("type") == "datasource" and v.get("query") == "prometheus" for v in templating):
+        problem(f"{rel}: no template variable of type datasource (prometheus)")
+    ds_vars = {v["name"] for v in templating if v.get("type") == "datasource"}
+    ds_refs = {f"${n}" for n in ds_vars} | {f"${{{n}}}" for n in ds_vars}
+    for v in templating:
+        if v.get("type") != "query":
+            continue
+        query = v.get("query")
+        query = query.get("query", "") if isinstance(query, dict) else query or ""
+        where = f"{rel} variable {v.get('name')}"
+        m = re.fullmatch(r"\s*label_values\((?:(.*),)?\s*(\w+)\s*\)\s*", query)
+        if m:
+            check_promql(m.group(1) or "", "{{%s}}" % m.group(2), series, variables, where)
+        else:
+            check_promql(query, "", series, variables, where)
+        if (v.get("datasource") or {}).get("uid") not in ds_refs:
+            problem(f"{where}: datasource is not the datasource variable")
+    ids: dict = {}
+    for p in dashboard_panels(dash.get("panels") or []):
+        title = p.get("title")
+        where = f"{rel} panel {p.get('id')} {title!r}"
+        if not isinstance(p.get("id"), int) or isinstance(p.get("id"), bool):
+            problem(f"{where}: id must be an integer")
+        elif p["id"] in ids:
+            problem(f"{where}: id {p['id']} is also the id of panel {ids[p['id']]!r}")
+        else:
+            ids[p["id"]] = title
+        if not isinstance(title, str) or not title.strip():
+            problem(f"{where}: no title")
+        if p.get("type") == "row":
+            continue
+        targets = p.get("targets") or []
+        if not targets:
+            problem(f"{where}: no queries")
+        for t in [p, *targets]:
+            if (t.get("datasource") or {}).get("uid") not in ds_refs:
+                problem(f"{where}: datasource is not the datasource variable")
+        if len({t.get("refId") for t in targets}) != len(targets):
+            problem(f"{where}: refIds are not unique")
+        for t in targets:
+            if not (t.get("expr") or "").strip():
+                problem(f"{where}: query {t.get('refId')} has no expr")
+                continue
+            check_promql(t["expr"], t.get("legendFormat") or "", series, variables, f"{where} {t.get('refId')}")
+
+
+def check_dashboard(rendered: dict[str, list[dict]], values: dict[str, dict]) -> None:
+    """The dashboard ConfigMap renders exactly when enabled, with the configured metadata and the file as data."""
+    try:
+        text = DASHBOARD.read_text().strip()
+    except OSError:
+        text = None  # reported by check_dashboard_json
+    for name, docs in rendered.items():
+        conf = (values[name].get("grafana") or {}).get("dashboard") or {}
+        cms = [d for d in docs if d["kind"] == "ConfigMap" and DASHBOARD_KEY in (d.get("data") or {})]
+        if not conf.get("enabled"):
+            if cms:
+                problem(f"[{name}]: grafana.dashboard.enabled is false but the dashboard ConfigMap rendered")
+            continue
+        if len(cms) != 1:
+            problem(f"[{name}]: expected one ConfigMap with {DASHBOARD_KEY}, found {len(cms)}")
+            continue
+        meta, data = cms[0]["metadata"], cms[0]["data"][DASHBOARD_KEY]
+        where = f"[{name}] ConfigMap/{meta['name']}"
+        if data.strip() != text:
+            problem(f"{where}: {DASHBOARD_KEY} is not {DASHBOARD.relative_to(ROOT)}")
+        try:
+            json.loads(data)
+        except ValueError as e:
+            problem(f"{where}: {DASHBOARD_KEY} does not parse: {e}")
+        if len(data.encode()) > 1 << 20:
+            problem(f"{where}: {DASHBOARD_KEY} exceeds the 1 MiB a ConfigMap holds")
+        for field in ("labels", "annotations"):
+            want = conf.get(field) or {}
+            got = meta.get(field) or {}
+            for k, v in want.items():
+                if got.get(k) != v:
+                    problem(f"{where}: {field}.{k} is {got.get(k)!r}, grafana.dashboard.{field} says {v!r}")
+        namespace = conf.get("namespace") or RELEASE_NAMESPACE
+        if meta.get("namespace") != namespace:
+            problem(f"{where}: namespace {meta.get('namespace')!r}, expected {namespace!r}")
 
 
 # --- images ---------------------------------------------------------------------------------------------------
@@ -540,6 +835,8 @@ def main() -> int:
             (Path(dump) / f"{name}.yaml").write_text(yaml.safe_dump_all(docs, sort_keys=False))
     check_manifests(rendered, values)
     check_test_hook(values)
+    check_dashboard_json()
+    check_dashboard(rendered, values)
     check_docker()
     for p in problems:
         print(f"deploy/check.sh: {p}", file=sys.stderr)

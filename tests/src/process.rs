@@ -162,6 +162,12 @@ impl Served {
         assert!(status.success(), "`kill {sig} {pid}` failed: {status}");
     }
 
+    /// SIGKILL, then waits until the process is gone (its listening socket closed, so its address can be reused).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// SIGTERM, then the exit status (bounded wait; killed past the bound).
     pub fn terminate(mut self) -> ExitStatus {
         self.signal("-TERM");

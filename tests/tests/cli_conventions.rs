@@ -1,7 +1,10 @@
-//! The `mip` binary's shell conventions: completion scripts for the common shells, and the `-v`/`-vv`/`-q` flags
-//! accepted by every subcommand (and refused together).
+//! The `mip` binary's shell conventions: completion scripts for the common shells, the `-v`/`-vv`/`-q` flags
+//! accepted by every subcommand (and refused together), and `--log-format json` for log collectors.
 
-use mip_tests::process::{mip, text};
+use std::io::{BufRead as _, BufReader};
+use std::process::Stdio;
+
+use mip_tests::process::{mip, mip_cmd, text};
 
 #[test]
 fn completion_scripts_name_the_subcommands() {
@@ -55,4 +58,58 @@ fn enumerated_values_are_listed_and_checked_by_the_parser() {
         let msg = text(&o);
         assert!(msg.contains("invalid value") && msg.contains(flag), "{msg}");
     }
+}
+
+#[test]
+fn json_log_format_writes_one_object_per_line() {
+    let help = text(&mip(&["serve", "coordinator", "--help"]));
+    assert!(help.contains("[possible values: text, json]"), "{help}");
+    // A coordinator at info level in JSON: its startup line on stderr is a JSON object with the usual keys.
+    let mut child = mip_cmd()
+        .args([
+            "-v",
+            "--log-format",
+            "json",
+            "serve",
+            "coordinator",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--workers", "http://127.0.0.1:1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mip serve coordinator starts");
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut first)
+        .expect("first line");
+    assert!(first.contains("listening on"), "{first:?}");
+    // Read log lines until the startup event (or the end of stderr, should the process die), then stop it.
+    let mut events: Vec<serde_json::Value> = Vec::new();
+    for line in BufReader::new(child.stderr.take().expect("stderr")).lines() {
+        let line = line.expect("stderr line");
+        let e: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"));
+        assert!(
+            e["level"].is_string() && e["fields"].is_object() && e["timestamp"].is_string(),
+            "{e}"
+        );
+        let found = e["fields"]["message"] == "coordinator listening";
+        events.push(e);
+        if found {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        events.iter().any(|e| e["fields"]["message"] == "coordinator listening"),
+        "{events:?}"
+    );
+    let o = mip(&["--log-format", "xml", "workers", "--workers", "http://127.0.0.1:1"]);
+    assert!(
+        !o.status.success() && text(&o).contains("possible values"),
+        "{}",
+        text(&o)
+    );
 }

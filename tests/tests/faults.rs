@@ -314,7 +314,7 @@ fn a_killed_coordinator_restarted_on_its_address_finishes_the_batch() {
     );
     let (mut submit, out) = c.submit(9);
     wait_first_image(&out, &mut submit);
-    c.coordinator.signal("-KILL");
+    c.coordinator.kill();
     let killed = Instant::now();
     let addr = c.coordinator.addr.clone();
     let restarted = c.another_coordinator(&addr);

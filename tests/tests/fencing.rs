@@ -43,8 +43,8 @@ async fn claim_new(s: &RedisStore, id: &str, key: Option<&str>, owner: &str) -> 
 #[tokio::test]
 async fn a_stale_owner_cannot_overwrite_the_new_owners_state() {
     let redis = RedisServer::start();
-    let a = RedisStore::connect(&redis.url(), TTL).await.expect("store a");
-    let b = RedisStore::connect(&redis.url(), TTL).await.expect("store b");
+    let a = RedisStore::connect(&redis.url(), None, TTL).await.expect("store a");
+    let b = RedisStore::connect(&redis.url(), None, TTL).await.expect("store b");
     let spec = SubmitJobRequest {
         idempotency_key: "k1".into(),
         ..Default::default()
@@ -133,7 +133,7 @@ async fn a_stale_owner_cannot_overwrite_the_new_owners_state() {
 #[tokio::test]
 async fn a_redis_restarted_empty_is_written_again_by_the_owner() {
     let mut redis = RedisServer::start();
-    let a = RedisStore::connect(&redis.url(), TTL).await.expect("store");
+    let a = RedisStore::connect(&redis.url(), None, TTL).await.expect("store");
     let f = claim_new(&a, "j1", None, "A").await;
     let spec = SubmitJobRequest::default();
     a.create(&f, &job("j1", JobStatus::Running, 0), &spec, &[])

@@ -102,7 +102,8 @@ async fn one_trace_per_job_reaches_the_workers() {
     let task_ids: HashSet<SpanId> = tasks.iter().map(|s| s.span_context.span_id()).collect();
 
     // The workers' Generate spans: in the job's trace, each under a task span, their parent remote.
-    let generate = |s: &SpanData| s.name == "mip.v1.Worker" && attr(s, "rpc.method").as_deref() == Some("Generate");
+    let generate =
+        |s: &SpanData| s.name == "mip.v1.Worker/Generate" && attr(s, "rpc.method").as_deref() == Some("Generate");
     let calls = spans.wait_for(2, "worker Generate", generate).await;
     for c in &calls {
         assert_eq!(

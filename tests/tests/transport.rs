@@ -168,6 +168,22 @@ async fn bearer_tokens_and_message_limits() {
         "{text}"
     );
     assert!(text.contains("mip_coord_workers{state=\"healthy\"} 1"), "{text}");
+    // The request layer counts every call by method and code, refusals before any handler included.
+    let line = |code: &str, method: &str| {
+        format!("{{code=\"{code}\",grpc_service=\"mip.v1.Coordinator\",method=\"{method}\"}}")
+    };
+    assert!(
+        text.contains(&format!("mip_grpc_requests_total{} 1", line("OutOfRange", "SubmitJob"))),
+        "{text}"
+    );
+    assert!(text.contains(&line("Unauthenticated", "SubmitJob")), "{text}");
+    assert!(
+        text.contains(&format!(
+            "mip_grpc_request_duration_seconds_count{}",
+            line("Ok", "Generate")
+        )),
+        "{text}"
+    );
     coordinator.stop().await;
     worker.stop().await;
 }

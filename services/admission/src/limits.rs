@@ -27,7 +27,7 @@ pub const MAX_KEY_CHARS: usize = 256;
 pub const SUBJECT_KEY_PREFIX: &str = "mip:subject:";
 
 /// `limits`: the serde shape in a configuration file.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     pub max_image_bytes: usize,

@@ -1,7 +1,8 @@
 //! The gRPC client side of the CLI: [`ConnectArgs`] (`--coordinator`, `--token` / `MIP_TOKEN`, `--tls-ca`) and
 //! [`connect`], which opens a channel (http, or https verified against `--tls-ca` or the system's trust roots) and
-//! wraps it with the [`Auth`] interceptor that adds `authorization: Bearer <token>` to every call. [`status_error`] keeps a `Status`'s code
-//! and `mip-reason` in the one-line error the user sees.
+//! wraps it with the [`Auth`] interceptor that adds `authorization: Bearer <token>` and the current span's W3C trace
+//! context (`traceparent`) to every call. [`status_error`] keeps a `Status`'s code and `mip-reason` in the one-line
+//! error the user sees.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -38,7 +39,8 @@ pub struct ConnectArgs {
     pub retry_for: u64,
 }
 
-/// Adds `authorization: Bearer <token>` to every request when a token is set.
+/// Adds `authorization: Bearer <token>` to every request when a token is set, and the current span's trace context
+/// (see [`crate::trace`]) when there is one.
 #[derive(Debug, Clone, Default)]
 pub struct Auth {
     header: Option<MetadataValue<Ascii>>,
@@ -64,6 +66,7 @@ impl Interceptor for Auth {
         if let Some(h) = &self.header {
             request.metadata_mut().insert("authorization", h.clone());
         }
+        mip_common::propagation::inject_current(request.metadata_mut());
         Ok(request)
     }
 }

@@ -13,6 +13,7 @@ use mip_coordinator::config::CoordinatorConfig;
 use mip_proto::v1::{GenerationRequest, Subject, SubmitJobRequest};
 use mip_worker::config::WorkerConfig;
 use serde_json::{json, Map, Value};
+use tracing::Instrument as _;
 
 use crate::client::{status_error, ConnectArgs};
 use crate::device::{parse_size, DeviceArgs};
@@ -101,30 +102,37 @@ pub fn run(args: Args, v: crate::verbosity::Verbosity) -> Result<()> {
     };
     let rt = crate::client::runtime()?;
     rt.block_on(async {
-        let _logs = if v.client_logs() {
-            Some(crate::serve_all::init_logs(v, "mip")?)
-        } else {
-            None
-        };
-        if args.connect.coordinator.is_some() {
-            return submit_and_write(&args, &args.connect, job).await;
+        let telemetry = crate::trace::init(v)?;
+        let span = crate::trace::command_span("mip generate");
+        let result = run_traced(&args, job).instrument(span).await;
+        // The command's span has ended: flush it (and the embedded services' spans) before exiting.
+        if let Some(t) = telemetry {
+            t.shutdown()?;
         }
-        let mut cluster = start_embedded(&args).await?;
-        let connect = ConnectArgs {
-            coordinator: Some(format!("http://{}", cluster.addr)),
-            ..args.connect.clone()
-        };
-        let ready = async {
-            let mut client = connect.connect().await?;
-            cluster.wait_healthy(&mut client, 1, Duration::from_secs(1800)).await
-        };
-        let result = match ready.await {
-            Ok(()) => submit_and_write(&args, &connect, job).await,
-            Err(e) => Err(e),
-        };
-        let stopped = cluster.stop().await;
-        result.and(stopped)
+        result
     })
+}
+
+/// The command inside its span: on `--coordinator`, or on an embedded cluster.
+async fn run_traced(args: &Args, job: SubmitJobRequest) -> Result<()> {
+    if args.connect.coordinator.is_some() {
+        return submit_and_write(args, &args.connect, job).await;
+    }
+    let mut cluster = start_embedded(args).await?;
+    let connect = ConnectArgs {
+        coordinator: Some(format!("http://{}", cluster.addr)),
+        ..args.connect.clone()
+    };
+    let ready = async {
+        let mut client = connect.connect().await?;
+        cluster.wait_healthy(&mut client, 1, Duration::from_secs(1800)).await
+    };
+    let result = match ready.await {
+        Ok(()) => submit_and_write(args, &connect, job).await,
+        Err(e) => Err(e),
+    };
+    let stopped = cluster.stop().await;
+    result.and(stopped)
 }
 
 /// One worker on the model and a coordinator, on loopback ports.

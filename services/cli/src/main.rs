@@ -6,7 +6,8 @@
 //! - `serve worker` / `serve coordinator` / `serve all`: run the services (gRPC);
 //! - `parity`: check the implementation against a golden fixture folder; `bench`: per-stage timings (`--sdxl`: SDXL shapes);
 //!   `bench-cluster`: coordinator overhead per task and throughput against 1, 2 and 4 workers;
-//! - `model demo`: write the built-in demo model; `completions`: a shell completion script.
+//! - `model demo`: write the built-in demo model; `config schema`: the JSON Schema of a service's config file;
+//!   `completions`: a shell completion script.
 //!
 //! `-v` / `-vv` / `-vvv` / `-q` set the log level of every subcommand ([`verbosity`]).
 //!
@@ -20,6 +21,7 @@ mod bench_cluster;
 mod bench_ops;
 mod bench_sdxl;
 mod client;
+mod config_cmd;
 mod device;
 mod generate;
 mod jobs;
@@ -32,6 +34,7 @@ mod retry;
 mod serve;
 mod serve_all;
 mod submit;
+mod trace;
 mod verbosity;
 mod workers;
 mod yaml;
@@ -72,6 +75,9 @@ enum Command {
     /// Run a service.
     #[command(subcommand)]
     Serve(serve::Command),
+    /// Configuration utilities: the JSON Schema of a service's config file.
+    #[command(subcommand)]
+    Config(config_cmd::Command),
     /// Show the health, load, model and counters of workers (via --coordinator, or --workers URLs directly).
     Workers(workers::Args),
     /// Print a shell completion script (e.g. `mip completions bash > /etc/bash_completion.d/mip`).
@@ -105,6 +111,7 @@ fn main() {
         Command::BenchCluster(a) => bench_cluster::run(a),
         Command::Model(c) => model::run(c),
         Command::Serve(c) => serve::run(c, v),
+        Command::Config(c) => config_cmd::run(c),
         Command::Workers(a) => workers::run(a),
         Command::Completions(a) => {
             clap_complete::generate(

@@ -43,6 +43,10 @@ pub struct CoordinatorArgs {
     /// Bearer tokens of the public API, one per line (`#` comments); unset: no authentication.
     #[arg(long)]
     tokens_file: Option<String>,
+    /// Load and validate the configuration (defaults, file, environment, flags) with the service's own loader,
+    /// report the first problem or that it is valid, and exit without serving.
+    #[arg(long)]
+    check_config: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -65,6 +69,10 @@ pub struct WorkerArgs {
     /// The weights' precision.
     #[arg(long, value_parser = crate::device::DTYPES)]
     dtype: Option<String>,
+    /// Load and validate the configuration (defaults, file, environment, flags) with the service's own loader,
+    /// report the first problem or that it is valid, and exit without serving.
+    #[arg(long)]
+    check_config: bool,
 }
 
 pub fn run(cmd: Command, v: Verbosity) -> Result<()> {
@@ -122,11 +130,16 @@ fn run_coordinator(a: CoordinatorArgs, v: Verbosity) -> Result<()> {
         config.coordinator.workers = a.workers.iter().filter(|w| !w.trim().is_empty()).cloned().collect();
     }
     config.validate()?;
+    if a.check_config {
+        println!("coordinator configuration is valid");
+        return Ok(());
+    }
     let telemetry = TelemetryConfig {
         otlp_endpoint: Some(config.telemetry.otlp_endpoint.clone()).filter(|e| !e.is_empty()),
         sample_ratio: config.telemetry.sample_ratio,
         service_name: "mip-coordinator".into(),
         log_filter: v.filter(),
+        log_format: v.log_format_or(config.telemetry.log_format),
     };
     let listen = config.server.listen.clone();
     let c = &config.coordinator;
@@ -155,15 +168,25 @@ fn run_worker(a: WorkerArgs, v: Verbosity) -> Result<()> {
     ]);
     let mut config = WorkerConfig::load(a.config.as_deref(), true, &flags)?;
     if config.model.path == "demo" {
-        let (_, dir) = crate::model::resolve("demo")?;
+        // A check only needs the path; serving writes the demo model there first when it is missing.
+        let dir = if a.check_config {
+            crate::model::demo_dir()
+        } else {
+            crate::model::resolve("demo")?.1
+        };
         config.model.path = dir.display().to_string();
     }
     config.validate()?;
+    if a.check_config {
+        println!("worker configuration is valid");
+        return Ok(());
+    }
     let telemetry = TelemetryConfig {
         otlp_endpoint: Some(config.telemetry.otlp_endpoint.clone()).filter(|e| !e.is_empty()),
         sample_ratio: config.telemetry.sample_ratio,
         service_name: "mip-worker".into(),
         log_filter: v.filter(),
+        log_format: v.log_format_or(config.telemetry.log_format),
     };
     let listen = config.server.listen.clone();
     let describe = format!("model {}", config.model.path);

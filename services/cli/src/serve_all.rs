@@ -10,7 +10,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use mip_common::telemetry::{TelemetryConfig, TelemetryGuard};
+use mip_common::telemetry::{LogFormat, TelemetryConfig, TelemetryGuard};
 use mip_coordinator::config::CoordinatorConfig;
 use mip_worker::config::WorkerConfig;
 use serde::{Deserialize, Serialize};
@@ -41,10 +41,14 @@ pub struct Args {
     /// The weights' precision.
     #[arg(long, value_parser = crate::device::DTYPES)]
     dtype: Option<String>,
+    /// Load and validate the configuration (defaults, file, environment, flags) with the service's own loader,
+    /// report the first problem or that it is valid, and exit without serving.
+    #[arg(long)]
+    check_config: bool,
 }
 
 /// The file shape of `serve all`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct AllConfig {
     pub coordinator: CoordinatorConfig,
@@ -59,6 +63,7 @@ pub fn init_logs(v: Verbosity, service: &str) -> Result<TelemetryGuard> {
         sample_ratio: 1.0,
         service_name: service.into(),
         log_filter,
+        log_format: v.log_format_or(LogFormat::Text),
     })
 }
 
@@ -80,7 +85,12 @@ fn load(a: &Args) -> Result<AllConfig> {
     .collect();
     let mut config: AllConfig = mip_common::config::load(a.config.as_deref(), true, &flags)?;
     if config.worker.model.path == "demo" {
-        let (_, dir) = crate::model::resolve("demo")?;
+        // A check only needs the path; serving writes the demo model there first when it is missing.
+        let dir = if a.check_config {
+            crate::model::demo_dir()
+        } else {
+            crate::model::resolve("demo")?.1
+        };
         config.worker.model.path = dir.display().to_string();
     }
     Ok(config)
@@ -96,6 +106,10 @@ pub fn run(a: Args, v: Verbosity) -> Result<()> {
     let mut probe = config.coordinator.clone();
     probe.coordinator.workers = vec!["http://127.0.0.1:1".into()];
     probe.validate()?;
+    if a.check_config {
+        println!("configuration is valid (coordinator and worker)");
+        return Ok(());
+    }
     let rt = crate::client::runtime()?;
     rt.block_on(async move {
         let guard = init_logs(v, "mip-all")?;

@@ -1,5 +1,9 @@
-//! `-v` / `-vv` / `-vvv` and `-q`, global to every subcommand: the level of the logs on stderr (`RUST_LOG`, when
-//! set, wins). Services log warnings and errors by default; client commands log nothing unless asked with `-v`.
+//! `-v` / `-vv` / `-vvv`, `-q` and `--log-format text|json`, global to every subcommand: the level and shape of the
+//! logs on stderr (`RUST_LOG`, when set, wins over the level). Services log warnings and errors by default; client
+//! commands log nothing unless asked with `-v`.
+
+use clap::builder::TypedValueParser as _;
+use mip_common::telemetry::LogFormat;
 
 /// The log verbosity flags.
 #[derive(Debug, Clone, Copy, Default, clap::Args)]
@@ -10,6 +14,10 @@ pub struct Verbosity {
     /// Errors only on stderr.
     #[arg(short, long, global = true, conflicts_with = "verbose")]
     quiet: bool,
+    /// Log lines as text, or as one JSON object per line (services: overrides `telemetry.log_format`).
+    #[arg(long, global = true,
+        value_parser = clap::builder::PossibleValuesParser::new(["text", "json"]).try_map(|s| s.parse::<LogFormat>()))]
+    log_format: Option<LogFormat>,
 }
 
 impl Verbosity {
@@ -29,6 +37,16 @@ impl Verbosity {
     /// The `tracing` filter: `RUST_LOG` when set, else [`level`](Self::level).
     pub fn filter(self) -> String {
         std::env::var("RUST_LOG").unwrap_or_else(|_| self.level().to_owned())
+    }
+
+    /// `--log-format`, else `configured`.
+    pub fn log_format_or(self, configured: LogFormat) -> LogFormat {
+        self.log_format.unwrap_or(configured)
+    }
+
+    /// `--log-format`, else text.
+    pub fn log_format(self) -> LogFormat {
+        self.log_format_or(LogFormat::Text)
     }
 
     /// Whether a client command should log at all (`-v` or more given).

@@ -51,9 +51,39 @@ pub fn extract(metadata: &MetadataMap) -> Context {
     opentelemetry::global::get_text_map_propagator(|p| p.extract_with_context(&empty, &MetadataExtractor(metadata)))
 }
 
+/// The remote context in HTTP request headers (what a tower layer in front of a gRPC server sees).
+pub fn extract_headers(headers: &http::HeaderMap) -> Context {
+    extract(&MetadataMap::from_headers(headers.clone()))
+}
+
 /// Writes `cx` into `metadata` with the global propagator.
 pub fn inject(cx: &Context, metadata: &mut MetadataMap) {
     opentelemetry::global::get_text_map_propagator(|p| p.inject_context(cx, &mut MetadataInjector(metadata)));
+}
+
+/// The trace context a parent process passed in the environment (`TRACEPARENT`, `TRACESTATE`: the convention of
+/// CI systems and other tracing-aware launchers); an empty context when there is none.
+pub fn extract_env() -> Context {
+    let mut md = MetadataMap::new();
+    for (var, key) in [("TRACEPARENT", "traceparent"), ("TRACESTATE", "tracestate")] {
+        if let Some(v) = std::env::var(var).ok().and_then(|v| MetadataValue::try_from(v).ok()) {
+            md.insert(key, v);
+        }
+    }
+    extract(&md)
+}
+
+/// Makes `span` a child of `cx` when `cx` carries a span (nothing happens without an OpenTelemetry layer).
+pub fn set_parent(span: &tracing::Span, cx: Context) {
+    if opentelemetry::trace::TraceContextExt::has_active_span(&cx) {
+        // Errors here only mean "no OpenTelemetry layer" or "span disabled": nothing to link.
+        let _ = span.set_parent(cx);
+    }
+}
+
+/// Writes the current `tracing` span's trace context into `metadata` (for interceptors of other crates).
+pub fn inject_current(metadata: &mut MetadataMap) {
+    inject(&tracing::Span::current().context(), metadata);
 }
 
 /// Makes `span` a child of the trace context carried by `metadata`.
@@ -61,11 +91,7 @@ pub fn inject(cx: &Context, metadata: &mut MetadataMap) {
 /// Call it before the span is first used for tracing context. It does nothing when the metadata carries no context,
 /// when no OpenTelemetry layer is installed (no OTLP endpoint), or when the span is disabled by the filter.
 pub fn set_parent_from(span: &tracing::Span, metadata: &MetadataMap) {
-    let cx = extract(metadata);
-    if opentelemetry::trace::TraceContextExt::has_active_span(&cx) {
-        // Errors here only mean "no OpenTelemetry layer" or "span disabled": nothing to link.
-        let _ = span.set_parent(cx);
-    }
+    set_parent(span, extract(metadata));
 }
 
 /// Client interceptor: injects the current `tracing` span's trace context into every outgoing request.
@@ -74,7 +100,7 @@ pub struct TraceInterceptor;
 
 impl Interceptor for TraceInterceptor {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        inject(&tracing::Span::current().context(), request.metadata_mut());
+        inject_current(request.metadata_mut());
         Ok(request)
     }
 }

@@ -1,7 +1,7 @@
 //! Process-wide telemetry: logs and, optionally, distributed traces.
 //!
-//! [`init`] installs a `tracing` subscriber made of a human-readable `fmt` layer on stderr behind the env-filter of
-//! [`TelemetryConfig::log_filter`] and, when [`TelemetryConfig::otlp_endpoint`] is set, a `tracing-opentelemetry`
+//! [`init`] installs a `tracing` subscriber made of an `fmt` layer on stderr (human-readable, or one JSON object per
+//! line with [`LogFormat::Json`]) behind the env-filter of [`TelemetryConfig::log_filter`] and, when [`TelemetryConfig::otlp_endpoint`] is set, a `tracing-opentelemetry`
 //! layer that exports spans over OTLP/gRPC (batch span processor, parent-based trace-id-ratio sampler) behind a
 //! filter of its own: every INFO span is exported whatever the log level. The W3C TraceContext propagator is always set as
 //! the global propagator, so [`crate::propagation`] carries `traceparent` across gRPC hops.
@@ -30,9 +30,32 @@ use tracing_subscriber::Layer as _;
 /// The spans exported over OTLP: every span at INFO or above, whatever the log filter says.
 const SPAN_LEVEL: LevelFilter = LevelFilter::INFO;
 
+/// How logs are written on stderr.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per event (`timestamp`, `level`, `fields`, `target`, `span`), for log collectors.
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "text" => Ok(Self::Text),
+            "json" => Ok(Self::Json),
+            other => Err(format!("log format must be `text` or `json`, got {other:?}")),
+        }
+    }
+}
+
 /// The `telemetry` section of a service's config file (worker and coordinator alike): trace export and the
 /// Prometheus endpoint. [`TelemetryConfig`] is what [`init`] takes, built from it by the service.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetrySection {
     /// OTLP gRPC endpoint; empty = no export.
@@ -40,6 +63,8 @@ pub struct TelemetrySection {
     pub sample_ratio: f64,
     /// `host:port` of `GET /metrics`; empty = not served.
     pub metrics_listen: String,
+    /// `text` or `json` (`--log-format` wins).
+    pub log_format: LogFormat,
 }
 
 impl Default for TelemetrySection {
@@ -48,6 +73,7 @@ impl Default for TelemetrySection {
             otlp_endpoint: String::new(),
             sample_ratio: 1.0,
             metrics_listen: String::new(),
+            log_format: LogFormat::Text,
         }
     }
 }
@@ -64,6 +90,8 @@ pub struct TelemetryConfig {
     pub service_name: String,
     /// `tracing-subscriber` env-filter directives, e.g. `info,mip_worker=debug`.
     pub log_filter: String,
+    /// Text or JSON lines on stderr.
+    pub log_format: LogFormat,
 }
 
 impl Default for TelemetryConfig {
@@ -73,6 +101,7 @@ impl Default for TelemetryConfig {
             sample_ratio: 1.0,
             service_name: "mip".to_owned(),
             log_filter: "info".to_owned(),
+            log_format: LogFormat::Text,
         }
     }
 }
@@ -151,9 +180,19 @@ pub fn init(cfg: &TelemetryConfig) -> anyhow::Result<TelemetryGuard> {
             .with_tracer(p.tracer(cfg.service_name.clone()))
             .with_filter(SPAN_LEVEL)
     });
-    let fmt_layer = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_filter(filter);
+    let fmt_layer = match cfg.log_format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_writer(std::io::stderr)
+            .with_filter(filter)
+            .boxed(),
+    };
     let installed = tracing_subscriber::registry()
         .with(fmt_layer)
         .with(otel_layer)

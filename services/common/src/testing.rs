@@ -1,8 +1,10 @@
 //! Test support for other crates' tests (feature `testing`): a throwaway `redis-server`, started from `PATH` on a
-//! free 127.0.0.1 port with persistence off, and killed on drop. It can be stopped and restarted on the same port, or frozen (SIGSTOP) to play a slow Redis.
+//! free 127.0.0.1 port with persistence off, and killed on drop. It can be stopped and restarted on the same port, or
+//! frozen (SIGSTOP) to play a slow Redis. [`RedisServer::start_tls`] also serves TLS on a second port.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -13,20 +15,47 @@ const START_TIMEOUT: Duration = Duration::from_secs(5);
 /// A running (or stopped) `redis-server` child process.
 pub struct RedisServer {
     port: u16,
+    /// The TLS port and the server's arguments for it, when serving TLS.
+    tls: Option<(u16, Vec<String>)>,
     child: Option<Child>,
 }
 
 impl RedisServer {
     /// Starts a server on a free port and waits until it answers.
     pub fn start() -> Self {
-        // The port is free when probed but may be taken before redis binds it; try a few.
+        Self::start_with(|| None)
+    }
+
+    /// Like [`start`](Self::start), and also serves TLS on a second free port with the certificate and key given
+    /// (PEM; clients need no certificate). The plain port stays open so readiness can be probed.
+    pub fn start_tls(cert: &Path, key: &Path) -> Self {
+        Self::start_with(|| {
+            let port = free_port();
+            let args = [
+                "--tls-port".to_owned(),
+                port.to_string(),
+                "--tls-cert-file".to_owned(),
+                cert.display().to_string(),
+                "--tls-key-file".to_owned(),
+                key.display().to_string(),
+                "--tls-auth-clients".to_owned(),
+                "no".to_owned(),
+            ];
+            Some((port, args.to_vec()))
+        })
+    }
+
+    fn start_with(tls: impl Fn() -> Option<(u16, Vec<String>)>) -> Self {
+        // The ports are free when probed but may be taken before redis binds them; try a few.
         let mut last_err = String::new();
         for _ in 0..3 {
             let port = free_port();
-            match spawn_and_wait(port) {
+            let tls = tls();
+            match spawn_and_wait(port, tls.as_ref().map_or(&[][..], |(_, a)| a)) {
                 Ok(child) => {
                     return Self {
                         port,
+                        tls,
                         child: Some(child),
                     }
                 }
@@ -43,6 +72,11 @@ impl RedisServer {
     /// `redis://127.0.0.1:{port}/`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// `rediss://localhost:{tls port}/` (the test certificates name `localhost`), when started with TLS.
+    pub fn tls_url(&self) -> Option<String> {
+        self.tls.as_ref().map(|(port, _)| format!("rediss://localhost:{port}/"))
     }
 
     /// The process id, while running.
@@ -64,7 +98,7 @@ impl RedisServer {
         // The port was just released; give a lingering bind a few tries.
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            match spawn_and_wait(self.port) {
+            match spawn_and_wait(self.port, self.tls.as_ref().map_or(&[][..], |(_, a)| a)) {
                 Ok(child) => {
                     self.child = Some(child);
                     return;
@@ -108,9 +142,10 @@ fn free_port() -> u16 {
 }
 
 /// Spawns `redis-server` on `port` and waits until it (not another server) answers; on failure the child is reaped.
-fn spawn_and_wait(port: u16) -> Result<Child, String> {
+fn spawn_and_wait(port: u16, extra: &[String]) -> Result<Child, String> {
     let mut child = Command::new("redis-server")
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(extra)
         .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -16,7 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::error::CoordinatorError;
-use crate::service::Coordinator;
+use crate::service::{Caller, Coordinator};
 
 /// Events buffered per WatchJob stream.
 const WATCH_BUFFER: usize = 64;
@@ -41,7 +41,8 @@ fn is_done(e: &JobEvent) -> bool {
 #[tonic::async_trait]
 impl CoordinatorRpc for CoordinatorApi {
     async fn submit_job(&self, r: Request<SubmitJobRequest>) -> Result<Response<Job>, Status> {
-        Ok(Response::new(self.core.submit(r.into_inner()).await?))
+        let caller = Caller::of(r.metadata());
+        Ok(Response::new(self.core.submit_with(r.into_inner(), caller).await?))
     }
 
     type WatchJobStream = EventStream;
@@ -118,8 +119,8 @@ impl CoordinatorRpc for CoordinatorApi {
     }
 
     async fn generate(&self, r: Request<GenerationRequest>) -> Result<Response<GenerateResponse>, Status> {
-        let deadline = mip_common::deadline::grpc_timeout(r.metadata());
-        let (job_id, images) = self.core.generate(r.into_inner(), deadline).await?;
+        let caller = Caller::of(r.metadata());
+        let (job_id, images) = self.core.generate(r.into_inner(), caller).await?;
         Ok(Response::new(GenerateResponse { job_id, images }))
     }
 }

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::CoordinatorError;
 
 /// The whole configuration, section by section.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct CoordinatorConfig {
     pub server: ServerConfig,
@@ -28,7 +28,7 @@ pub struct CoordinatorConfig {
 }
 
 /// `server`: the public gRPC endpoint.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     pub listen: String,
@@ -57,7 +57,7 @@ impl Default for ServerConfig {
 }
 
 /// `server.tls`: PEM files; all empty = plaintext. `client_ca` set = mutual TLS (client certificates signed by it).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsConfig {
     pub cert: String,
@@ -68,7 +68,7 @@ pub struct TlsConfig {
 /// `worker_tls`: how the coordinator reaches its workers; empty `ca` = plaintext. `cert` + `key` = a client identity
 /// for workers that require one; `domain` = the name to verify instead of the URL's host (needed with DNS
 /// discovery, whose URLs hold IP addresses).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerTlsConfig {
     pub ca: String,
@@ -78,7 +78,7 @@ pub struct WorkerTlsConfig {
 }
 
 /// `auth`: bearer tokens of the public API; empty `tokens_file` = no authentication.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// One token per line; blank lines and `#` comments are skipped.
@@ -89,10 +89,13 @@ pub struct AuthConfig {
 pub use mip_common::telemetry::TelemetrySection as TelemetryConfig;
 
 /// `redis`: where job state lives; empty url = memory only (nothing survives a restart).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
+    /// `redis://host:port/db`, or `rediss://` for TLS.
     pub url: String,
+    /// PEM file of the CA that signs a `rediss://` server's certificate; empty = the system's trust roots.
+    pub ca: String,
     /// Lifetime of job state and results.
     pub ttl_seconds: u64,
 }
@@ -101,13 +104,14 @@ impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: String::new(),
+            ca: String::new(),
             ttl_seconds: 24 * 3600,
         }
     }
 }
 
 /// `coordinator`: workers and scheduling limits.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct SchedulingConfig {
     /// Worker URLs (`http://host:port`; a bare `host:port` gets `http://`).
@@ -171,6 +175,8 @@ pub struct ValidConfig {
     pub max_message_bytes: usize,
     pub limits: Limits,
     pub redis_url: Option<String>,
+    /// `redis.ca`: the CA of a `rediss://` server.
+    pub redis_ca: Option<PathBuf>,
     pub ttl: Duration,
     pub workers: Vec<String>,
     /// `(name, port)` of `coordinator.workers_dns`.
@@ -269,12 +275,19 @@ impl CoordinatorConfig {
                 c.watchdog_factor,
             ));
         }
+        let redis_ca = (!self.redis.ca.is_empty()).then(|| PathBuf::from(&self.redis.ca));
+        if !self.redis.url.is_empty() {
+            // A malformed URL or an unreadable CA fails at startup, naming the field.
+            mip_common::redis_client::client(&self.redis.url, redis_ca.as_deref())
+                .map_err(|e| CoordinatorError::invalid("redis", "must name a usable Redis", e))?;
+        }
         let limits = Limits::from_config(&self.limits)?;
         let ms = Duration::from_millis;
         Ok(ValidConfig {
             max_message_bytes: self.server.max_message_bytes,
             limits,
             redis_url: (!self.redis.url.is_empty()).then(|| self.redis.url.clone()),
+            redis_ca,
             ttl: Duration::from_secs(self.redis.ttl_seconds),
             workers,
             workers_dns: transport.workers_dns,

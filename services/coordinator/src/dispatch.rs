@@ -122,7 +122,7 @@ impl Dispatcher {
             first_placed.get_or_insert_with(Instant::now);
             job.started(spec.index, permit.url(), attempt);
             self.writer.persist(&job).await;
-            let span = tracing::info_span!(parent: &job.span, "task", job_id = %job.id, task = index, attempt,
+            let span = tracing::info_span!(parent: &job.span.get(), "task", job_id = %job.id, task = index, attempt,
                 worker = %permit.url());
             let began = Instant::now();
             let result = tokio::select! {

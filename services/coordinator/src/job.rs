@@ -72,6 +72,30 @@ pub struct JobWatch {
     pub moved: Option<watch::Receiver<bool>>,
 }
 
+/// A job's span, held until the job ends rather than until its handle leaves memory: ending it is what exports it,
+/// so a tracing backend sees the whole job within moments of its end.
+pub struct JobSpan(Mutex<Option<tracing::Span>>);
+
+impl JobSpan {
+    pub fn new(span: tracing::Span) -> Self {
+        Self(Mutex::new(Some(span)))
+    }
+
+    /// The span while the job runs; a disabled span once it ended.
+    pub fn get(&self) -> tracing::Span {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .unwrap_or_else(tracing::Span::none)
+    }
+
+    /// Ends the span (it closes once its last child closes).
+    pub fn end(&self) {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).take();
+    }
+}
+
 /// A job being run (or finished) by this coordinator.
 pub struct JobHandle {
     pub id: String,
@@ -80,7 +104,7 @@ pub struct JobHandle {
     /// Tasks not started by then fail with DEADLINE_EXCEEDED (the instant, and the limit in ms for messages).
     pub deadline: Option<(tokio::time::Instant, u64)>,
     /// The job's trace span; task attempts are its children.
-    pub span: tracing::Span,
+    pub span: JobSpan,
     pub record: Record,
     state: Mutex<State>,
     events: broadcast::Sender<JobEvent>,
@@ -196,7 +220,7 @@ impl JobHandle {
             priority: job.priority,
             tasks,
             deadline,
-            span,
+            span: JobSpan::new(span),
             record,
             state: Mutex::new(State {
                 job,
@@ -264,9 +288,11 @@ impl JobHandle {
 
     /// Stops this job's tasks here (another coordinator owns it now, or this one stops) without changing its
     /// state.
+    /// Stops the job's work here (another coordinator owns it now, or this one goes away); its span ends.
     pub fn abandon(&self) {
         self.abandoned.send_replace(true);
         let _ = self.cancel.send(true);
+        self.span.end();
     }
 
     pub fn is_abandoned(&self) -> bool {

@@ -96,12 +96,12 @@ impl Leases {
             match renewal {
                 Renewal::Held => kept.push(job),
                 Renewal::Reclaimed => {
-                    tracing::warn!(parent: &job.span, job_id = %job.id, "job lease lapsed during a store outage; taken back");
+                    tracing::warn!(parent: &job.span.get(), job_id = %job.id, "job lease lapsed during a store outage; taken back");
                     job.mark_dirty();
                     kept.push(job);
                 }
                 Renewal::Lost => {
-                    tracing::warn!(parent: &job.span, job_id = %job.id, "job lease lost: stopping its tasks here");
+                    tracing::warn!(parent: &job.span.get(), job_id = %job.id, "job lease lost: stopping its tasks here");
                     holder.lost(&job);
                 }
             }

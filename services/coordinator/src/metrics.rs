@@ -9,6 +9,7 @@
 //! `mip_coord_jobs_total{status}` (finished jobs), `mip_coord_workers{state}` (healthy / unhealthy) and
 //! `mip_coord_fenced_writes_total` (writes the store refused because another coordinator claimed the job).
 
+use mip_common::request_layer::RequestMetrics;
 use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
 
 /// Every metric of one coordinator; cheap to clone (the families are shared).
@@ -23,6 +24,9 @@ pub struct Metrics {
     pub jobs: IntCounterVec,
     pub workers: IntGaugeVec,
     pub fenced: IntCounter,
+    /// `mip_grpc_requests_total` and `mip_grpc_request_duration_seconds`, recorded by the server's
+    /// [`RequestLayer`](mip_common::request_layer::RequestLayer).
+    pub requests: RequestMetrics,
 }
 
 /// Building the metrics failed (a duplicate name: a programming error, reported rather than panicking).
@@ -96,6 +100,7 @@ impl Metrics {
         registry.register(Box::new(rejected.clone()))?;
         registry.register(Box::new(jobs.clone()))?;
         registry.register(Box::new(workers.clone()))?;
+        let requests = RequestMetrics::register(&registry)?;
         Ok(Self {
             registry,
             queue_depth,
@@ -106,6 +111,7 @@ impl Metrics {
             jobs,
             workers,
             fenced,
+            requests,
         })
     }
 

@@ -25,6 +25,7 @@ use crate::discovery::DnsWorkers;
 use crate::metrics::Metrics;
 use crate::registry::{Registry, RegistryOptions};
 use crate::service::Coordinator;
+use mip_common::request_layer::RequestLayer;
 
 /// Background tasks that stop with the server.
 struct Background {
@@ -62,7 +63,7 @@ pub async fn run(config: CoordinatorConfig, listener: TcpListener, shutdown: imp
         None => None,
     };
     let metrics = Metrics::new()?;
-    let store = crate::store::connect(cfg.redis_url.as_deref(), cfg.ttl)
+    let store = crate::store::connect(cfg.redis_url.as_deref(), cfg.redis_ca.as_deref(), cfg.ttl)
         .await
         .context("connecting the job store (redis.url)")?;
     let registry = Arc::new(Registry::new(
@@ -87,6 +88,7 @@ pub async fn run(config: CoordinatorConfig, listener: TcpListener, shutdown: imp
     let (ping_every, ping_timeout) = cfg.server_keepalive;
     let drain = cfg.drain;
     let auth = BearerAuth::new(tokens, metrics.clone());
+    let requests = RequestLayer::new(metrics.requests.clone());
     let core = Coordinator::new(cfg, registry, store, metrics);
     let (leases_stop, leases_stopped) = oneshot::channel::<()>();
     let leases = tokio::spawn({
@@ -105,7 +107,9 @@ pub async fn run(config: CoordinatorConfig, listener: TcpListener, shutdown: imp
     let api = InterceptedService::new(api, auth);
     let mut builder = Server::builder()
         .http2_keepalive_interval(Some(ping_every))
-        .http2_keepalive_timeout(Some(ping_timeout));
+        .http2_keepalive_timeout(Some(ping_timeout))
+        // Every call's span (a child of the caller's trace) and request metrics, refusals included.
+        .layer(requests);
     if let Some(tls) = server_tls {
         builder = builder.tls_config(tls).context("server.tls configuration")?;
     }

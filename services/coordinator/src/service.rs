@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use mip_proto::v1::{GenerationRequest, Job, JobStatus, ListJobsResponse, SubmitJobRequest, WorkerStatus};
+use opentelemetry::trace::TraceContextExt as _;
 use tokio::sync::broadcast;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::admission;
 use crate::config::ValidConfig;
@@ -65,6 +67,23 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// What a call brings besides its message: the caller's own deadline (a gRPC timeout) and trace context.
+#[derive(Debug, Clone, Default)]
+pub struct Caller {
+    pub deadline: Option<Duration>,
+    pub trace: opentelemetry::Context,
+}
+
+impl Caller {
+    /// The deadline and trace context in a request's metadata.
+    pub fn of(metadata: &tonic::metadata::MetadataMap) -> Self {
+        Self {
+            deadline: mip_common::deadline::grpc_timeout(metadata),
+            trace: mip_common::propagation::extract(metadata),
+        }
+    }
+}
+
 impl Coordinator {
     /// A coordinator with a fresh random instance id. Its leases are kept by [`Leases::run`], which the caller
     /// starts with [`Self::leases`] (the server does, with its shutdown signal).
@@ -111,16 +130,13 @@ impl Coordinator {
 
     /// Validates, stores and starts a job; the same idempotency key returns the first job.
     pub async fn submit(&self, req: SubmitJobRequest) -> Result<Job, CoordinatorError> {
-        self.submit_with(req, None).await
+        self.submit_with(req, Caller::default()).await
     }
 
-    /// [`submit`](Self::submit) with the caller's own deadline (a gRPC timeout): a task's deadline is the earlier
-    /// of it and `deadline_ms`.
-    pub async fn submit_with(
-        &self,
-        req: SubmitJobRequest,
-        rpc_deadline: Option<Duration>,
-    ) -> Result<Job, CoordinatorError> {
+    /// [`submit`](Self::submit) for a caller: a task's deadline is the earlier of the caller's own (a gRPC
+    /// timeout) and `deadline_ms`, and the job's span is a child of the caller's trace context.
+    pub async fn submit_with(&self, req: SubmitJobRequest, caller: Caller) -> Result<Job, CoordinatorError> {
+        let rpc_deadline = caller.deadline;
         let d = &self.inner.dispatcher;
         if self.inner.draining.load(Ordering::SeqCst) {
             d.metrics.reject("draining");
@@ -156,6 +172,10 @@ impl Coordinator {
             eta_ms: d.eta_ms(before),
         };
         let span = tracing::info_span!(parent: None, "job", job_id = %id, tasks = n, priority = req.priority);
+        if caller.trace.has_active_span() {
+            // Fails only without an OpenTelemetry layer (nothing to link then).
+            let _ = span.set_parent(caller.trace);
+        }
         let record = Record {
             fence,
             trace: crate::trace::trace_fields(&span),
@@ -176,7 +196,7 @@ impl Coordinator {
             return Err(e);
         }
         self.keep(job.clone());
-        tracing::info!(parent: &job.span, job_id = %id, tasks = n, "job submitted");
+        tracing::info!(parent: &job.span.get(), job_id = %id, tasks = n, "job submitted");
         for i in 0..n {
             tokio::spawn(d.clone().run_task(job.clone(), i));
         }
@@ -242,7 +262,7 @@ impl Coordinator {
     /// Cancels `j` here (its running tasks stop), persists it and gives its lease up; the job as it is after.
     async fn cancel_handle(&self, j: &JobHandle) -> Job {
         if let Some(job) = j.cancel() {
-            tracing::info!(parent: &j.span, job_id = %j.id, "job cancelled");
+            tracing::info!(parent: &j.span.get(), job_id = %j.id, "job cancelled");
             self.inner.dispatcher.writer.finished(j, &job).await;
             return job;
         }
@@ -264,7 +284,7 @@ impl Coordinator {
         };
         for (job, flagged) in jobs.iter().zip(flags) {
             if flagged && !job.is_finished() {
-                tracing::info!(parent: &job.span, job_id = %job.id, "cancel requested through another replica");
+                tracing::info!(parent: &job.span.get(), job_id = %job.id, "cancel requested through another replica");
                 self.cancel_handle(job).await;
             }
         }
@@ -289,7 +309,7 @@ impl Coordinator {
     pub async fn generate(
         &self,
         req: GenerationRequest,
-        rpc_deadline: Option<Duration>,
+        caller: Caller,
     ) -> Result<(String, Vec<mip_proto::v1::JobImage>), CoordinatorError> {
         let job = self
             .submit_with(
@@ -298,7 +318,7 @@ impl Coordinator {
                     samples: 1,
                     ..Default::default()
                 },
-                rpc_deadline,
+                caller,
             )
             .await?;
         let handle = self
@@ -384,6 +404,7 @@ impl Coordinator {
     /// resumes them at its next scan instead of after the lease lapses; their stored state stays as written.
     pub async fn hand_over(&self) {
         for job in self.running() {
+            tracing::info!(parent: &job.span.get(), job_id = %job.id, "job handed over");
             job.abandon();
             lock(&self.inner.jobs).remove(&job.id);
             if !job.is_dirty() {
@@ -391,7 +412,6 @@ impl Coordinator {
                     tracing::warn!(job_id = %job.id, error = %e, "releasing a handed-over job's lease failed");
                 }
             }
-            tracing::info!(parent: &job.span, job_id = %job.id, "job handed over");
         }
     }
 
@@ -471,10 +491,10 @@ impl LeaseHolder for Coordinator {
         };
         let job = Arc::new(JobHandle::restore(stored.job, stored.images, tasks, span, record));
         let pending = job.pending_tasks();
-        tracing::info!(parent: &job.span, job_id = %id, pending = pending.len(), "job resumed");
+        tracing::info!(parent: &job.span.get(), job_id = %id, pending = pending.len(), "job resumed");
         self.keep(job.clone());
         if self.store().cancel_requested(std::slice::from_ref(&id)).await?.first() == Some(&true) {
-            tracing::info!(parent: &job.span, job_id = %id, "cancel requested through another replica");
+            tracing::info!(parent: &job.span.get(), job_id = %id, "cancel requested through another replica");
             self.cancel_handle(&job).await;
             return Ok(());
         }

@@ -132,7 +132,9 @@ impl JobWriter {
     /// A job ended: persist it, count it and give its lease up.
     pub async fn finished(&self, job: &JobHandle, done: &Job) {
         self.metrics.jobs.with_label_values(&[status_label(done.status)]).inc();
-        tracing::info!(parent: &job.span, job_id = %job.id, status = status_label(done.status), "job ended");
+        tracing::info!(parent: &job.span.get(), job_id = %job.id, status = status_label(done.status), "job ended");
+        // Ending the span exports it now, not when the handle leaves memory.
+        job.span.end();
         self.persist(job).await;
         if job.is_abandoned() {
             return;
@@ -146,7 +148,7 @@ impl JobWriter {
     /// The store refused a write of `job` as fenced: another coordinator owns it.
     fn fenced(&self, job: &JobHandle) {
         self.metrics.fenced.inc();
-        tracing::warn!(parent: &job.span, job_id = %job.id, token = job.record.fence.token,
+        tracing::warn!(parent: &job.span.get(), job_id = %job.id, token = job.record.fence.token,
             "job claimed by another coordinator (fenced write): stopping its tasks here");
         job.abandon();
     }

@@ -1,7 +1,7 @@
 //! The gRPC adapter of `mip.v1.Worker`: per call it reads the deadline (`grpc-timeout`), takes the message, calls
-//! the [`WorkerService`], converts the error through `mip_common::errors::status` and counts the outcome in
-//! `mip_grpc_requests_total`. Each call runs in a span whose parent is the W3C trace context found in the request
-//! metadata, so a job's trace continues from the coordinator into the worker. No domain logic lives here.
+//! the [`WorkerService`] and converts the error through `mip_common::errors::status`. The call's span (a child of
+//! the caller's trace) and its request metrics come from the server's
+//! [`RequestLayer`](mip_common::request_layer::RequestLayer). No domain logic lives here.
 
 use std::pin::Pin;
 
@@ -9,35 +9,20 @@ use futures::{Stream, StreamExt};
 use mip_proto::v1 as pb;
 use mip_proto::v1::worker_server::Worker;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Code, Request, Response, Status};
-use tracing::Instrument;
+use tonic::{Request, Response, Status};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
-use crate::metrics::Metrics;
 use crate::service::{CallContext, WorkerError, WorkerService};
-
-const SERVICE: &str = "mip.v1.Worker";
 
 /// `mip.v1.Worker` over a [`WorkerService`].
 pub struct WorkerApi<S> {
     svc: S,
-    metrics: Metrics,
 }
 
 impl<S: WorkerService> WorkerApi<S> {
-    pub fn new(svc: S, metrics: Metrics) -> Self {
-        Self { svc, metrics }
+    pub fn new(svc: S) -> Self {
+        Self { svc }
     }
-
-    fn observe<T>(&self, method: &str, r: &Result<T, Status>) {
-        observe(&self.metrics, method, r.as_ref().err().map_or(Code::Ok, Status::code));
-    }
-}
-
-fn observe(metrics: &Metrics, method: &str, code: Code) {
-    metrics
-        .grpc_requests
-        .with_label_values(&[SERVICE, method, &format!("{code:?}")])
-        .inc();
 }
 
 /// The status of a service error: its kind's code, its reason in `mip-reason`, its message.
@@ -52,18 +37,6 @@ fn context<T>(req: &Request<T>) -> CallContext {
     }
 }
 
-/// A server span for one call, child of the caller's trace context when the metadata carries one.
-fn call_span<T>(method: &'static str, req: &Request<T>) -> tracing::Span {
-    let span = tracing::info_span!(
-        "mip.v1.Worker",
-        rpc.method = method,
-        otel.kind = "server",
-        task_id = tracing::field::Empty
-    );
-    mip_common::propagation::set_parent_from(&span, req.metadata());
-    span
-}
-
 /// The stream type of `Generate`.
 pub type GenerateStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateEvent, Status>> + Send>>;
 
@@ -74,57 +47,34 @@ impl<S: WorkerService> Worker for WorkerApi<S> {
         request: Request<pb::EncodeSubjectsRequest>,
     ) -> Result<Response<pb::EncodeSubjectsResponse>, Status> {
         let ctx = context(&request);
-        let span = call_span("EncodeSubjects", &request);
-        let r = self
-            .svc
-            .encode_subjects(request.into_inner(), ctx)
-            .instrument(span)
-            .await;
-        let r = r.map(Response::new).map_err(|e| to_status(&e));
-        self.observe("EncodeSubjects", &r);
-        r
+        let r = self.svc.encode_subjects(request.into_inner(), ctx).await;
+        r.map(Response::new).map_err(|e| to_status(&e))
     }
 
     type GenerateStream = GenerateStream;
 
     async fn generate(&self, request: Request<pb::GenerateTask>) -> Result<Response<GenerateStream>, Status> {
         let ctx = context(&request);
-        let span = call_span("Generate", &request);
-        span.record("task_id", request.get_ref().task_id.as_str());
-        let r = self
+        // The call's span is the layer's; the task id is this method's own attribute of it.
+        tracing::Span::current().set_attribute("task_id", request.get_ref().task_id.clone());
+        let events = self
             .svc
             .generate(request.into_inner(), ctx)
-            .instrument(span)
             .await
-            .map_err(|e| to_status(&e));
-        if r.is_err() {
-            self.observe("Generate", &r);
-        }
-        let metrics = self.metrics.clone();
-        let stream = ReceiverStream::new(r?).map(move |item| {
-            let item = item.map_err(|e| to_status(&e));
-            match &item {
-                Err(s) => observe(&metrics, "Generate", s.code()),
-                Ok(pb::GenerateEvent {
-                    event: Some(pb::generate_event::Event::Image(_)),
-                }) => observe(&metrics, "Generate", Code::Ok),
-                Ok(_) => {}
-            }
-            item
-        });
+            .map_err(|e| to_status(&e))?;
+        let stream = ReceiverStream::new(events).map(|item| item.map_err(|e| to_status(&e)));
         Ok(Response::new(Box::pin(stream)))
     }
 
     async fn info(&self, _request: Request<pb::InfoRequest>) -> Result<Response<pb::WorkerInfo>, Status> {
-        let r = Ok(Response::new(self.svc.info()));
-        self.observe("Info", &r);
-        r
+        Ok(Response::new(self.svc.info()))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tonic::Code;
 
     #[test]
     fn errors_keep_kind_and_reason() {

@@ -33,7 +33,7 @@ impl ConfigInvalid {
 }
 
 /// The whole worker configuration, section by section.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerConfig {
     pub server: ServerConfig,
@@ -46,7 +46,7 @@ pub struct WorkerConfig {
 }
 
 /// `server`: the gRPC endpoint.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// Address the CLI binds (tests pass their own listener).
@@ -79,7 +79,7 @@ impl Default for ServerConfig {
 }
 
 /// `server.tls`: PEM files; all empty = plaintext. `client_ca` set = mutual TLS (client certificates signed by it).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsConfig {
     pub cert: String,
@@ -88,11 +88,13 @@ pub struct TlsConfig {
 }
 
 /// `redis`: the shared cache tier.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
-    /// `redis://host:port/db`; empty = memory tier only.
+    /// `redis://host:port/db`, or `rediss://` for TLS; empty = memory tier only.
     pub url: String,
+    /// PEM file of the CA that signs a `rediss://` server's certificate; empty = the system's trust roots.
+    pub ca: String,
     pub ttl_seconds: u64,
     pub timeout_ms: u64,
 }
@@ -101,6 +103,7 @@ impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: String::new(),
+            ca: String::new(),
             ttl_seconds: 7 * 24 * 3600,
             timeout_ms: 250,
         }
@@ -108,7 +111,7 @@ impl Default for RedisConfig {
 }
 
 /// `cache`: the in-process tier.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheSection {
     pub lru_bytes: usize,
@@ -121,7 +124,7 @@ impl Default for CacheSection {
 }
 
 /// `model`: what to load and where.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
     /// A bundle folder (with `mip.json`); `demo` is resolved to a folder by the CLI before the server starts.
@@ -143,7 +146,7 @@ impl Default for ModelConfig {
 }
 
 /// `executor`: the device thread's queue.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ExecutorConfig {
     /// Requests that may wait beyond the one running; more are answered RESOURCE_EXHAUSTED (`queue_full`).
@@ -316,6 +319,12 @@ impl WorkerConfig {
                 format!("{} / {}", r.timeout_ms, r.ttl_seconds),
             ));
         }
+        let redis_ca = (!r.ca.is_empty()).then(|| PathBuf::from(&r.ca));
+        if !r.url.is_empty() {
+            // A malformed URL or an unreadable CA is a startup error, not a silently memory-only cache.
+            mip_common::redis_client::client(&r.url, redis_ca.as_deref())
+                .map_err(|e| ConfigInvalid::new("redis", "must name a usable Redis", e))?;
+        }
         let worker_id = if s.worker_id.is_empty() {
             s.listen.clone()
         } else {
@@ -333,6 +342,7 @@ impl WorkerConfig {
             limits,
             cache: CacheConfig {
                 redis_url: (!r.url.is_empty()).then(|| r.url.clone()),
+                redis_ca,
                 ttl: Duration::from_secs(r.ttl_seconds),
                 redis_timeout: Duration::from_millis(r.timeout_ms),
                 lru_bytes: self.cache.lru_bytes,

@@ -2,6 +2,7 @@
 //! workers can live in one process (tests) and the registry can be served by any HTTP endpoint
 //! ([`Metrics::render`] gives the text format).
 
+use mip_common::request_layer::RequestMetrics;
 use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 /// Every metric of one worker.
@@ -24,8 +25,9 @@ pub struct Metrics {
     pub rejected: IntCounterVec,
     /// `mip_errors_total{reason}`: failures by reason (invalid_argument, device_error, …).
     pub errors: IntCounterVec,
-    /// `mip_grpc_requests_total{service,method,code}`.
-    pub grpc_requests: IntCounterVec,
+    /// `mip_grpc_requests_total` and `mip_grpc_request_duration_seconds` (`{grpc_service, method, code}`),
+    /// recorded by the server's [`RequestLayer`](mip_common::request_layer::RequestLayer).
+    pub requests: RequestMetrics,
 }
 
 /// Building the metrics failed (a duplicate name: a programming error, reported rather than panicking).
@@ -58,10 +60,6 @@ impl Metrics {
             &["reason"],
         )?;
         let errors = IntCounterVec::new(Opts::new("mip_errors_total", "Failed requests by reason"), &["reason"])?;
-        let grpc_requests = IntCounterVec::new(
-            Opts::new("mip_grpc_requests_total", "gRPC calls by outcome"),
-            &["service", "method", "code"],
-        )?;
         registry.register(Box::new(stage_duration.clone()))?;
         registry.register(Box::new(unet_step.clone()))?;
         registry.register(Box::new(subject_hits.clone()))?;
@@ -70,7 +68,7 @@ impl Metrics {
         registry.register(Box::new(queue_depth.clone()))?;
         registry.register(Box::new(rejected.clone()))?;
         registry.register(Box::new(errors.clone()))?;
-        registry.register(Box::new(grpc_requests.clone()))?;
+        let requests = RequestMetrics::register(&registry)?;
         Ok(Self {
             registry,
             stage_duration,
@@ -81,7 +79,7 @@ impl Metrics {
             queue_depth,
             rejected,
             errors,
-            grpc_requests,
+            requests,
         })
     }
 
@@ -110,15 +108,8 @@ mod tests {
         let m = Metrics::new().expect("metrics");
         m.stage_ms("denoise", 12.0);
         m.subject_hits.with_label_values(&["memory"]).inc();
-        m.grpc_requests
-            .with_label_values(&["mip.v1.Worker", "Info", "OK"])
-            .inc();
         let text = m.render();
-        for name in [
-            "mip_stage_duration_seconds",
-            "mip_subject_cache_hits_total",
-            "mip_grpc_requests_total",
-        ] {
+        for name in ["mip_stage_duration_seconds", "mip_subject_cache_hits_total"] {
             assert!(text.contains(name), "{name} missing in\n{text}");
         }
         assert!(text.contains("tier=\"memory\""), "{text}");

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use mip_common::request_layer::RequestLayer;
 use mip_proto::v1::worker_server::{WorkerServer, SERVICE_NAME};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
@@ -91,11 +92,12 @@ pub async fn run_with(
     let (metrics_stop, metrics_stopped) = watch::channel(false);
     let metrics_task = metrics_listener.map(|l| tokio::spawn(serve_metrics(l, metrics.clone(), metrics_stopped)));
 
-    let api = WorkerServer::new(WorkerApi::new(core.clone(), metrics.clone()))
-        .max_decoding_message_size(cfg.max_message_bytes);
+    let api = WorkerServer::new(WorkerApi::new(core.clone())).max_decoding_message_size(cfg.max_message_bytes);
     let mut builder = Server::builder()
         .http2_keepalive_interval(Some(cfg.keepalive.0))
-        .http2_keepalive_timeout(Some(cfg.keepalive.1));
+        .http2_keepalive_timeout(Some(cfg.keepalive.1))
+        // Every call's span and request metrics; the coordinator's Info polls start no trace of their own.
+        .layer(RequestLayer::new(metrics.requests.clone()).probe("/mip.v1.Worker/Info"));
     if let Some(tls) = tls {
         builder = builder.tls_config(tls).context("server TLS configuration")?;
     }

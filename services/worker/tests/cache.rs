@@ -20,6 +20,7 @@ fn config(url: &str) -> CacheConfig {
         ttl: Duration::from_secs(60),
         redis_timeout: Duration::from_millis(300),
         lru_bytes: 1 << 20,
+        ..CacheConfig::default()
     }
 }
 

@@ -148,9 +148,13 @@ pub trait JobStore: Send + Sync {
 }
 
 /// Connects the store the configuration names: Redis at `url`, or memory.
-pub async fn connect(url: Option<&str>, ttl: Duration) -> Result<std::sync::Arc<dyn JobStore>, CoordinatorError> {
+pub async fn connect(
+    url: Option<&str>,
+    ca: Option<&std::path::Path>,
+    ttl: Duration,
+) -> Result<std::sync::Arc<dyn JobStore>, CoordinatorError> {
     Ok(match url {
-        Some(u) => std::sync::Arc::new(RedisStore::connect(u, ttl).await?),
+        Some(u) => std::sync::Arc::new(RedisStore::connect(u, ca, ttl).await?),
         None => std::sync::Arc::new(MemoryStore::default()),
     })
 }

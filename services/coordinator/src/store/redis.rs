@@ -13,6 +13,7 @@
 //! writes it in full.
 
 use std::collections::{HashMap, HashSet};
+use std::path::Path;
 use std::time::Duration;
 
 use mip_proto::v1::{Job, JobImage, SubmitJobRequest};
@@ -171,10 +172,13 @@ pub struct RedisStore {
 }
 
 impl RedisStore {
-    /// Connects to `url` (bounded by the command timeout).
-    pub async fn connect(url: &str, ttl: Duration) -> Result<Self, CoordinatorError> {
-        let client =
-            redis::Client::open(url).map_err(|e| CoordinatorError::invalid("redis.url", e.to_string(), url))?;
+    /// Connects to `url` (bounded by the command timeout), trusting `ca` for `rediss://` when given.
+    pub async fn connect(url: &str, ca: Option<&Path>, ttl: Duration) -> Result<Self, CoordinatorError> {
+        let client = mip_common::redis_client::client(url, ca)
+            .map_err(|e| CoordinatorError::invalid("redis", "must name a usable Redis", e))?;
+        // One plain connection first, so that a refused handshake (an untrusted certificate, a wrong password) is
+        // reported as itself rather than as the connection manager's timeout.
+        timed(client.get_multiplexed_async_connection()).await?;
         Ok(Self {
             conn: timed(ConnectionManager::new(client)).await?,
             ttl_secs: ttl.as_secs().max(1),

@@ -18,6 +18,7 @@ mod lru;
 mod redis_tier;
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -50,6 +51,8 @@ pub enum CacheTier {
 pub struct CacheConfig {
     /// `redis://host:port/db`; `None` = memory tier only.
     pub redis_url: Option<String>,
+    /// CA (PEM) that signs a `rediss://` server's certificate; `None` = the system's trust roots.
+    pub redis_ca: Option<PathBuf>,
     /// Time to live of Redis entries (whole seconds, at least 1).
     pub ttl: Duration,
     /// Per-operation Redis timeout; a slower Redis counts as an error and the worker goes on without it.
@@ -62,6 +65,7 @@ impl Default for CacheConfig {
     fn default() -> Self {
         Self {
             redis_url: None,
+            redis_ca: None,
             ttl: Duration::from_secs(7 * 24 * 3600),
             redis_timeout: Duration::from_millis(250),
             lru_bytes: 256 << 20,
@@ -133,7 +137,7 @@ impl EmbeddingCache {
     pub async fn connect(cfg: CacheConfig) -> Self {
         let redis = match &cfg.redis_url {
             None => None,
-            Some(url) => match RedisTier::connect(url, cfg.redis_timeout).await {
+            Some(url) => match RedisTier::connect(url, cfg.redis_ca.as_deref(), cfg.redis_timeout).await {
                 Ok(tier) => Some(tier),
                 Err(e) => {
                     tracing::error!(error = %e, "redis disabled");

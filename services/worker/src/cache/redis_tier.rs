@@ -5,6 +5,7 @@
 //! instead of waiting for it.
 
 use std::future::Future;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
@@ -23,8 +24,8 @@ const RECONNECT_TIMEOUT_MIN: Duration = Duration::from_secs(1);
 /// Why a Redis operation did not happen; logged and counted, never returned to a request.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum CacheError {
-    #[error("`redis.url` is not a valid Redis URL: {0}")]
-    Url(#[source] RedisError),
+    #[error(transparent)]
+    Client(#[from] mip_common::redis_client::RedisClientError),
     #[error("redis {op} failed: {source}")]
     Redis {
         op: &'static str,
@@ -57,8 +58,8 @@ pub(crate) struct RedisTier {
 impl RedisTier {
     /// Parses `url` and tries one connection, bounded by `timeout`; when that fails a background task keeps
     /// trying. Fails only on a malformed URL.
-    pub(crate) async fn connect(url: &str, timeout: Duration) -> Result<Arc<Self>, CacheError> {
-        let client = Client::open(url).map_err(CacheError::Url)?;
+    pub(crate) async fn connect(url: &str, ca: Option<&Path>, timeout: Duration) -> Result<Arc<Self>, CacheError> {
+        let client = mip_common::redis_client::client(url, ca)?;
         let tier = Arc::new(Self {
             client,
             timeout,
@@ -177,7 +178,7 @@ impl RedisTier {
 
     /// One connection attempt, bounded by `timeout`.
     async fn open(&self, timeout: Duration) -> Result<MultiplexedConnection, CacheError> {
-        let cfg = AsyncConnectionConfig::new().set_connection_timeout(timeout);
+        let cfg = AsyncConnectionConfig::new().set_connection_timeout(Some(timeout));
         match tokio::time::timeout(timeout, self.client.get_multiplexed_async_connection_with_config(&cfg)).await {
             Ok(Ok(conn)) => Ok(conn),
             Ok(Err(source)) => Err(CacheError::Redis { op: "connect", source }),

@@ -9,10 +9,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
-use rand::{Rng, SeedableRng};
-use rand_distr::{Distribution, Normal};
 
 use crate::error::{ModelError, Result};
+use crate::pipeline::noise::Gaussian;
 
 /// Records the tensors a module asks for, created on first request.
 #[derive(Clone, Default)]
@@ -62,28 +61,21 @@ impl RandomWeights {
     }
 
     fn make(&self, name: &str, shape: &Shape) -> candle_core::Result<Tensor> {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(self.seed ^ fnv1a(name));
+        let mut rng = Gaussian::new(self.seed ^ fnv1a(name));
         let dims = shape.dims();
         let n = shape.elem_count();
         let leaf = name.rsplit('.').next().unwrap_or(name);
         let data: Vec<f32> = if dims.len() >= 2 {
             // Matrices and kernels: variance-preserving normal over the fan-in.
             let fan_in: usize = dims[1..].iter().product::<usize>().max(1);
-            sample(&mut rng, n, 0.0, (1.0 / fan_in as f64).sqrt())
+            rng.sample(n, 0.0, (1.0 / fan_in as f64).sqrt())
         } else if leaf == "weight" {
             // 1-D weights are norm scales.
-            sample(&mut rng, n, 1.0, 0.05)
+            rng.sample(n, 1.0, 0.05)
         } else {
-            sample(&mut rng, n, 0.0, 0.02)
+            rng.sample(n, 0.0, 0.02)
         };
         Tensor::from_vec(data, shape.clone(), &Device::Cpu)
-    }
-}
-
-fn sample(rng: &mut impl Rng, n: usize, mean: f64, std: f64) -> Vec<f32> {
-    match Normal::new(mean, std) {
-        Ok(d) => (0..n).map(|_| d.sample(rng) as f32).collect(),
-        Err(_) => vec![mean as f32; n],
     }
 }
 

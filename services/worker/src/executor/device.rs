@@ -126,7 +126,7 @@ impl Runner {
             Work::Generate { .. } => "generate",
             Work::Stop => "stop",
         };
-        let _span = tracing::info_span!(parent: &job.span, "stage", stage, queue_ms).entered();
+        let _span = tracing::info_span!(parent: &job.span, "stage", otel.name = stage, queue_ms).entered();
         match job.work {
             Work::Subject { images, reply } => {
                 let r = match skip {
@@ -200,12 +200,14 @@ impl Runner {
         let device = p.device().clone();
         let req = work.request;
         let t0 = Instant::now();
+        let text = tracing::info_span!("text_encode").entered();
         let prompt = p.encode_text(&req.prompt)?;
         let negative = match &req.negative_prompt {
             None if p.zeros_for_absent_negative() => p.zero_text(&prompt)?,
             None => self.dev.empty_text.clone(),
             Some(n) => p.encode_text(n)?,
         };
+        drop(text);
         let mut subjects = Vec::with_capacity(work.subjects.len());
         for (tokens, name, name_token_len) in &work.subjects {
             subjects.push(EncodedSubject {

@@ -5,10 +5,9 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use rand::SeedableRng;
-use rand_distr::{Distribution, StandardNormal};
 
 use super::model::{MipPipeline, TextEmbedding};
+use super::noise::Gaussian;
 use super::png::{encode_png, tensor_to_rgb8};
 use super::precision::{vae_uses_tf32, Tf32Scope};
 use super::request::ValidRequest;
@@ -64,11 +63,11 @@ pub struct Generated {
     pub timings: Timings,
 }
 
-/// Standard-normal initial latents (1, C, H/8, W/8) from `seed`, drawn on the CPU so every device agrees.
+/// Standard-normal initial latents (1, C, H/8, W/8) from `seed` ([`Gaussian`]), drawn on the CPU so every device
+/// agrees.
 pub fn initial_noise(seed: u64, channels: usize, height: usize, width: usize) -> Result<Tensor> {
     let (h, w) = (height / 8, width / 8);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let data: Vec<f32> = (0..channels * h * w).map(|_| StandardNormal.sample(&mut rng)).collect();
+    let data = Gaussian::new(seed).sample(channels * h * w, 0.0, 1.0);
     Tensor::from_vec(data, (1, channels, h, w), &Device::Cpu).stage("noise")
 }
 
@@ -303,16 +302,19 @@ impl MipPipeline {
             req.scale,
         )?;
         let noise = initial_noise(req.seed, self.unet_config.in_channels, req.height, req.width)?;
-        let latents = self.denoise(&cond, &noise, req.scheduler, req.steps, req.guidance, &mut |p, _| {
-            on_progress(p)
+        let latents = tracing::info_span!("denoise", steps = req.steps).in_scope(|| {
+            self.denoise(&cond, &noise, req.scheduler, req.steps, req.guidance, &mut |p, _| {
+                on_progress(p)
+            })
         })?;
         timings.denoise_ms = ms(t2);
 
         let t3 = Instant::now();
-        let image = self.decode(&latents)?;
+        let image = tracing::info_span!("vae_decode").in_scope(|| self.decode(&latents))?;
         timings.decode_ms = ms(t3);
 
         let t4 = Instant::now();
+        let _png = tracing::info_span!("png_encode").entered();
         let (rgb, width, height) = tensor_to_rgb8(&image)?;
         let params = vec![
             ("prompt".to_owned(), req.prompt.clone()),

@@ -7,6 +7,7 @@ pub mod image_decode;
 pub mod jpeg;
 pub mod jpeg_idct;
 pub mod model;
+pub mod noise;
 pub mod png;
 pub mod precision;
 pub mod preprocess;

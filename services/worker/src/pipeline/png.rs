@@ -110,7 +110,14 @@ pub fn decode_png_text(bytes: &[u8]) -> Result<Vec<(String, String)>> {
     let bad = |e: png::DecodingError| ModelError::from(InvalidInput::new("png", "must be a valid PNG", e));
     let mut reader = png::Decoder::new(Cursor::new(bytes)).read_info().map_err(bad)?;
     // Text after the image data is only seen once the image is read.
-    let mut buf = vec![0; reader.output_buffer_size()];
+    let size = reader.output_buffer_size().ok_or_else(|| {
+        ModelError::from(InvalidInput::new(
+            "png",
+            "must fit in memory",
+            "the image is too large to decode",
+        ))
+    })?;
+    let mut buf = vec![0; size];
     reader.next_frame(&mut buf).map_err(bad)?;
     reader.finish().map_err(bad)?;
     let info = reader.info();

@@ -244,6 +244,7 @@ fn build_from_vocab(dir: &Path, specials: &SpecialTokens) -> Result<Tokenizer> {
     let mut tokenizer = Tokenizer::new(bpe);
     tokenizer
         .with_normalizer(Some(normalizer))
+        .map_err(|e| load_err(&vocab, e))?
         .with_pre_tokenizer(Some(pre))
         .with_decoder(Some(ByteLevel::new(true, true, true)));
     let mut added: Vec<AddedToken> = Vec::new();
@@ -252,7 +253,7 @@ fn build_from_vocab(dir: &Path, specials: &SpecialTokens) -> Result<Tokenizer> {
             added.push(AddedToken::from(t.clone(), true));
         }
     }
-    tokenizer.add_special_tokens(&added);
+    tokenizer.add_special_tokens(added).map_err(|e| load_err(&vocab, e))?;
     Ok(tokenizer)
 }
 

@@ -19,6 +19,7 @@ use mip_common::errors::Kind;
 use mip_proto::v1 as pb;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 use crate::cache::keys::{pixel_digest, subject_key, text_key};
 use crate::cache::{CacheTier, EmbeddingCache, EntryKind};
@@ -218,6 +219,12 @@ impl WorkerCore {
                 (key, found)
             }
         };
+        let label = match tier {
+            CacheTier::Memory => "memory",
+            CacheTier::Redis => "redis",
+            CacheTier::Miss => "miss",
+        };
+        tracing::Span::current().record("cache_tier", label);
         let tier = match tier {
             CacheTier::Memory => {
                 s.metrics.subject_hits.with_label_values(&["memory"]).inc();
@@ -279,7 +286,9 @@ impl WorkerCore {
         let t0 = std::time::Instant::now();
         let mut resolved = Vec::with_capacity(valid.subjects.len());
         for (i, spec) in valid.subjects.into_iter().enumerate() {
-            resolved.push(self.resolve_subject(i, spec, a).await?);
+            // One span per subject, with the cache tier that answered (memory, redis, or miss: encoded here).
+            let span = tracing::info_span!("subject_encode", subject = i, cache_tier = tracing::field::Empty);
+            resolved.push(self.resolve_subject(i, spec, a).instrument(span).await?);
         }
         let subjects_ms = t0.elapsed().as_secs_f64() * 1e3;
         let t1 = std::time::Instant::now();
