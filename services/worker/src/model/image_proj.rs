@@ -118,12 +118,10 @@ impl ImageProjConfig {
     /// (heads vs dim_head cannot be told apart from shapes).
     pub fn from_adapter(ws: &WeightSet, resampler: Option<ResamplerConfig>) -> ModelResult<Self> {
         let dims = |key: &str| -> ModelResult<Vec<usize>> {
-            ws.peek(key)
-                .map(|t| t.dims().to_vec())
-                .ok_or_else(|| ModelError::MissingKey {
-                    key: key.to_owned(),
-                    file: "adapter".to_owned(),
-                })
+            ws.dims(key).ok_or_else(|| ModelError::MissingKey {
+                key: key.to_owned(),
+                file: "adapter".to_owned(),
+            })
         };
         match ImageProjVariant::detect(ws)? {
             ImageProjVariant::Plain => {

@@ -4,6 +4,7 @@
 pub mod clip;
 pub mod conv;
 pub mod image_proj;
+pub mod lazy_file;
 pub mod norm;
 pub mod unet;
 pub mod vae;

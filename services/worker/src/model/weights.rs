@@ -1,6 +1,9 @@
 //! Strict weight loading: every tensor a module asks for must exist with the right shape, and every tensor in
 //! the checkpoint must be asked for. Stock candle ignores unused keys; this backend records which keys were read
 //! so that a checkpoint that does not match the code is an error naming the key and the file.
+//!
+//! Safetensors files are read one tensor at a time ([`LazyFile`]) when a module asks for the tensor, which is then
+//! converted to the module's dtype and moved to its device: loading never holds a whole file in host memory.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -10,11 +13,35 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
+use super::lazy_file::LazyFile;
 use crate::error::{ModelError, Result};
 
-/// A named set of tensors read from one or more files, held on the CPU until a module asks for them.
+/// Where a tensor's values are: in memory (pickles, generated models), or in a safetensors file, read on demand.
+enum Source {
+    Loaded(Tensor),
+    File(Arc<LazyFile>),
+}
+
+impl Source {
+    fn dims(&self, name: &str) -> Vec<usize> {
+        match self {
+            Self::Loaded(t) => t.dims().to_vec(),
+            Self::File(f) => f.shape(name).map(<[usize]>::to_vec).unwrap_or_default(),
+        }
+    }
+
+    fn tensor(&self, name: &str) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Loaded(t) => Ok(t.clone()),
+            Self::File(f) => f.read(name),
+        }
+    }
+}
+
+/// A named set of tensors from one or more files: pickles held on the CPU, safetensors read when asked for.
 pub struct WeightSet {
-    tensors: HashMap<String, (Tensor, Arc<str>)>,
+    /// Key → (where the values are, the key in that file, the file's name for errors).
+    tensors: HashMap<String, (Source, String, Arc<str>)>,
     used: Mutex<BTreeSet<String>>,
     first_error: Mutex<Option<ModelError>>,
     label: String,
@@ -31,7 +58,7 @@ impl WeightSet {
         }
     }
 
-    /// Reads every tensor of a `.safetensors` file (or of a sharded `.safetensors.index.json`).
+    /// The tensors of a `.safetensors` file (or of a sharded `.safetensors.index.json`), read when asked for.
     pub fn from_safetensors(path: &Path) -> Result<Self> {
         let mut set = Self::empty(path.display().to_string());
         set.add_safetensors(path, "")?;
@@ -47,10 +74,12 @@ impl WeightSet {
             }
             return Ok(());
         }
-        let tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| load_err(path, e))?;
+        let file = Arc::new(LazyFile::open(path).map_err(|e| load_err(path, e))?);
         let origin: Arc<str> = Arc::from(name.as_ref());
-        for (k, t) in tensors {
-            self.tensors.insert(format!("{prefix}{k}"), (t, origin.clone()));
+        for k in file.names() {
+            let source = Source::File(file.clone());
+            self.tensors
+                .insert(format!("{prefix}{k}"), (source, k.clone(), origin.clone()));
         }
         Ok(())
     }
@@ -67,7 +96,8 @@ impl WeightSet {
         }
         let origin: Arc<str> = Arc::from(path.to_string_lossy().as_ref());
         for (k, t) in tensors {
-            self.tensors.insert(format!("{prefix}{k}"), (t, origin.clone()));
+            self.tensors
+                .insert(format!("{prefix}{k}"), (Source::Loaded(t), k, origin.clone()));
         }
         Ok(())
     }
@@ -75,12 +105,14 @@ impl WeightSet {
     /// Inserts one tensor by hand (tests, generated models).
     pub fn insert(&mut self, key: impl Into<String>, tensor: Tensor) {
         let origin: Arc<str> = Arc::from(self.label.as_str());
-        self.tensors.insert(key.into(), (tensor, origin));
+        let key = key.into();
+        self.tensors.insert(key.clone(), (Source::Loaded(tensor), key, origin));
     }
 
     /// Removes one tensor (tests of strict loading).
     pub fn remove(&mut self, key: &str) -> Option<Tensor> {
-        self.tensors.remove(key).map(|(t, _)| t)
+        let (source, name, _) = self.tensors.remove(key)?;
+        source.tensor(&name).ok()
     }
 
     /// The keys held, sorted.
@@ -95,9 +127,15 @@ impl WeightSet {
         self.tensors.contains_key(key)
     }
 
-    /// A tensor by key, if present (does not mark it used).
-    pub fn peek(&self, key: &str) -> Option<&Tensor> {
-        self.tensors.get(key).map(|(t, _)| t)
+    /// A tensor by key, if present and readable (does not mark it used; reads it from its file if need be).
+    pub fn peek(&self, key: &str) -> Option<Tensor> {
+        let (source, name, _) = self.tensors.get(key)?;
+        source.tensor(name).ok()
+    }
+
+    /// A tensor's shape by key, without reading its values.
+    pub fn dims(&self, key: &str) -> Option<Vec<usize>> {
+        self.tensors.get(key).map(|(source, name, _)| source.dims(name))
     }
 
     /// A candle `VarBuilder` over this set that converts to `dtype` and moves to `device` on demand.
@@ -129,7 +167,7 @@ impl WeightSet {
         unused.sort_by(|a, b| a.0.cmp(b.0));
         match unused.first() {
             None => Ok(()),
-            Some((k, (_, file))) => Err(ModelError::UnusedKey {
+            Some((k, (_, _, file))) => Err(ModelError::UnusedKey {
                 key: (*k).clone(),
                 file: file.to_string(),
             }),
@@ -152,19 +190,20 @@ impl WeightSet {
     }
 
     fn fetch(&self, name: &str, shape: Option<&Shape>, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let Some((t, file)) = self.tensors.get(name) else {
+        let Some((source, stored, file)) = self.tensors.get(name) else {
             return Err(self.record(ModelError::MissingKey {
                 key: name.to_owned(),
                 file: self.label.clone(),
             }));
         };
         if let Some(shape) = shape {
-            if t.shape() != shape {
+            let found = source.dims(stored);
+            if found != shape.dims() {
                 return Err(self.record(ModelError::ShapeMismatch {
                     key: name.to_owned(),
                     file: file.to_string(),
                     expected: shape.dims().to_vec(),
-                    found: t.dims().to_vec(),
+                    found,
                 }));
             }
         }
@@ -172,7 +211,8 @@ impl WeightSet {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(name.to_owned());
-        t.to_dtype(dtype)?.to_device(dev)
+        // Read (from the file, for safetensors), convert, move: the stored bytes live only this long.
+        source.tensor(stored)?.to_dtype(dtype)?.to_device(dev)
     }
 }
 

@@ -85,7 +85,7 @@ fn pickle_and_safetensors_agree() {
         assert!(a.keys().iter().any(|k| k.starts_with("image_proj.")), "{stem}");
         assert!(a.keys().iter().any(|k| k.starts_with("ip_adapter.")), "{stem}");
         for k in a.keys() {
-            let c = compare(&k, b.peek(&k).expect("b"), a.peek(&k).expect("a"), Tolerance::Exact);
+            let c = compare(&k, &b.peek(&k).expect("b"), &a.peek(&k).expect("a"), Tolerance::Exact);
             assert!(c.ok, "{stem}: {}", c.line());
         }
     }

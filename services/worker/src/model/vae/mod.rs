@@ -381,7 +381,7 @@ mod tests {
                 .replace(".to_k.", ".key.")
                 .replace(".to_v.", ".value.")
                 .replace(".to_out.0.", ".proj_attn.");
-            legacy.insert(renamed, ws.peek(&key).expect("key").clone());
+            legacy.insert(renamed, ws.peek(&key).expect("key"));
         }
         let legacy = Arc::new(legacy);
         let cfg = VaeConfig::from_file(&vae_dir().join("config.json")).expect("cfg");
@@ -408,7 +408,7 @@ mod tests {
         let ws = fixture_set();
         let mut missing = WeightSet::empty("mem");
         for key in ws.keys().into_iter().filter(|k| k != "encoder.conv_in.bias") {
-            missing.insert(key.clone(), ws.peek(&key).expect("key").clone());
+            missing.insert(key.clone(), ws.peek(&key).expect("key"));
         }
         missing.insert(
             "extra.weight",

@@ -92,7 +92,7 @@ fn adapter_formats_agree(st: &Path, bin: &Path, name: &str) -> Check {
     let mut worst = Check::equal(&check_name, &0, &0);
     for k in a.keys() {
         if let (Some(x), Some(y)) = (a.peek(&k), b.peek(&k)) {
-            let c = compare(&check_name, x, y, Tolerance::Exact);
+            let c = compare(&check_name, &x, &y, Tolerance::Exact);
             if !c.ok || c.max_abs > worst.max_abs {
                 worst = c;
             }
