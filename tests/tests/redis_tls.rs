@@ -9,12 +9,19 @@ use mip_coordinator::store::RedisStore;
 use mip_proto::v1::JobStatus;
 use mip_tests::*;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn coordinator_and_worker_keep_their_state_in_a_tls_redis() {
+/// A redis-server serving TLS with a certificate of a fresh test CA; the folder holding the PKI, the PKI, the
+/// server and its `rediss://` URL.
+fn tls_redis() -> (tempfile::TempDir, TestPki, RedisServer, String) {
     let dir = tempfile::tempdir().expect("tmp");
     let pki = TestPki::generate(dir.path()).expect("pki");
     let redis = RedisServer::start_tls(&pki.server_cert, &pki.server_key);
     let tls_url = redis.tls_url().expect("tls url");
+    (dir, pki, redis, tls_url)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn coordinator_and_worker_keep_their_state_in_a_tls_redis() {
+    let (_dir, pki, redis, tls_url) = tls_redis();
     let ca = path_str(&pki.ca_cert);
 
     let ws = workers_with(1, |c| {
@@ -47,10 +54,7 @@ async fn coordinator_and_worker_keep_their_state_in_a_tls_redis() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_untrusted_certificate_or_a_ca_with_a_plain_url_is_refused() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let pki = TestPki::generate(dir.path()).expect("pki");
-    let redis = RedisServer::start_tls(&pki.server_cert, &pki.server_key);
-    let tls_url = redis.tls_url().expect("tls url");
+    let (_dir, pki, redis, tls_url) = tls_redis();
     let ttl = Duration::from_secs(60);
 
     // The system's trust roots do not include the test CA.

@@ -43,6 +43,16 @@ pub fn demo_dir() -> PathBuf {
         .join(format!("demo-v{}", mip_worker::demo::DEMO_VERSION))
 }
 
+/// The folder a config's `model.path: demo` stands for. Serving (`write`) writes the demo model there first when it
+/// is missing; a configuration check only needs the path.
+pub fn demo_path(write: bool) -> Result<PathBuf> {
+    if write {
+        Ok(resolve("demo")?.1)
+    } else {
+        Ok(demo_dir())
+    }
+}
+
 /// Resolves `--model`: `demo` (written on first use) or a bundle folder with `mip.json`.
 pub fn resolve(model: &str) -> Result<(ModelSpec, PathBuf)> {
     let dir = if model == "demo" {

@@ -168,12 +168,7 @@ fn run_worker(a: WorkerArgs, v: Verbosity) -> Result<()> {
     ]);
     let mut config = WorkerConfig::load(a.config.as_deref(), true, &flags)?;
     if config.model.path == "demo" {
-        // A check only needs the path; serving writes the demo model there first when it is missing.
-        let dir = if a.check_config {
-            crate::model::demo_dir()
-        } else {
-            crate::model::resolve("demo")?.1
-        };
+        let dir = crate::model::demo_path(!a.check_config)?;
         config.model.path = dir.display().to_string();
     }
     config.validate()?;

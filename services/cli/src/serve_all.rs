@@ -10,7 +10,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use mip_common::telemetry::{LogFormat, TelemetryConfig, TelemetryGuard};
+use mip_common::telemetry::{TelemetryConfig, TelemetryGuard};
 use mip_coordinator::config::CoordinatorConfig;
 use mip_worker::config::WorkerConfig;
 use serde::{Deserialize, Serialize};
@@ -63,7 +63,7 @@ pub fn init_logs(v: Verbosity, service: &str) -> Result<TelemetryGuard> {
         sample_ratio: 1.0,
         service_name: service.into(),
         log_filter,
-        log_format: v.log_format_or(LogFormat::Text),
+        log_format: v.log_format(),
     })
 }
 
@@ -85,12 +85,7 @@ fn load(a: &Args) -> Result<AllConfig> {
     .collect();
     let mut config: AllConfig = mip_common::config::load(a.config.as_deref(), true, &flags)?;
     if config.worker.model.path == "demo" {
-        // A check only needs the path; serving writes the demo model there first when it is missing.
-        let dir = if a.check_config {
-            crate::model::demo_dir()
-        } else {
-            crate::model::resolve("demo")?.1
-        };
+        let dir = crate::model::demo_path(!a.check_config)?;
         config.worker.model.path = dir.display().to_string();
     }
     Ok(config)

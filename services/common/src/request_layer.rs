@@ -23,7 +23,6 @@ use http_body::{Body, Frame, SizeHint};
 use opentelemetry::trace::TraceContextExt as _;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use tonic::Code;
-use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 /// Services whose calls are probes: traced only under a caller's trace.
 const PROBE_SERVICES: [&str; 3] = [
@@ -171,10 +170,7 @@ where
                 rpc.grpc.status_code = tracing::field::Empty,
                 otel.status_code = tracing::field::Empty,
             );
-            if parent.has_active_span() {
-                // Fails only without an OpenTelemetry layer (nothing to link then).
-                let _ = span.set_parent(parent);
-            }
+            crate::propagation::set_parent(&span, parent);
             span
         };
         let call = Call {

@@ -11,9 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use mip_proto::v1::{GenerationRequest, Job, JobStatus, ListJobsResponse, SubmitJobRequest, WorkerStatus};
-use opentelemetry::trace::TraceContextExt as _;
 use tokio::sync::broadcast;
-use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::admission;
 use crate::config::ValidConfig;
@@ -172,10 +170,7 @@ impl Coordinator {
             eta_ms: d.eta_ms(before),
         };
         let span = tracing::info_span!(parent: None, "job", job_id = %id, tasks = n, priority = req.priority);
-        if caller.trace.has_active_span() {
-            // Fails only without an OpenTelemetry layer (nothing to link then).
-            let _ = span.set_parent(caller.trace);
-        }
+        mip_common::propagation::set_parent(&span, caller.trace);
         let record = Record {
             fence,
             trace: crate::trace::trace_fields(&span),

@@ -219,26 +219,17 @@ impl WorkerCore {
                 (key, found)
             }
         };
-        let label = match tier {
-            CacheTier::Memory => "memory",
-            CacheTier::Redis => "redis",
-            CacheTier::Miss => "miss",
+        let (label, tier) = match tier {
+            CacheTier::Memory => ("memory", pb::CacheTier::Memory),
+            CacheTier::Redis => ("redis", pb::CacheTier::Redis),
+            CacheTier::Miss => ("miss", pb::CacheTier::Miss),
         };
         tracing::Span::current().record("cache_tier", label);
-        let tier = match tier {
-            CacheTier::Memory => {
-                s.metrics.subject_hits.with_label_values(&["memory"]).inc();
-                pb::CacheTier::Memory
-            }
-            CacheTier::Redis => {
-                s.metrics.subject_hits.with_label_values(&["redis"]).inc();
-                pb::CacheTier::Redis
-            }
-            CacheTier::Miss => {
-                s.metrics.subject_misses.inc();
-                pb::CacheTier::Miss
-            }
-        };
+        if tier == pb::CacheTier::Miss {
+            s.metrics.subject_misses.inc();
+        } else {
+            s.metrics.subject_hits.with_label_values(&[label]).inc();
+        }
         Ok(Resolved {
             proto: pb::EncodedSubject {
                 name: spec.name,
