@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use mip_worker::pipeline::generate::initial_noise;
+use mip_worker::pipeline::vae_tiling::VaeTiling;
 use mip_worker::pipeline::{EncodedSubject, GenerateRequest, MipPipeline, ModelSpec, SubjectRequest};
 use serde_json::json;
 
@@ -41,6 +42,21 @@ pub struct Args {
     /// With --sdxl: tiny models of the same layout (for CPU runs).
     #[arg(long, requires = "sdxl")]
     tiny: bool,
+    /// One cold start instead of repeated timings: the load per component (time, weights, peak host RSS), then
+    /// the first image stage by stage (time, peak host RSS) and the first-image latency. Use with --model DIR
+    /// (e.g. from `mip model random`), --size and --steps.
+    #[arg(long, conflicts_with = "sdxl")]
+    cold: bool,
+    /// VAE tiling for the run: auto (when a whole decode would not fit the free memory), always or never.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "always", "never"])]
+    vae_tiling: String,
+    /// Largest VAE tile in image pixels (0 = the VAE config's sample_size).
+    #[arg(long, default_value_t = 0)]
+    vae_tile_px: usize,
+    /// With --cold: also decode one random latent of this image size (WxH) whole and in tiles of half its side,
+    /// and report the difference.
+    #[arg(long, value_parser = crate::device::size_arg, requires = "cold")]
+    tiling_check: Option<String>,
 }
 
 struct Stage {
@@ -94,8 +110,28 @@ pub fn run(args: Args) -> Result<()> {
         Some(s) => parse_size(s)?,
         None => spec.default_size.map(|[w, h]| (w, h)).unwrap_or((1024, 1024)),
     };
+    let vae_tiling = VaeTiling {
+        mode: args.vae_tiling.parse().map_err(anyhow::Error::msg)?,
+        tile_px: (args.vae_tile_px != 0).then_some(args.vae_tile_px),
+        budget_bytes: None,
+    };
+    if args.cold {
+        let a = crate::bench_cold::ColdArgs {
+            spec,
+            device,
+            dtype,
+            size: (width, height),
+            steps: args.steps,
+            subjects: args.subjects,
+            vae_tiling,
+            tiling_check: args.tiling_check.as_deref().map(parse_size).transpose()?,
+        };
+        let out = crate::bench_cold::run(&a)?;
+        return print_cold(&out, args.json);
+    }
     let t_load = Instant::now();
-    let p = MipPipeline::load(&spec, &device, dtype)?;
+    let mut p = MipPipeline::load(&spec, &device, dtype)?;
+    p.vae_tiling = vae_tiling;
     let load_ms = t_load.elapsed().as_secs_f64() * 1e3;
     let names = ["cat", "jacket", "dog", "hat", "car", "tree", "cup", "lamp"];
     let image = mip_worker::demo::example_image(0);
@@ -199,6 +235,51 @@ pub fn run(args: Args) -> Result<()> {
         for s in &stages {
             println!("{:<42} {:>12.2} {:>12.2}", s.name, s.median(), s.min());
         }
+    }
+    Ok(())
+}
+
+/// Prints a `--cold` result as JSON or as tables.
+fn print_cold(out: &serde_json::Value, as_json: bool) -> Result<()> {
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(out)?);
+        return Ok(());
+    }
+    let f = |v: &serde_json::Value| v.as_f64().map_or("-".to_owned(), |x| format!("{x:.3}"));
+    let g = |v: &serde_json::Value| v.as_f64().map_or("-".to_owned(), |x| format!("{:.3}", x / 1e9));
+    println!(
+        "{:<16} {:>10} {:>12} {:>14} {:>14}",
+        "component", "load s", "weights GB", "peak RSS GB", "RSS after GB"
+    );
+    for c in out["load"].as_array().into_iter().flatten() {
+        let name = c["component"].as_str().unwrap_or("");
+        let (s, w) = (f(&c["seconds"]), g(&c["weight_bytes"]));
+        let (p, a) = (g(&c["peak_rss_bytes"]), g(&c["rss_after_bytes"]));
+        println!("{name:<16} {s:>10} {w:>12} {p:>14} {a:>14}");
+    }
+    println!(
+        "load {} s, weights {} GB, peak RSS {} GB ({}x the weights)",
+        f(&out["load_seconds"]),
+        g(&out["weight_bytes"]),
+        g(&out["load_peak_rss_bytes"]),
+        f(&out["load_peak_over_weights"])
+    );
+    println!("{:<16} {:>10} {:>14}", "stage", "seconds", "peak RSS GB");
+    for r in out["first_image"].as_array().into_iter().flatten() {
+        let name = r["stage"].as_str().unwrap_or("");
+        println!("{name:<16} {:>10} {:>14}", f(&r["seconds"]), g(&r["peak_rss_bytes"]));
+    }
+    println!(
+        "first image ({}, {} steps, {} subjects) {} s after start; VAE tile {} (whole decode estimate {} GB)",
+        out["size"].as_str().unwrap_or(""),
+        out["steps"],
+        out["subjects"],
+        f(&out["first_image_seconds"]),
+        out["vae_tile"],
+        g(&out["vae_untiled_estimate_bytes"])
+    );
+    if let Some(t) = out.get("tiling_check") {
+        println!("tiling check: {t}");
     }
     Ok(())
 }

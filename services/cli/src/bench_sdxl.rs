@@ -229,7 +229,7 @@ pub fn run(a: &SdxlArgs) -> Result<Value> {
     } else {
         drop(vae);
         let vae = AutoencoderKL::new(vb.clone().set_dtype(vae_dt), &vae_cfg)?;
-        let ms = median_ms(dev, a.iters, || Ok(decode_latents(&vae, &z, dt)?))?;
+        let ms = median_ms(dev, a.iters, || Ok(decode_latents(&vae, &z, dt, None)?))?;
         out.insert(
             format!("vae_decode_ms_1img_{vae_dt:?}_pipeline").to_lowercase(),
             json!(ms),
@@ -256,7 +256,7 @@ pub fn run(a: &SdxlArgs) -> Result<Value> {
             .stage("unet")
     };
     let latents = denoise_with(&mut step, &sampling, &noise, &mut |_, _| true)?;
-    decode_latents(&pipeline_vae, &latents, dt)?;
+    decode_latents(&pipeline_vae, &latents, dt, None)?;
     dev.synchronize()?;
     out.insert(
         format!("whole_image_ms_{}steps_measured", a.steps),

@@ -18,6 +18,7 @@
 mod bench;
 mod bench_blocks;
 mod bench_cluster;
+mod bench_cold;
 mod bench_ops;
 mod bench_sdxl;
 mod client;

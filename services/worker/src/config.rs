@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cache::CacheConfig;
 use crate::limits::{Limits, LimitsConfig};
+use crate::pipeline::vae_tiling::{TilingMode, VaeTiling};
 
 /// A configuration value that breaks a rule; names the field, the rule and the value.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -133,6 +134,13 @@ pub struct ModelConfig {
     pub device: String,
     /// `f32`, `f16` or `bf16`.
     pub dtype: String,
+    /// VAE decode in overlapping tiles: `auto` (when a whole decode would not fit `vae_budget_mb` or the device's
+    /// free memory), `always` or `never`.
+    pub vae_tiling: String,
+    /// Largest VAE tile in image pixels (a multiple of 64); 0 = the VAE config's `sample_size`.
+    pub vae_tile_px: usize,
+    /// Memory a whole VAE decode may use, in MiB; 0 = the device's free memory at decode time.
+    pub vae_budget_mb: u64,
 }
 
 impl Default for ModelConfig {
@@ -141,6 +149,9 @@ impl Default for ModelConfig {
             path: "demo".into(),
             device: "cpu".into(),
             dtype: "f32".into(),
+            vae_tiling: "auto".into(),
+            vae_tile_px: 0,
+            vae_budget_mb: 0,
         }
     }
 }
@@ -238,6 +249,7 @@ pub struct ValidConfig {
     pub model_dir: PathBuf,
     pub device: DeviceKind,
     pub dtype: DType,
+    pub vae_tiling: VaeTiling,
     pub queue_capacity: usize,
     pub metrics_listen: Option<SocketAddr>,
     pub telemetry: TelemetryConfig,
@@ -288,6 +300,26 @@ impl WorkerConfig {
                 format!("{:?}", self.model.dtype),
             )
         })?;
+        let m = &self.model;
+        let mode = m.vae_tiling.parse::<TilingMode>().map_err(|rule| {
+            ConfigInvalid::new(
+                "model.vae_tiling",
+                format!("must be {rule}"),
+                format!("{:?}", m.vae_tiling),
+            )
+        })?;
+        if m.vae_tile_px != 0 && (!m.vae_tile_px.is_multiple_of(64) || m.vae_tile_px > 8192) {
+            return Err(ConfigInvalid::new(
+                "model.vae_tile_px",
+                "must be 0 or a multiple of 64 up to 8192",
+                m.vae_tile_px.to_string(),
+            ));
+        }
+        let vae_tiling = VaeTiling {
+            mode,
+            tile_px: (m.vae_tile_px != 0).then_some(m.vae_tile_px),
+            budget_bytes: (m.vae_budget_mb != 0).then_some(m.vae_budget_mb.saturating_mul(1 << 20)),
+        };
         if self.model.path.is_empty() || self.model.path == "demo" {
             return Err(ConfigInvalid::new(
                 "model.path",
@@ -350,6 +382,7 @@ impl WorkerConfig {
             model_dir: PathBuf::from(&self.model.path),
             device,
             dtype,
+            vae_tiling,
             queue_capacity: self.executor.queue_capacity,
             metrics_listen,
             telemetry: t.clone(),
@@ -410,6 +443,11 @@ mod tests {
         let cases: Vec<(&str, Mutate)> = vec![
             ("model.device", Box::new(|c| c.model.device = "tpu".into())),
             ("model.dtype", Box::new(|c| c.model.dtype = "f64".into())),
+            (
+                "model.vae_tiling",
+                Box::new(|c| c.model.vae_tiling = "sometimes".into()),
+            ),
+            ("model.vae_tile_px", Box::new(|c| c.model.vae_tile_px = 100)),
             ("executor.queue_capacity", Box::new(|c| c.executor.queue_capacity = 0)),
             (
                 "telemetry.metrics_listen",

@@ -73,6 +73,7 @@ pub async fn run_with(
         spec,
         device: cfg.device,
         dtype: cfg.dtype,
+        vae_tiling: cfg.vae_tiling,
         max_image_pixels: cfg.limits.max_image_pixels,
         channel_capacity: cfg.queue_capacity + 1,
     };

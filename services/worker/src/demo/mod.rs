@@ -6,12 +6,17 @@
 //! exactly what the strict loader reads back.
 
 pub mod configs;
+pub mod full_size;
+pub mod published;
+pub mod safetensors_out;
 pub mod tokenizer;
+pub mod torch_pickle;
 pub mod weights;
 
 use std::io::Cursor;
 use std::path::Path;
 
+use candle_core::DType;
 use serde_json::{json, Value};
 
 use crate::error::{ModelError, Result};
@@ -33,7 +38,7 @@ pub fn write_demo(out: &Path) -> Result<()> {
     write_json(&base.join("model_index.json"), &configs::model_index())?;
     write_json(&base.join("scheduler/scheduler_config.json"), &configs::scheduler())?;
     for (dir, pad) in [("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")] {
-        for (name, text) in tokenizer::tokenizer_files(pad) {
+        for (name, text) in tokenizer::tokenizer_files(pad, 0) {
             write(&base.join(dir).join(name), text.as_bytes())?;
         }
     }
@@ -43,7 +48,7 @@ pub fn write_demo(out: &Path) -> Result<()> {
         let cfg = ClipTextConfig::from_file(&path)?;
         let w = RandomWeights::new(SEED ^ u64::from(proj));
         record(&path, |vb| ClipTextModel::new(vb, &cfg, proj).map(drop), &w)?;
-        w.save(&base.join(dir).join("model.safetensors"))?;
+        w.save(&base.join(dir).join("model.safetensors"), DType::F32)?;
     }
     let ie = out.join("image_encoder");
     write_json(&ie.join("config.json"), &configs::image_encoder())?;
@@ -51,7 +56,7 @@ pub fn write_demo(out: &Path) -> Result<()> {
     let ie_cfg = ClipVisionConfig::from_file(&ie.join("config.json"))?;
     let w = RandomWeights::new(SEED ^ 2);
     record(&ie, |vb| ClipVisionModel::new(vb, &ie_cfg).map(drop), &w)?;
-    w.save(&ie.join("model.safetensors"))?;
+    w.save(&ie.join("model.safetensors"), DType::F32)?;
 
     let unet_cfg_path = base.join("unet/config.json");
     write_json(&unet_cfg_path, &configs::unet())?;
@@ -74,15 +79,15 @@ pub fn write_demo(out: &Path) -> Result<()> {
         |_| ImageProjModel::new(adapter_vb.pp("image_proj"), &proj_cfg).map(drop),
         &adapter_w,
     )?;
-    unet_w.save(&base.join("unet/diffusion_pytorch_model.safetensors"))?;
-    adapter_w.save(&out.join("adapter/mip_sdxl_demo.safetensors"))?;
+    unet_w.save(&base.join("unet/diffusion_pytorch_model.safetensors"), DType::F32)?;
+    adapter_w.save(&out.join("adapter/mip_sdxl_demo.safetensors"), DType::F32)?;
 
     let vae_cfg_path = base.join("vae/config.json");
     write_json(&vae_cfg_path, &configs::vae())?;
     let vae_cfg = VaeConfig::from_file(&vae_cfg_path)?;
     let w = RandomWeights::new(SEED ^ 5);
     record(&vae_cfg_path, |vb| AutoencoderKL::new(vb, &vae_cfg).map(drop), &w)?;
-    w.save(&base.join("vae/diffusion_pytorch_model.safetensors"))?;
+    w.save(&base.join("vae/diffusion_pytorch_model.safetensors"), DType::F32)?;
 
     for (i, name) in ["cat", "jacket"].iter().enumerate() {
         write(&out.join("refs").join(format!("{name}.png")), &example_image(i))?;
@@ -113,7 +118,7 @@ pub fn example_image(i: usize) -> Vec<u8> {
     bytes
 }
 
-fn record(
+pub(super) fn record(
     what: &Path,
     build: impl FnOnce(candle_nn::VarBuilder<'static>) -> candle_core::Result<()>,
     w: &RandomWeights,
@@ -124,12 +129,12 @@ fn record(
     })
 }
 
-fn write_json(path: &Path, v: &Value) -> Result<()> {
+pub(super) fn write_json(path: &Path, v: &Value) -> Result<()> {
     let text = serde_json::to_string_pretty(v).map_err(|e| io_err(path, e))?;
     write(path, text.as_bytes())
 }
 
-fn write(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(super) fn write(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| io_err(path, e))?;
     }

@@ -32,8 +32,10 @@ fn bytes_to_unicode() -> Vec<char> {
         .collect()
 }
 
-/// The vocabulary in id order and the merges, as CLIP lays them out.
-pub fn vocab_and_merges() -> (Vec<String>, Vec<String>) {
+/// The vocabulary in id order and the merges, as CLIP lays them out. With `size` larger than the natural
+/// vocabulary, unused filler tokens come before the two special tokens, so that BOS and EOS sit at `size - 2` and
+/// `size - 1` as in the published CLIP vocabulary of 49408.
+pub fn vocab_and_merges(size: usize) -> (Vec<String>, Vec<String>) {
     let symbols: Vec<String> = bytes_to_unicode().into_iter().map(String::from).collect();
     let mut vocab: Vec<String> = symbols.clone();
     vocab.extend(symbols.iter().map(|s| format!("{s}</w>")));
@@ -42,6 +44,8 @@ pub fn vocab_and_merges() -> (Vec<String>, Vec<String>) {
         merges.push(format!("{a} {b}"));
         vocab.push(format!("{a}{b}"));
     }
+    let natural = vocab.len() + 2;
+    vocab.extend((natural..size.max(natural)).map(|i| format!("<|unused{i}|>")));
     vocab.push("<|startoftext|>".to_owned());
     vocab.push("<|endoftext|>".to_owned());
     (vocab, merges)
@@ -49,13 +53,13 @@ pub fn vocab_and_merges() -> (Vec<String>, Vec<String>) {
 
 /// Vocabulary size of the demo tokenizer.
 pub fn vocab_size() -> usize {
-    vocab_and_merges().0.len()
+    vocab_and_merges(0).0.len()
 }
 
 /// The files of a tokenizer folder: `(file name, contents)`. `pad` is the padding token (`<|endoftext|>` for
-/// the first SDXL tokenizer, `!` for the second).
-pub fn tokenizer_files(pad: &str) -> Vec<(&'static str, String)> {
-    let (vocab, merges) = vocab_and_merges();
+/// the first SDXL tokenizer, `!` for the second); `size` pads the vocabulary (see [`vocab_and_merges`]).
+pub fn tokenizer_files(pad: &str, size: usize) -> Vec<(&'static str, String)> {
+    let (vocab, merges) = vocab_and_merges(size);
     let bos = vocab.len() - 2;
     let eos = vocab.len() - 1;
     let vocab_map: serde_json::Map<String, Value> =
@@ -116,7 +120,7 @@ mod tests {
 
     #[test]
     fn tokenizer_json_loads_and_encodes() {
-        let files = tokenizer_files("!");
+        let files = tokenizer_files("!", 0);
         let json = &files[0].1;
         let tok = tokenizers::Tokenizer::from_bytes(json.as_bytes()).expect("loads");
         let enc = tok.encode("The  Cat", true).expect("encodes");
@@ -126,5 +130,23 @@ mod tests {
         assert_eq!(ids.last(), Some(&(n - 1)), "EOS last: {ids:?}");
         // "the" is one merged token, "cat" ends in the merged "at</w>".
         assert_eq!(ids.len(), 2 + 1 + 2, "{ids:?}");
+    }
+
+    #[test]
+    fn padded_vocabulary_keeps_the_specials_last() {
+        let files = tokenizer_files("!", 49408);
+        let tok = tokenizers::Tokenizer::from_bytes(files[0].1.as_bytes()).expect("loads");
+        assert_eq!(tok.get_vocab_size(true), 49408);
+        let ids = tok.encode("the cat", true).expect("encodes").get_ids().to_vec();
+        assert_eq!((ids[0], ids[ids.len() - 1]), (49406, 49407), "{ids:?}");
+        let small = tokenizer_files("!", 0);
+        assert_eq!(
+            tokenizers::Tokenizer::from_bytes(small[0].1.as_bytes())
+                .expect("loads")
+                .encode("the cat", true)
+                .expect("encodes")
+                .get_ids()[1..ids.len() - 1],
+            ids[1..ids.len() - 1]
+        );
     }
 }

@@ -1,6 +1,8 @@
-//! Deterministic random weights for the demo model. Building a module over [`RandomWeights`] records every tensor
-//! the module asks for, filled from a generator seeded by the tensor's name, so the same code always writes the
-//! same model and the written key set is exactly what the strict loader will ask for.
+//! Deterministic random weights for generated models (the demo model and the full-size random checkpoint).
+//! Building a module over [`RandomWeights`] records the name and shape of every tensor the module asks for (the
+//! module gets zero-stride placeholders, so recording a multi-gigabyte model allocates almost nothing); the values
+//! are drawn when the file is written, one tensor at a time, from a generator seeded by the tensor's name. The same
+//! code therefore always writes the same model, and the written key set is exactly what the strict loader reads.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -10,14 +12,15 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
-use crate::error::{ModelError, Result};
+use super::safetensors_out::{write_safetensors, write_sharded, Sharding};
+use crate::error::Result;
 use crate::pipeline::noise::Gaussian;
 
-/// Records the tensors a module asks for, created on first request.
+/// Records the tensors a module asks for (name → shape); values are drawn when written.
 #[derive(Clone, Default)]
 pub struct RandomWeights {
     seed: u64,
-    tensors: Arc<Mutex<BTreeMap<String, Tensor>>>,
+    shapes: Arc<Mutex<BTreeMap<String, Vec<usize>>>>,
 }
 
 impl RandomWeights {
@@ -25,34 +28,38 @@ impl RandomWeights {
     pub fn new(seed: u64) -> Self {
         Self {
             seed,
-            tensors: Arc::default(),
+            shapes: Arc::default(),
         }
     }
 
-    /// A var builder that creates tensors on demand (f32, CPU).
+    /// A var builder that records what it is asked for (f32, CPU placeholders).
     pub fn var_builder(&self) -> VarBuilder<'static> {
         let backend: Box<dyn SimpleBackend> = Box::new(self.clone());
         VarBuilder::from_backend(backend, DType::F32, Device::Cpu)
     }
 
-    /// Writes what was recorded to a safetensors file.
-    pub fn save(&self, path: &Path) -> Result<()> {
-        let map: std::collections::HashMap<String, Tensor> = self
-            .tensors
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| save_err(path, e))?;
-        }
-        candle_core::safetensors::save(&map, path).map_err(|e| save_err(path, e))
+    /// The recorded tensors, sorted by name.
+    pub fn entries(&self) -> Vec<(String, Vec<usize>)> {
+        let shapes = self.shapes.lock().unwrap_or_else(PoisonError::into_inner);
+        shapes.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    /// Writes what was recorded to one safetensors file, values stored as `dtype`. Returns the bytes written.
+    pub fn save(&self, path: &Path, dtype: DType) -> Result<u64> {
+        write_safetensors(path, dtype, &self.entries(), &|name, shape| self.values(name, shape))
+    }
+
+    /// Writes what was recorded as shards of at most `sharding.max_bytes` with their index (the
+    /// `save_pretrained` naming). Returns the bytes written.
+    pub fn save_sharded(&self, sharding: &Sharding, dtype: DType) -> Result<u64> {
+        write_sharded(sharding, dtype, &self.entries(), &|name, shape| {
+            self.values(name, shape)
+        })
     }
 
     /// Number of tensors recorded.
     pub fn len(&self) -> usize {
-        self.tensors.lock().unwrap_or_else(PoisonError::into_inner).len()
+        self.shapes.lock().unwrap_or_else(PoisonError::into_inner).len()
     }
 
     /// Whether nothing was recorded.
@@ -60,10 +67,16 @@ impl RandomWeights {
         self.len() == 0
     }
 
-    fn make(&self, name: &str, shape: &Shape) -> candle_core::Result<Tensor> {
+    /// Number of values recorded.
+    pub fn num_values(&self) -> usize {
+        let shapes = self.shapes.lock().unwrap_or_else(PoisonError::into_inner);
+        shapes.values().map(|s| s.iter().product::<usize>()).sum()
+    }
+
+    /// The values of one tensor (f32, CPU): a pure function of the seed, the name and the shape.
+    pub fn values(&self, name: &str, dims: &[usize]) -> candle_core::Result<Tensor> {
         let mut rng = Gaussian::new(self.seed ^ fnv1a(name));
-        let dims = shape.dims();
-        let n = shape.elem_count();
+        let n: usize = dims.iter().product();
         let leaf = name.rsplit('.').next().unwrap_or(name);
         let data: Vec<f32> = if dims.len() >= 2 {
             // Matrices and kernels: variance-preserving normal over the fan-in.
@@ -75,7 +88,7 @@ impl RandomWeights {
         } else {
             rng.sample(n, 0.0, 0.02)
         };
-        Tensor::from_vec(data, shape.clone(), &Device::Cpu)
+        Tensor::from_vec(data, dims, &Device::Cpu)
     }
 }
 
@@ -88,24 +101,26 @@ impl SimpleBackend for RandomWeights {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let mut map = self.tensors.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(t) = map.get(name) {
-            if t.shape() != &s {
-                candle_core::bail!("demo weight `{name}` requested as {s:?} and as {:?}", t.shape());
+        let mut shapes = self.shapes.lock().unwrap_or_else(PoisonError::into_inner);
+        match shapes.get(name) {
+            Some(known) if known.as_slice() != s.dims() => {
+                candle_core::bail!("generated weight `{name}` requested as {s:?} and as {known:?}")
             }
-            return t.to_dtype(dtype)?.to_device(dev);
+            Some(_) => {}
+            None => {
+                shapes.insert(name.to_owned(), s.dims().to_vec());
+            }
         }
-        let t = self.make(name, &s)?;
-        map.insert(name.to_owned(), t.clone());
-        t.to_dtype(dtype)?.to_device(dev)
+        // A zero-stride placeholder: modules only keep (or fuse) it, nothing reads its values.
+        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
     }
 
     fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> candle_core::Result<Tensor> {
-        candle_core::bail!("demo weight `{name}` requested without a shape")
+        candle_core::bail!("generated weight `{name}` requested without a shape")
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.tensors
+        self.shapes
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .contains_key(name)
@@ -118,13 +133,6 @@ fn fnv1a(s: &str) -> u64 {
     })
 }
 
-fn save_err(path: &Path, e: impl std::fmt::Display) -> ModelError {
-    ModelError::Load {
-        path: path.to_owned(),
-        message: format!("cannot write: {e}"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,12 +141,19 @@ mod tests {
     fn same_name_same_values_and_shapes_checked() {
         let a = RandomWeights::new(7);
         let b = RandomWeights::new(7);
-        let ta = a.var_builder().get((4, 3), "x.weight").expect("a");
-        let tb = b.var_builder().get((4, 3), "x.weight").expect("b");
+        a.var_builder().get((4, 3), "x.weight").expect("a");
+        b.var_builder().get((4, 3), "x.weight").expect("b");
+        let ta = a.values("x.weight", &[4, 3]).expect("a");
+        let tb = b.values("x.weight", &[4, 3]).expect("b");
         let diff = (ta - tb).expect("sub").abs().expect("abs").sum_all().expect("sum");
         assert_eq!(diff.to_scalar::<f32>().expect("scalar"), 0.0);
         assert!(a.var_builder().get((3, 4), "x.weight").is_err());
-        let norm = a.var_builder().get(4, "n.weight").expect("norm");
+        a.var_builder().get(4, "n.weight").expect("norm");
+        assert_eq!(
+            a.entries(),
+            vec![("n.weight".into(), vec![4]), ("x.weight".into(), vec![4, 3])]
+        );
+        let norm = a.values("n.weight", &[4]).expect("norm");
         let mean = norm.mean_all().expect("mean").to_scalar::<f32>().expect("scalar");
         assert!((mean - 1.0).abs() < 0.2, "{mean}");
     }

@@ -49,6 +49,7 @@ fn load(opts: &ExecutorOptions) -> std::result::Result<(Loaded, ModelInfo), Stri
         .map_err(|e| format!("cannot open device {}: {e}", opts.device))?;
     let mut p = MipPipeline::load(&opts.spec, &device, opts.dtype).map_err(|e| e.to_string())?;
     p.preprocess.max_pixels = opts.max_image_pixels;
+    p.vae_tiling = opts.vae_tiling;
     let (empty_text, layout) = warm_up(&p).map_err(|e| format!("warm-up forward failed: {e}"))?;
     let spec = &opts.spec;
     let identity = |files: &[&Path]| files_identity(files).map_err(|e| format!("hashing model files: {e}"));

@@ -29,6 +29,7 @@ use crate::pipeline::embedding;
 use crate::pipeline::generate::initial_noise;
 use crate::pipeline::preprocess::PreparedImage;
 use crate::pipeline::scheduler::SchedulerKind;
+use crate::pipeline::vae_tiling::VaeTiling;
 use crate::pipeline::{EncodedSubject, Generated, MipPipeline, ModelSpec, Progress, TextEmbedding, ValidRequest};
 
 /// A shared cancel flag: set when the caller goes away or its deadline passes.
@@ -213,6 +214,7 @@ pub struct ExecutorOptions {
     pub model_name: String,
     pub device: DeviceKind,
     pub dtype: DType,
+    pub vae_tiling: VaeTiling,
     pub max_image_pixels: u64,
     /// Jobs that may wait in the channel.
     pub channel_capacity: usize,

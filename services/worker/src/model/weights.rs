@@ -9,6 +9,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use candle_core::pickle::PthTensors;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
@@ -16,10 +17,11 @@ use candle_nn::VarBuilder;
 use super::lazy_file::LazyFile;
 use crate::error::{ModelError, Result};
 
-/// Where a tensor's values are: in memory (pickles, generated models), or in a safetensors file, read on demand.
+/// Where a tensor's values are: in memory (tests), or in a safetensors file or torch pickle, read on demand.
 enum Source {
     Loaded(Tensor),
     File(Arc<LazyFile>),
+    Pickle(Arc<PthTensors>),
 }
 
 impl Source {
@@ -27,6 +29,11 @@ impl Source {
         match self {
             Self::Loaded(t) => t.dims().to_vec(),
             Self::File(f) => f.shape(name).map(<[usize]>::to_vec).unwrap_or_default(),
+            Self::Pickle(p) => p
+                .tensor_infos()
+                .get(name)
+                .map(|info| info.layout.dims().to_vec())
+                .unwrap_or_default(),
         }
     }
 
@@ -34,11 +41,14 @@ impl Source {
         match self {
             Self::Loaded(t) => Ok(t.clone()),
             Self::File(f) => f.read(name),
+            Self::Pickle(p) => p
+                .get(name)?
+                .ok_or_else(|| candle_core::Error::Msg(format!("`{name}` is not in the pickle"))),
         }
     }
 }
 
-/// A named set of tensors from one or more files: pickles held on the CPU, safetensors read when asked for.
+/// A named set of tensors from one or more files, each tensor read from its file when a module asks for it.
 pub struct WeightSet {
     /// Key → (where the values are, the key in that file, the file's name for errors).
     tensors: HashMap<String, (Source, String, Arc<str>)>,
@@ -58,7 +68,8 @@ impl WeightSet {
         }
     }
 
-    /// The tensors of a `.safetensors` file (or of a sharded `.safetensors.index.json`), read when asked for.
+    /// The tensors of a `.safetensors` file (or of a shard index, `.safetensors.index[.variant].json`), read when
+    /// asked for.
     pub fn from_safetensors(path: &Path) -> Result<Self> {
         let mut set = Self::empty(path.display().to_string());
         set.add_safetensors(path, "")?;
@@ -68,7 +79,8 @@ impl WeightSet {
     /// Adds the tensors of a safetensors file (or shard index), each key prefixed with `prefix`.
     pub fn add_safetensors(&mut self, path: &Path, prefix: &str) -> Result<()> {
         let name = path.to_string_lossy();
-        if name.ends_with(".index.json") {
+        // A shard index: `{stem}.safetensors.index.json`, or `….index.fp16.json` for a variant.
+        if path.extension().is_some_and(|e| e == "json") {
             for shard in shard_files(path)? {
                 self.add_safetensors(&shard, prefix)?;
             }
@@ -87,17 +99,19 @@ impl WeightSet {
     /// Adds the tensors of a torch pickle (`.bin`/`.pt`), optionally taking the sub-dict `key`, each key
     /// prefixed with `prefix`.
     pub fn add_pickle(&mut self, path: &Path, key: Option<&str>, prefix: &str) -> Result<()> {
-        let tensors = candle_core::pickle::read_all_with_key(path, key).map_err(|e| load_err(path, e))?;
-        if tensors.is_empty() {
+        // Only the pickle is parsed here; each tensor's bytes are read from the zip when asked for.
+        let pth = Arc::new(PthTensors::new(path, key).map_err(|e| load_err(path, e))?);
+        if pth.tensor_infos().is_empty() {
             return Err(ModelError::Load {
                 path: path.to_owned(),
                 message: format!("no tensors under key {key:?}"),
             });
         }
         let origin: Arc<str> = Arc::from(path.to_string_lossy().as_ref());
-        for (k, t) in tensors {
+        for k in pth.tensor_infos().keys() {
+            let source = Source::Pickle(pth.clone());
             self.tensors
-                .insert(format!("{prefix}{k}"), (Source::Loaded(t), k, origin.clone()));
+                .insert(format!("{prefix}{k}"), (source, k.clone(), origin.clone()));
         }
         Ok(())
     }
@@ -131,6 +145,14 @@ impl WeightSet {
     pub fn peek(&self, key: &str) -> Option<Tensor> {
         let (source, name, _) = self.tensors.get(key)?;
         source.tensor(name).ok()
+    }
+
+    /// Number of values over all tensors (their bytes in a dtype are this times its size).
+    pub fn num_values(&self) -> u64 {
+        self.tensors
+            .values()
+            .map(|(source, name, _)| source.dims(name).iter().product::<usize>() as u64)
+            .sum()
     }
 
     /// A tensor's shape by key, without reading its values.
@@ -259,7 +281,9 @@ fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Finds the weights file of a diffusers/transformers component folder: `{stem}.safetensors`, then the
-/// `{stem}.fp16.safetensors` variant, then a sharded `{stem}.safetensors.index.json` (or its fp16 variant).
+/// `{stem}.fp16.safetensors` variant, then a sharded `{stem}.safetensors.index.json`, then its fp16 variant
+/// (`{stem}.safetensors.index.fp16.json` as `save_pretrained(variant="fp16")` names it, or the older
+/// `{stem}.fp16.safetensors.index.json`).
 pub fn find_weights(dir: &Path, stems: &[&str]) -> Result<PathBuf> {
     let mut tried = Vec::new();
     for stem in stems {
@@ -267,6 +291,7 @@ pub fn find_weights(dir: &Path, stems: &[&str]) -> Result<PathBuf> {
             format!("{stem}.safetensors"),
             format!("{stem}.fp16.safetensors"),
             format!("{stem}.safetensors.index.json"),
+            format!("{stem}.safetensors.index.fp16.json"),
             format!("{stem}.fp16.safetensors.index.json"),
         ] {
             let p = dir.join(&name);

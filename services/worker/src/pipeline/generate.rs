@@ -120,11 +120,16 @@ pub fn denoise_with(
 
 /// VAE decode of final latents (on the VAE's device) as a pipeline computing in `compute` runs it: in the VAE's
 /// dtype, with TF32 GEMMs on CUDA for the f32 VAE of a half-precision pipeline (see [`super::precision`]).
+/// `tile` decodes in overlapping tiles of that many latent pixels ([`AutoencoderKL::decode_tiled`]).
 /// Returns the image tensor (1, 3, H, W) in about [-1, 1], f32.
-pub fn decode_latents(vae: &AutoencoderKL, latents: &Tensor, compute: DType) -> Result<Tensor> {
+pub fn decode_latents(vae: &AutoencoderKL, latents: &Tensor, compute: DType, tile: Option<usize>) -> Result<Tensor> {
     let l = latents.to_dtype(vae.dtype()).stage("vae")?;
     let _tf32 = Tf32Scope::new(vae_uses_tf32(l.device(), compute));
-    vae.decode_scaled(&l)?.to_dtype(DType::F32).stage("vae")
+    let image = match tile {
+        None => vae.decode_scaled(&l)?,
+        Some(tile) => vae.decode_tiled(&vae.unscale_latents(&l)?, tile)?,
+    };
+    image.to_dtype(DType::F32).stage("vae")
 }
 
 impl MipPipeline {
@@ -229,9 +234,30 @@ impl MipPipeline {
         denoise_with(&mut |x, t| self.unet_forward(x, t, cond), &sampling, &noise, on_step)
     }
 
-    /// VAE decode of final latents to an image tensor (1, 3, H, W) in about [-1, 1], f32 (see [`decode_latents`]).
+    /// VAE decode of final latents to an image tensor (1, 3, H, W) in about [-1, 1], f32 (see [`decode_latents`]),
+    /// in tiles when [`MipPipeline::vae_tiling`] says so ([`Self::decode_plan`]).
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        decode_latents(&self.vae, latents, self.dtype)
+        let (_, _, h, w) = latents.dims4().stage("vae")?;
+        let tile = self.decode_plan(h, w);
+        tracing::debug!(tile, "vae decode");
+        self.decode_with(latents, tile)
+    }
+
+    /// The latent tile [`Self::decode`] uses for an `h` x `w` latent now; `None` = a whole decode.
+    pub fn decode_plan(&self, h: usize, w: usize) -> Option<usize> {
+        self.vae_tiling
+            .plan(&self.vae, h, w, || super::memory::device_free_bytes(&self.device))
+    }
+
+    /// VAE decode whole (`tile` `None`) or in tiles of `tile` latent pixels, whatever the tiling policy.
+    pub fn decode_with(&self, latents: &Tensor, tile: Option<usize>) -> Result<Tensor> {
+        decode_latents(&self.vae, latents, self.dtype, tile)
+    }
+
+    /// The untiled decode's estimated working memory for an `h` x `w` latent (see
+    /// [`AutoencoderKL::decode_peak_bytes`]).
+    pub fn decode_peak_bytes(&self, h: usize, w: usize) -> u64 {
+        self.vae.decode_peak_bytes(h, w)
     }
 
     /// Runs a whole validated request. `on_progress` is called after each step; returning `false` cancels.

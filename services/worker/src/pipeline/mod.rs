@@ -6,6 +6,8 @@ pub mod generate;
 pub mod image_decode;
 pub mod jpeg;
 pub mod jpeg_idct;
+pub mod load_report;
+pub mod memory;
 pub mod model;
 pub mod noise;
 pub mod png;
@@ -16,6 +18,7 @@ pub mod resample;
 pub mod scheduler;
 pub mod spec;
 pub mod tokenizer;
+pub mod vae_tiling;
 
 pub use generate::{Conditioning, EncodedSubject, Generated, Progress, Timings};
 pub use model::{MipPipeline, TextEmbedding};

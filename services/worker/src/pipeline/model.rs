@@ -9,10 +9,12 @@ use candle_core::{DType, Device, Tensor, D};
 use serde::Deserialize;
 
 use super::image_decode::DEFAULT_MAX_PIXELS;
+use super::load_report::LoadReport;
 use super::preprocess::{ClipPreprocessor, PreparedImage, PreprocessConfig};
 use super::scheduler::SchedulerConfig;
 use super::spec::ModelSpec;
 use super::tokenizer::ClipTokenizer;
+use super::vae_tiling::VaeTiling;
 use crate::error::{ForwardContext, InvalidInput, ModelError, Result};
 use crate::model::clip::{ClipTextConfig, ClipTextModel, ClipVisionConfig, ClipVisionModel};
 use crate::model::image_proj::{load_adapter_weights, ImageProj, ImageProjConfig, ImageProjVariant as Variant};
@@ -56,6 +58,9 @@ pub struct MipPipeline {
     pub(crate) scheduler: SchedulerConfig,
     pub(crate) force_zeros_for_empty_prompt: bool,
     pub(crate) uncond_tokens: Tensor,
+    /// When the VAE decodes in tiles (the worker sets it from its config).
+    pub vae_tiling: VaeTiling,
+    pub(crate) load_report: LoadReport,
 }
 
 impl MipPipeline {
@@ -63,20 +68,28 @@ impl MipPipeline {
     /// [`super::precision::vae_dtype`]: f32 unless `dtype` is bf16, the SDXL VAE overflows in f16).
     pub fn load(spec: &ModelSpec, device: &Device, dtype: DType) -> Result<Self> {
         let base = &spec.base;
+        let mut report = LoadReport::default();
         let index: ModelIndex = read_json(&base.join("model_index.json"))?;
         let tokenizer_1 = ClipTokenizer::from_dir(base.join("tokenizer"))?;
         let tokenizer_2 = ClipTokenizer::from_dir(base.join("tokenizer_2"))?;
-        let text_encoder_1 = load_text_encoder(&base.join("text_encoder"), false, dtype, device)?;
-        let text_encoder_2 = load_text_encoder(&base.join("text_encoder_2"), true, dtype, device)?;
+        let text_encoder_1 = report.measure("text_encoder", || {
+            load_text_encoder(&base.join("text_encoder"), false, dtype, device)
+        })?;
+        let text_encoder_2 = report.measure("text_encoder_2", || {
+            load_text_encoder(&base.join("text_encoder_2"), true, dtype, device)
+        })?;
 
         let ie_dir = &spec.image_encoder;
-        let ie_cfg = ClipVisionConfig::from_file(&ie_dir.join("config.json"))?;
-        let ie_ws = Arc::new(WeightSet::from_safetensors(&find_weights(
-            ie_dir,
-            &["model", "pytorch_model"],
-        )?)?);
-        let image_encoder = ie_ws.build(dtype, device, |vb| ClipVisionModel::new(vb, &ie_cfg))?;
-        ie_ws.ensure_all_used()?;
+        let image_encoder = report.measure("image_encoder", || {
+            let ie_cfg = ClipVisionConfig::from_file(&ie_dir.join("config.json"))?;
+            let ie_ws = Arc::new(WeightSet::from_safetensors(&find_weights(
+                ie_dir,
+                &["model", "pytorch_model"],
+            )?)?);
+            let image_encoder = ie_ws.build(dtype, device, |vb| ClipVisionModel::new(vb, &ie_cfg))?;
+            ie_ws.ensure_all_used()?;
+            Ok::<_, ModelError>((image_encoder, bytes_in(&ie_ws, dtype)))
+        })?;
         let pp_path = ie_dir.join("preprocessor_config.json");
         let preprocess = if pp_path.is_file() {
             ClipPreprocessor::from_config_file(&pp_path)?
@@ -86,24 +99,42 @@ impl MipPipeline {
 
         let unet_dir = base.join("unet");
         let unet_config: UNetConfig = read_json(&unet_dir.join("config.json"))?;
-        let unet_ws = Arc::new(WeightSet::from_safetensors(&find_weights(
-            &unet_dir,
-            &["diffusion_pytorch_model"],
-        )?)?);
-        let adapter_ws = Arc::new(load_adapter_weights(&spec.adapter)?);
-        let proj_cfg = ImageProjConfig::from_adapter(&adapter_ws, spec.resampler)?;
-        let image_proj = adapter_ws.build(dtype, device, |vb| ImageProj::new(vb.pp("image_proj"), &proj_cfg))?;
-        let adapter_vb = adapter_ws.var_builder(dtype, device);
-        let unet = unet_ws
-            .build(dtype, device, |vb| {
-                UNet2DConditionModel::new(vb, &unet_config, Some(AdapterWeights::new(adapter_vb.pp("ip_adapter"))))
-            })
-            .map_err(|e| adapter_ws.take_error().unwrap_or(e))?;
-        unet_ws.ensure_all_used()?;
-        adapter_ws.ensure_all_used()?;
+        let (unet, image_proj) = report.measure("unet+adapter", || {
+            let unet_ws = Arc::new(WeightSet::from_safetensors(&find_weights(
+                &unet_dir,
+                &["diffusion_pytorch_model"],
+            )?)?);
+            let adapter_ws = Arc::new(load_adapter_weights(&spec.adapter)?);
+            let proj_cfg = ImageProjConfig::from_adapter(&adapter_ws, spec.resampler)?;
+            let image_proj = adapter_ws.build(dtype, device, |vb| ImageProj::new(vb.pp("image_proj"), &proj_cfg))?;
+            let adapter_vb = adapter_ws.var_builder(dtype, device);
+            let unet = unet_ws
+                .build(dtype, device, |vb| {
+                    UNet2DConditionModel::new(vb, &unet_config, Some(AdapterWeights::new(adapter_vb.pp("ip_adapter"))))
+                })
+                .map_err(|e| adapter_ws.take_error().unwrap_or(e))?;
+            unet_ws.ensure_all_used()?;
+            adapter_ws.ensure_all_used()?;
+            let bytes = bytes_in(&unet_ws, dtype) + bytes_in(&adapter_ws, dtype);
+            Ok::<_, ModelError>(((unet, image_proj), bytes))
+        })?;
 
-        let vae = AutoencoderKL::load(&base.join("vae"), super::precision::vae_dtype(dtype), device)?;
+        let vae_dtype = super::precision::vae_dtype(dtype);
+        let vae = report.measure("vae", || {
+            let vae = AutoencoderKL::load(&base.join("vae"), vae_dtype, device)?;
+            let ws = WeightSet::from_safetensors(&find_weights(&base.join("vae"), &["diffusion_pytorch_model"])?)?;
+            Ok::<_, ModelError>((vae, bytes_in(&ws, vae_dtype)))
+        })?;
         let scheduler = SchedulerConfig::from_file(&base.join("scheduler").join("scheduler_config.json"))?;
+        for c in &report.components {
+            tracing::info!(
+                component = c.component,
+                seconds = c.seconds,
+                weight_bytes = c.weight_bytes,
+                peak_rss_bytes = c.peak_rss_bytes,
+                "component loaded"
+            );
+        }
 
         let mut pipeline = Self {
             spec: spec.clone(),
@@ -122,9 +153,16 @@ impl MipPipeline {
             scheduler,
             force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt,
             uncond_tokens: Tensor::zeros(1, DType::F32, &Device::Cpu).stage("load")?,
+            vae_tiling: VaeTiling::default(),
+            load_report: report,
         };
         pipeline.uncond_tokens = pipeline.compute_uncond_tokens()?;
         Ok(pipeline)
+    }
+
+    /// Time and memory of the load, per component.
+    pub fn load_report(&self) -> &LoadReport {
+        &self.load_report
     }
 
     /// The device the model runs on.
@@ -264,7 +302,13 @@ impl MipPipeline {
     }
 }
 
-fn load_text_encoder(dir: &Path, with_projection: bool, dtype: DType, device: &Device) -> Result<ClipTextModel> {
+/// Bytes of a weight set's values in `dtype`.
+fn bytes_in(ws: &WeightSet, dtype: DType) -> u64 {
+    ws.num_values() * dtype.size_in_bytes() as u64
+}
+
+/// A text encoder and the bytes of its weights in `dtype`.
+fn load_text_encoder(dir: &Path, with_projection: bool, dtype: DType, device: &Device) -> Result<(ClipTextModel, u64)> {
     let cfg = ClipTextConfig::from_file(&dir.join("config.json"))?;
     let ws = Arc::new(WeightSet::from_safetensors(&find_weights(
         dir,
@@ -272,5 +316,5 @@ fn load_text_encoder(dir: &Path, with_projection: bool, dtype: DType, device: &D
     )?)?);
     let model = ws.build(dtype, device, |vb| ClipTextModel::new(vb, &cfg, with_projection))?;
     ws.ensure_all_used()?;
-    Ok(model)
+    Ok((model, bytes_in(&ws, dtype)))
 }

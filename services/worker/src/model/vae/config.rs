@@ -49,9 +49,28 @@ pub struct VaeConfig {
     pub down_block_types: Option<Vec<String>>,
     #[serde(default)]
     pub up_block_types: Option<Vec<String>>,
+    /// Image size the VAE was trained at (an int, or `[h, w]`): diffusers' tile size for tiled decoding.
+    #[serde(default)]
+    pub sample_size: Option<serde_json::Value>,
 }
 
 impl VaeConfig {
+    /// The image-space tile of diffusers' tiled decode: `sample_size` (its first entry when a list), 512 when
+    /// the config has none.
+    pub fn tile_sample_size(&self) -> usize {
+        let v = match &self.sample_size {
+            Some(serde_json::Value::Array(a)) => a.first().and_then(serde_json::Value::as_u64),
+            Some(v) => v.as_u64(),
+            None => None,
+        };
+        v.map_or(512, |v| v as usize)
+    }
+
+    /// Image pixels per latent pixel, per side (8 for SDXL: one upsampler per block but the last).
+    pub fn scale_factor(&self) -> usize {
+        1 << self.block_out_channels.len().saturating_sub(1)
+    }
+
     /// Reads and validates `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
         let cfg: Self = read_json(path)?;

@@ -5,13 +5,15 @@
 //! - [`Encoder`] / [`Decoder`]: conv_in, blocks, mid block, GroupNorm + SiLU + conv_out.
 //! - [`AutoencoderKL`]: `encode` -> diagonal-Gaussian `(mean, logvar)`, `decode` (post_quant_conv + decoder),
 //!   `decode_scaled` (undoes the latent scaling first).
-//! - `config`: the config struct; `blocks`: resnets, up/down samplers, the mid-block attention.
+//! - `config`: the config struct; `blocks`: resnets, up/down samplers, the mid-block attention; `tiled`: diffusers'
+//!   tiled decode and the memory estimate that decides when to use it.
 //!
 //! The dtype is the caller's: build with f32 or bf16 (the SDXL VAE overflows in f16, `force_upcast` says so);
 //! inputs are cast to the weights' dtype and outputs come back in it.
 
 mod blocks;
 mod config;
+mod tiled;
 
 use std::path::Path;
 use std::sync::Arc;
