@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Result;
+use mip_worker::model::vae::AutoencoderKL;
 use mip_worker::pipeline::generate::initial_noise;
+use mip_worker::pipeline::precision::vae_dtype;
 use mip_worker::pipeline::vae_tiling::VaeTiling;
 use mip_worker::pipeline::{EncodedSubject, GenerateRequest, MipPipeline, ModelSpec, SubjectRequest};
 use serde_json::json;
@@ -53,9 +55,9 @@ pub struct Args {
     /// Largest VAE tile in image pixels (0 = the VAE config's sample_size).
     #[arg(long, default_value_t = 0)]
     vae_tile_px: usize,
-    /// With --cold: also decode one random latent of this image size (WxH) whole and in tiles of half its side,
-    /// and report the difference.
-    #[arg(long, value_parser = crate::device::size_arg, requires = "cold")]
+    /// Decode one random latent of this image size (WxH) whole and in blended tiles of half its side, and report
+    /// the difference; without --cold only the VAE is loaded.
+    #[arg(long, value_parser = crate::device::size_arg, conflicts_with = "sdxl")]
     tiling_check: Option<String>,
 }
 
@@ -115,6 +117,13 @@ pub fn run(args: Args) -> Result<()> {
         tile_px: (args.vae_tile_px != 0).then_some(args.vae_tile_px),
         budget_bytes: None,
     };
+    if let (false, Some(size)) = (args.cold, &args.tiling_check) {
+        let (w, h) = parse_size(size)?;
+        let vae = AutoencoderKL::load(&spec.base.join("vae"), vae_dtype(dtype), &device)?;
+        let out = crate::bench_cold::tiling_check(&vae, dtype, w, h)?;
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
     if args.cold {
         let a = crate::bench_cold::ColdArgs {
             spec,

@@ -1,13 +1,15 @@
 //! `mip bench --model DIR --cold`: what a worker meets at real scale, measured once from a cold process: the load
 //! of each component (time, bytes of weights in the dtype asked for, peak and final host RSS), then the first image
 //! (two subjects by default) stage by stage (time, peak host RSS, the VAE tile chosen), and the first-image latency
-//! from the start of the load. `--tiling-check WxH` also decodes one random latent of that size whole and in tiles
-//! of half its side, and reports the difference.
+//! from the start of the load. `--tiling-check WxH` also decodes one random latent of that size whole and in
+//! blended tiles of half its side, and reports the difference; without `--cold` it loads only the VAE for that.
 
 use std::time::Instant;
 
 use anyhow::Result;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
+use mip_worker::model::vae::AutoencoderKL;
+use mip_worker::pipeline::generate::decode_latents;
 use mip_worker::pipeline::generate::initial_noise;
 use mip_worker::pipeline::memory;
 use mip_worker::pipeline::png::{encode_png, tensor_to_rgb8};
@@ -131,34 +133,34 @@ pub fn run(a: &ColdArgs) -> Result<Value> {
         "vae_tile": tile, "vae_untiled_estimate_bytes": p.decode_peak_bytes(lh, lw),
     });
     if let Some((w, h)) = a.tiling_check {
-        out["tiling_check"] = tiling_check(&p, w, h)?;
+        out["tiling_check"] = tiling_check(p.vae(), a.dtype, w, h)?;
     }
     Ok(out)
 }
 
-/// Decodes one random latent whole and in tiles of half its longer side; the difference in image units
-/// ([-1, 1]) and in 8-bit levels.
-fn tiling_check(p: &MipPipeline, width: usize, height: usize) -> Result<Value> {
-    let z = initial_noise(7, p.latent_channels(), height, width)?;
-    let tile = (width.max(height) / 8 / 2).max(8);
-    let t = Instant::now();
-    let whole = p.decode_with(&z, None)?;
-    let whole_s = t.elapsed().as_secs_f64();
-    let t = Instant::now();
-    let tiled = p.decode_with(&z, Some(tile))?;
-    let tiled_s = t.elapsed().as_secs_f64();
-    let diff = (&whole - &tiled)?.abs()?;
-    let max = diff.max_all()?.to_scalar::<f32>()?;
-    let mean = diff.mean_all()?.to_scalar::<f32>()?;
-    let to8 = |t: &Tensor| -> Result<Vec<u8>> { Ok(tensor_to_rgb8(t)?.0) };
-    let max8 = to8(&whole)?
+/// Decodes one random latent whole and in blended tiles of half its longer side; reports the time of each and
+/// their difference, in image units ([-1, 1]) and in 8-bit levels.
+pub fn tiling_check(vae: &AutoencoderKL, compute: DType, width: usize, height: usize) -> Result<Value> {
+    let z = initial_noise(7, vae.config().latent_channels, height, width)?;
+    let tile = (width.max(height) / vae.config().scale_factor() / 2).max(8);
+    let timed = |tile: Option<usize>| -> Result<(Tensor, f64)> {
+        let t = Instant::now();
+        let image = decode_latents(vae, &z, compute, tile)?;
+        Ok((image, t.elapsed().as_secs_f64()))
+    };
+    let (whole, whole_s) = timed(None)?;
+    let (tiled, tiled_s) = timed(Some(tile))?;
+    let d = (&whole - &tiled)?.abs()?;
+    let max8 = tensor_to_rgb8(&whole)?
+        .0
         .iter()
-        .zip(to8(&tiled)?)
+        .zip(tensor_to_rgb8(&tiled)?.0)
         .map(|(a, b)| a.abs_diff(b))
         .max()
         .unwrap_or(0);
     Ok(
         json!({"size": format!("{width}x{height}"), "tile_latent": tile, "whole_seconds": whole_s,
-              "tiled_seconds": tiled_s, "max_abs": max, "mean_abs": mean, "max_abs_8bit": max8}),
+              "tiled_seconds": tiled_s, "max_abs": d.max_all()?.to_scalar::<f32>()?,
+              "mean_abs": d.mean_all()?.to_scalar::<f32>()?, "max_abs_8bit": max8}),
     )
 }

@@ -17,6 +17,7 @@ pub mod cache;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod eval;
 pub mod executor;
 pub mod limits;
 pub mod metrics;

@@ -8,4 +8,5 @@ pub mod lazy_file;
 pub mod norm;
 pub mod unet;
 pub mod vae;
+pub mod vit;
 pub mod weights;

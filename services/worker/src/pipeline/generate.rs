@@ -254,6 +254,11 @@ impl MipPipeline {
         decode_latents(&self.vae, latents, self.dtype, tile)
     }
 
+    /// The VAE.
+    pub fn vae(&self) -> &AutoencoderKL {
+        &self.vae
+    }
+
     /// The untiled decode's estimated working memory for an `h` x `w` latent (see
     /// [`AutoencoderKL::decode_peak_bytes`]).
     pub fn decode_peak_bytes(&self, h: usize, w: usize) -> u64 {

@@ -39,9 +39,23 @@ impl RgbImage {
     }
 }
 
+/// What becomes of transparency when an image turns RGB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Alpha {
+    /// Composited over white, as transformers' `convert_to_rgb` (the image processors) does.
+    OverWhite,
+    /// Dropped, as Pillow's `Image.convert("RGB")` (the evaluation scripts) does.
+    Drop,
+}
+
 /// Decodes `bytes` into RGB after checking, from the header, that the image is non-empty, in a supported format
 /// and has at most `max_pixels` pixels (the cluster's shared image rules, `mip_admission::image`).
 pub fn decode_rgb(bytes: &[u8], field: &str, max_pixels: u64) -> Result<RgbImage, InvalidInput> {
+    decode_rgb_with(bytes, field, max_pixels, Alpha::OverWhite)
+}
+
+/// [`decode_rgb`] with a choice of what happens to transparency.
+pub fn decode_rgb_with(bytes: &[u8], field: &str, max_pixels: u64, alpha: Alpha) -> Result<RgbImage, InvalidInput> {
     let (w, h) = check_header(bytes, field, max_pixels)?;
     if bytes.starts_with(&[0xFF, 0xD8]) {
         // Baseline JPEGs are decoded exactly as libjpeg-turbo (Pillow) does; others fall through.
@@ -52,7 +66,32 @@ pub fn decode_rgb(bytes: &[u8], field: &str, max_pixels: u64) -> Result<RgbImage
             return Ok(img);
         }
     }
-    Ok(to_rgb_like_pillow(&decode_within(bytes, field, w, h)?))
+    let img = decode_within(bytes, field, w, h)?;
+    Ok(match alpha {
+        Alpha::OverWhite => to_rgb_like_pillow(&img),
+        Alpha::Drop => to_rgb_dropping_alpha(&img),
+    })
+}
+
+/// Pillow's `convert("RGB")`: alpha dropped, grey replicated, 16-bit as in [`to_rgb_like_pillow`].
+pub fn to_rgb_dropping_alpha(img: &DynamicImage) -> RgbImage {
+    let (width, height) = (img.width() as usize, img.height() as usize);
+    let data: Vec<u8> = match img {
+        DynamicImage::ImageRgb8(b) => b.as_raw().clone(),
+        DynamicImage::ImageRgba8(b) => b.as_raw().chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]).collect(),
+        DynamicImage::ImageLuma8(b) => b.as_raw().iter().flat_map(|&v| [v, v, v]).collect(),
+        DynamicImage::ImageLumaA8(b) => b.as_raw().chunks_exact(2).flat_map(|p| [p[0]; 3]).collect(),
+        DynamicImage::ImageLuma16(b) => b.as_raw().iter().map(|&v| clip16(v)).flat_map(|v| [v, v, v]).collect(),
+        DynamicImage::ImageLumaA16(b) => b.as_raw().chunks_exact(2).flat_map(|p| [high(p[0]); 3]).collect(),
+        DynamicImage::ImageRgb16(b) => b.as_raw().iter().map(|&v| high(v)).collect(),
+        DynamicImage::ImageRgba16(b) => b
+            .as_raw()
+            .chunks_exact(4)
+            .flat_map(|p| [high(p[0]), high(p[1]), high(p[2])])
+            .collect(),
+        other => other.to_rgb8().into_raw(),
+    };
+    RgbImage { width, height, data }
 }
 
 /// Converts any decoded image to 8-bit RGB as transformers' `convert_to_rgb` does on the image Pillow would have

@@ -1,9 +1,11 @@
-//! CLIP encoders as published by transformers: the text encoders of SDXL ([`text`]) and the image encoder of
-//! IP-Adapter ([`vision`]). This file holds the configs and the pre-norm transformer encoder they share.
+//! CLIP encoders as published by transformers: the text encoders of SDXL ([`text`]), the image encoder of
+//! IP-Adapter ([`vision`]) and the two-tower `CLIPModel` of the evaluation ([`full`]). This file holds the configs
+//! and the pre-norm transformer encoder they share (also used, with ViT's key names, by [`super::vit`]).
 //!
 //! Precision: layer norms and attention softmax run in f32 whatever the model dtype (transformers computes
 //! softmax in f32 and layer norms at least that precisely), so f16/bf16 weights stay close to the reference.
 
+pub mod full;
 pub mod text;
 pub mod vision;
 
@@ -15,6 +17,7 @@ use serde::Deserialize;
 
 use crate::error::{ModelError, Result as ModelResult};
 
+pub use full::ClipModel;
 pub use text::{ClipTextModel, ClipTextOutput};
 pub use vision::{ClipVisionModel, ClipVisionOutput};
 
@@ -123,14 +126,15 @@ impl ClipVisionConfig {
     }
 }
 
-/// Parses `path`, descending into `sub` when present (top-level `projection_dim` is kept as a fallback).
+/// Parses `path`, descending into `sub` when present. A full `CLIPConfig`'s top-level `projection_dim` is the
+/// one its projections have (the sub-configs carry an unused default of their own), so it wins.
 fn read_sub_config<T: serde::de::DeserializeOwned>(path: &Path, sub: &str) -> ModelResult<T> {
     let mut json: serde_json::Value = crate::model::weights::read_json(path)?;
     if let Some(inner) = json.get(sub).filter(|v| v.is_object()).cloned() {
         let proj = json.get("projection_dim").cloned();
         json = inner;
         if let (Some(p), Some(obj)) = (proj, json.as_object_mut()) {
-            obj.entry("projection_dim").or_insert(p);
+            obj.insert("projection_dim".into(), p);
         }
     }
     serde_json::from_value(json).map_err(|e| config_err(path, e.to_string()))
@@ -183,7 +187,49 @@ impl Module for LayerNorm32 {
     }
 }
 
-/// Multi-head self-attention (`q_proj`, `k_proj`, `v_proj`, `out_proj`, all with bias).
+/// The key names of a pre-norm encoder layer: CLIP's (transformers `CLIPEncoderLayer`) or ViT's (`ViTLayer`, the
+/// DINO evaluation model). The maths is the same; only the names differ.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct EncoderKeys {
+    pub layers: &'static str,
+    pub norm1: &'static str,
+    pub norm2: &'static str,
+    pub q: &'static str,
+    pub k: &'static str,
+    pub v: &'static str,
+    pub out: &'static str,
+    pub fc1: &'static str,
+    pub fc2: &'static str,
+}
+
+/// `encoder.layers.N.{layer_norm1, self_attn.{q,k,v,out}_proj, layer_norm2, mlp.fc1, mlp.fc2}`.
+pub(crate) const CLIP_KEYS: EncoderKeys = EncoderKeys {
+    layers: "layers",
+    norm1: "layer_norm1",
+    norm2: "layer_norm2",
+    q: "self_attn.q_proj",
+    k: "self_attn.k_proj",
+    v: "self_attn.v_proj",
+    out: "self_attn.out_proj",
+    fc1: "mlp.fc1",
+    fc2: "mlp.fc2",
+};
+
+/// `encoder.layer.N.{layernorm_before, attention.attention.{query,key,value}, attention.output.dense,
+/// layernorm_after, intermediate.dense, output.dense}`.
+pub(crate) const VIT_KEYS: EncoderKeys = EncoderKeys {
+    layers: "layer",
+    norm1: "layernorm_before",
+    norm2: "layernorm_after",
+    q: "attention.attention.query",
+    k: "attention.attention.key",
+    v: "attention.attention.value",
+    out: "attention.output.dense",
+    fc1: "intermediate.dense",
+    fc2: "output.dense",
+};
+
+/// Multi-head self-attention (query, key, value and output projections, all with bias).
 #[derive(Debug, Clone)]
 struct SelfAttention {
     q_proj: Linear,
@@ -196,13 +242,13 @@ struct SelfAttention {
 }
 
 impl SelfAttention {
-    fn new(vb: VarBuilder, hidden: usize, heads: usize) -> Result<Self> {
+    fn new(vb: &VarBuilder, hidden: usize, heads: usize, keys: &EncoderKeys) -> Result<Self> {
         let head_dim = hidden / heads;
         Ok(Self {
-            q_proj: linear(hidden, hidden, vb.pp("q_proj"))?,
-            k_proj: linear(hidden, hidden, vb.pp("k_proj"))?,
-            v_proj: linear(hidden, hidden, vb.pp("v_proj"))?,
-            out_proj: linear(hidden, hidden, vb.pp("out_proj"))?,
+            q_proj: linear(hidden, hidden, vb.pp(keys.q))?,
+            k_proj: linear(hidden, hidden, vb.pp(keys.k))?,
+            v_proj: linear(hidden, hidden, vb.pp(keys.v))?,
+            out_proj: linear(hidden, hidden, vb.pp(keys.out))?,
             heads,
             head_dim,
             scale: (head_dim as f64).powf(-0.5),
@@ -243,14 +289,14 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn new(vb: VarBuilder, dims: &EncoderDims) -> Result<Self> {
+    fn new(vb: VarBuilder, dims: &EncoderDims, keys: &EncoderKeys) -> Result<Self> {
         let h = dims.hidden;
         Ok(Self {
-            layer_norm1: LayerNorm32::new(h, dims.eps, vb.pp("layer_norm1"))?,
-            self_attn: SelfAttention::new(vb.pp("self_attn"), h, dims.heads)?,
-            layer_norm2: LayerNorm32::new(h, dims.eps, vb.pp("layer_norm2"))?,
-            fc1: linear(h, dims.intermediate, vb.pp("mlp.fc1"))?,
-            fc2: linear(dims.intermediate, h, vb.pp("mlp.fc2"))?,
+            layer_norm1: LayerNorm32::new(h, dims.eps, vb.pp(keys.norm1))?,
+            self_attn: SelfAttention::new(&vb, h, dims.heads, keys)?,
+            layer_norm2: LayerNorm32::new(h, dims.eps, vb.pp(keys.norm2))?,
+            fc1: linear(h, dims.intermediate, vb.pp(keys.fc1))?,
+            fc2: linear(dims.intermediate, h, vb.pp(keys.fc2))?,
             act: dims.act,
         })
     }
@@ -265,32 +311,37 @@ impl EncoderLayer {
 
 /// The sizes an encoder needs, common to text and vision configs.
 #[derive(Debug, Clone, Copy)]
-struct EncoderDims {
-    hidden: usize,
-    intermediate: usize,
-    layers: usize,
-    heads: usize,
-    eps: f64,
-    act: Activation,
+pub(crate) struct EncoderDims {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub eps: f64,
+    pub act: Activation,
 }
 
-/// The stack `encoder.layers.N`.
+/// The stack `encoder.layers.N` (`encoder.layer.N` for ViT).
 #[derive(Debug, Clone)]
-struct Encoder {
+pub(crate) struct Encoder {
     layers: Vec<EncoderLayer>,
 }
 
 impl Encoder {
     fn new(vb: VarBuilder, dims: &EncoderDims) -> Result<Self> {
-        let vb = vb.pp("layers");
+        Self::with_keys(vb, dims, &CLIP_KEYS)
+    }
+
+    /// An encoder whose layers are named by `keys`.
+    pub(crate) fn with_keys(vb: VarBuilder, dims: &EncoderDims, keys: &EncoderKeys) -> Result<Self> {
+        let vb = vb.pp(keys.layers);
         let layers = (0..dims.layers)
-            .map(|i| EncoderLayer::new(vb.pp(i), dims))
+            .map(|i| EncoderLayer::new(vb.pp(i), dims, keys))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { layers })
     }
 
     /// Runs the first `n` layers.
-    fn forward_n(&self, x: &Tensor, mask: Option<&Tensor>, n: usize) -> Result<Tensor> {
+    pub(crate) fn forward_n(&self, x: &Tensor, mask: Option<&Tensor>, n: usize) -> Result<Tensor> {
         let mut x = x.clone();
         for layer in self.layers.iter().take(n) {
             x = layer.forward(&x, mask)?;
@@ -299,7 +350,7 @@ impl Encoder {
     }
 
     /// `(last, penultimate)`: the output of the last layer and `hidden_states[-2]` (its input).
-    fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+    pub(crate) fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
         let n = self.layers.len();
         let penultimate = self.forward_n(x, mask, n.saturating_sub(1))?;
         let last = match self.layers.last() {
@@ -311,7 +362,7 @@ impl Encoder {
 }
 
 /// Takes the first `n` positions of a `(max, H)` table and adds it to `(B, n, H)` embeddings.
-fn add_positions(x: &Tensor, table: &Tensor) -> Result<Tensor> {
+pub(crate) fn add_positions(x: &Tensor, table: &Tensor) -> Result<Tensor> {
     let n = x.dim(1)?;
     x.broadcast_add(&table.narrow(0, 0, n)?.unsqueeze(0)?)
 }
