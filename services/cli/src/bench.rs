@@ -97,6 +97,7 @@ fn spec_for(model: &str) -> Result<ModelSpec> {
             adapter: dir.join("adapter").join("mip_sdxl_2obj.safetensors"),
             resampler: None,
             default_size: Some([128, 128]),
+            eval: None,
         });
     }
     Ok(crate::model::resolve(model)?.0)

@@ -24,6 +24,7 @@ mod bench_sdxl;
 mod client;
 mod config_cmd;
 mod device;
+mod eval;
 mod generate;
 mod jobs;
 mod local;
@@ -66,6 +67,8 @@ enum Command {
     Cancel(jobs::CancelArgs),
     /// Compare every tensor of a fixture folder against our implementation.
     Parity(parity::Args),
+    /// Score generated images: CLIP-T against the prompt, CLIP-I and DINO against each subject's references.
+    Eval(eval::Args),
     /// Time each stage of the pipeline.
     Bench(bench::Args),
     /// Measure the coordinator's overhead per task and the throughput against 1, 2 and 4 workers.
@@ -108,6 +111,7 @@ fn main() {
         Command::Jobs(a) => jobs::jobs(a),
         Command::Cancel(a) => jobs::cancel(a),
         Command::Parity(a) => parity::run(a),
+        Command::Eval(a) => eval::run(a),
         Command::Bench(a) => bench::run(a),
         Command::BenchCluster(a) => bench_cluster::run(a),
         Command::Model(c) => model::run(c),

@@ -84,3 +84,24 @@ pub fn model_index() -> Value {
         "vae": ["diffusers", "AutoencoderKL"],
     })
 }
+
+/// The demo's evaluation CLIP (`CLIPConfig`): tiny text and vision towers, ViT-B/32's patch size and input side.
+pub fn eval_clip(vocab_size: usize) -> Value {
+    json!({
+        "architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": 16,
+        "text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "max_position_embeddings": 77, "hidden_act": "quick_gelu", "vocab_size": vocab_size,
+            "bos_token_id": vocab_size - 2, "eos_token_id": vocab_size - 1, "pad_token_id": vocab_size - 1},
+        "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "image_size": 224, "patch_size": 32, "hidden_act": "quick_gelu"},
+    })
+}
+
+/// The demo's evaluation DINO (`ViTConfig`): a tiny ViT with DINO ViT-S/16's patch size and input side.
+pub fn eval_dino() -> Value {
+    json!({
+        "architectures": ["ViTModel"], "model_type": "vit", "hidden_size": 32, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "intermediate_size": 64, "hidden_act": "gelu", "layer_norm_eps": 1e-12,
+        "image_size": 224, "patch_size": 16, "num_channels": 3, "qkv_bias": true,
+    })
+}

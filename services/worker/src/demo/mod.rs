@@ -20,18 +20,19 @@ use candle_core::DType;
 use serde_json::{json, Value};
 
 use crate::error::{ModelError, Result};
-use crate::model::clip::{ClipTextConfig, ClipTextModel, ClipVisionConfig, ClipVisionModel};
+use crate::model::clip::{ClipModel, ClipTextConfig, ClipTextModel, ClipVisionConfig, ClipVisionModel};
 use crate::model::image_proj::{ImageProjModel, ImageProjModelConfig};
 use crate::model::unet::{AdapterWeights, UNet2DConditionModel, UNetConfig};
 use crate::model::vae::{AutoencoderKL, VaeConfig};
+use crate::model::vit::{VitConfig, VitModel};
 use weights::RandomWeights;
 
 /// Bumped whenever the demo model's contents change, so caches of an older one are not reused.
-pub const DEMO_VERSION: u32 = 1;
+pub const DEMO_VERSION: u32 = 2;
 
 const SEED: u64 = 0x4d49_5044_454d_4f31;
 
-/// Writes the demo bundle (`mip.json`, `sdxl/`, `image_encoder/`, `adapter/`, `refs/`) into `out`.
+/// Writes the demo bundle (`mip.json`, `sdxl/`, `image_encoder/`, `adapter/`, `eval/`, `refs/`) into `out`.
 pub fn write_demo(out: &Path) -> Result<()> {
     let base = out.join("sdxl");
     let vocab = tokenizer::vocab_size();
@@ -89,14 +90,39 @@ pub fn write_demo(out: &Path) -> Result<()> {
     record(&vae_cfg_path, |vb| AutoencoderKL::new(vb, &vae_cfg).map(drop), &w)?;
     w.save(&base.join("vae/diffusion_pytorch_model.safetensors"), DType::F32)?;
 
+    write_eval_models(&out.join("eval"))?;
+
     for (i, name) in ["cat", "jacket"].iter().enumerate() {
         write(&out.join("refs").join(format!("{name}.png")), &example_image(i))?;
     }
     let manifest = json!({
         "base": "sdxl", "image_encoder": "image_encoder", "adapter": "adapter/mip_sdxl_demo.safetensors",
-        "default_size": [256, 256],
+        "default_size": [256, 256], "eval": {"clip": "eval/clip", "dino": "eval/dino"},
     });
     write_json(&out.join(crate::pipeline::spec::MANIFEST), &manifest)
+}
+
+/// The tiny evaluation models of the demo bundle: `clip/` (a `CLIPModel` with the demo tokenizer) and `dino/` (a
+/// `ViTModel`), in their transformers layouts.
+fn write_eval_models(dir: &Path) -> Result<()> {
+    let clip = dir.join("clip");
+    let vocab = tokenizer::vocab_size();
+    write_json(&clip.join("config.json"), &configs::eval_clip(vocab))?;
+    for (name, text) in tokenizer::tokenizer_files("<|endoftext|>", 0) {
+        write(&clip.join(name), text.as_bytes())?;
+    }
+    let cfg = clip.join("config.json");
+    let (text, vision) = (ClipTextConfig::from_file(&cfg)?, ClipVisionConfig::from_file(&cfg)?);
+    let w = RandomWeights::new(SEED ^ 6);
+    record(&clip, |vb| ClipModel::new(vb, &text, &vision).map(drop), &w)?;
+    w.save(&clip.join("model.safetensors"), DType::F32)?;
+    let dino = dir.join("dino");
+    write_json(&dino.join("config.json"), &configs::eval_dino())?;
+    let cfg = VitConfig::from_file(&dino.join("config.json"))?;
+    let w = RandomWeights::new(SEED ^ 7);
+    record(&dino, |vb| VitModel::new(vb, &cfg).map(drop), &w)?;
+    w.save(&dino.join("model.safetensors"), DType::F32)?;
+    Ok(())
 }
 
 /// A deterministic 96x96 PNG with a coloured pattern (`i` picks the colours), for examples and benchmarks.

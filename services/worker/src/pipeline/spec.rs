@@ -29,6 +29,18 @@ pub struct ModelSpec {
     /// Default image size `[width, height]` when a request gives none (the demo model's is small).
     #[serde(default)]
     pub default_size: Option<[usize; 2]>,
+    /// The evaluation models (`mip eval`, scores), when the bundle has them.
+    #[serde(default)]
+    pub eval: Option<EvalSpec>,
+}
+
+/// Where a bundle's evaluation models live: a transformers `CLIPModel` folder (with its tokenizer) and a
+/// `ViTModel` folder (DINO).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSpec {
+    pub clip: PathBuf,
+    pub dino: PathBuf,
 }
 
 impl ModelSpec {
@@ -45,6 +57,10 @@ impl ModelSpec {
         spec.base = dir.join(&spec.base);
         spec.image_encoder = dir.join(&spec.image_encoder);
         spec.adapter = dir.join(&spec.adapter);
+        if let Some(e) = &mut spec.eval {
+            e.clip = dir.join(&e.clip);
+            e.dino = dir.join(&e.dino);
+        }
         Ok(spec)
     }
 }

@@ -21,6 +21,7 @@ pub fn sdxl_spec(dir: &Path) -> ModelSpec {
         adapter: dir.join("adapter/mip_sdxl_2obj.safetensors"),
         resampler: None,
         default_size: None,
+        eval: None,
     }
 }
 

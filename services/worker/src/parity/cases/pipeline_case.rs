@@ -31,6 +31,7 @@ fn run_inner(dir: &Path, name: &str, opts: &super::RunOptions, push: &mut dyn Fn
         adapter: dir.join(&case.adapter),
         resampler: case.resampler,
         default_size: None,
+        eval: None,
     };
     let p = MipPipeline::load(&spec, &opts.device, opts.dtype).map_err(|e| format!("load: {e}"))?;
     if let Some(bin) = &case.adapter_bin {

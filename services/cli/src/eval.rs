@@ -1,0 +1,246 @@
+//! `mip eval DIR…`: scores generated images with the published metrics. Every JSON sidecar in the folders (as
+//! `mip generate` writes them: the image's file name, the prompt, and each subject's name with its reference
+//! images) gives one image; its CLIP-T is scored against the prompt, its CLIP-I and DINO against each subject's
+//! reference images and averaged over the subjects. The aggregates average per prompt, then over prompts. The
+//! evaluation models come from the bundle's `mip.json` (`eval`: the demo bundle has tiny ones) or `--clip` /
+//! `--dino`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use indicatif::{ProgressBar, ProgressStyle};
+use mip_worker::eval::metrics::{clip_t, mean, set_similarity};
+use mip_worker::eval::preprocess::{CLIP_EVAL, DINO_EVAL};
+use mip_worker::eval::{ClipEval, DinoEval};
+use mip_worker::pipeline::image_decode::DEFAULT_MAX_PIXELS;
+use serde_json::{json, Value};
+
+use crate::device::DeviceArgs;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Folders of generated images with their JSON sidecars.
+    #[arg(required = true)]
+    dirs: Vec<PathBuf>,
+    /// `demo` or a model bundle whose mip.json names the evaluation models (`eval`).
+    #[arg(long, default_value = "demo")]
+    model: String,
+    /// The evaluation CLIP folder (a transformers CLIPModel with its tokenizer), instead of the bundle's.
+    #[arg(long)]
+    clip: Option<PathBuf>,
+    /// The evaluation DINO folder (a transformers ViTModel), instead of the bundle's.
+    #[arg(long)]
+    dino: Option<PathBuf>,
+    #[command(flatten)]
+    run_on: DeviceArgs,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// One image to score, read from its sidecar.
+struct Item {
+    image: PathBuf,
+    prompt: String,
+    subjects: Vec<(String, Vec<PathBuf>)>,
+}
+
+/// A reference path as written in a sidecar: as given when it exists, else relative to the sidecar's folder.
+fn resolve(path: &str, dir: &Path) -> PathBuf {
+    let p = PathBuf::from(path);
+    if p.is_absolute() || p.exists() {
+        p
+    } else {
+        dir.join(p)
+    }
+}
+
+fn read_item(sidecar: &Path) -> Result<Option<Item>> {
+    let text = std::fs::read_to_string(sidecar).with_context(|| format!("reading {}", sidecar.display()))?;
+    let v: Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", sidecar.display()))?;
+    let (Some(image), Some(prompt)) = (v["image"].as_str(), v["prompt"].as_str()) else {
+        return Ok(None);
+    };
+    let dir = sidecar.parent().unwrap_or(Path::new("."));
+    let mut subjects = Vec::new();
+    for s in v["subjects"].as_array().into_iter().flatten() {
+        let name = s["name"].as_str().unwrap_or_default().to_owned();
+        let images: Vec<PathBuf> = match (s["images"].as_array(), s["arg"].as_str()) {
+            (Some(list), _) => list.iter().filter_map(Value::as_str).map(|p| resolve(p, dir)).collect(),
+            (None, Some(arg)) => arg
+                .split_once('=')
+                .map(|(_, imgs)| imgs.split(',').map(|p| resolve(p, dir)).collect())
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        if images.is_empty() {
+            bail!("{}: subject `{name}` names no reference images", sidecar.display());
+        }
+        subjects.push((name, images));
+    }
+    Ok(Some(Item {
+        image: dir.join(image),
+        prompt: prompt.to_owned(),
+        subjects,
+    }))
+}
+
+fn items(dirs: &[PathBuf]) -> Result<Vec<Item>> {
+    let mut out = Vec::new();
+    for dir in dirs {
+        let mut sidecars: Vec<PathBuf> = std::fs::read_dir(dir)
+            .with_context(|| format!("reading {}", dir.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "json"))
+            .collect();
+        sidecars.sort();
+        for s in sidecars {
+            out.extend(read_item(&s)?);
+        }
+    }
+    if out.is_empty() {
+        bail!("no image sidecars (JSON with `image` and `prompt`) in {dirs:?}");
+    }
+    Ok(out)
+}
+
+/// The features of one image file (or reference) for both models, as rows.
+struct Features<'a> {
+    clip: &'a ClipEval,
+    dino: &'a DinoEval,
+}
+
+impl Features<'_> {
+    fn of(&self, path: &Path) -> Result<(Vec<f32>, Vec<f32>)> {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let field = path.display().to_string();
+        let c = CLIP_EVAL.prepare(&bytes, &field, DEFAULT_MAX_PIXELS)?;
+        let d = DINO_EVAL.prepare(&bytes, &field, DEFAULT_MAX_PIXELS)?;
+        let row = |t: Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1()?) };
+        Ok((
+            row(self.clip.image_features(&c.unsqueeze(0)?)?)?,
+            row(self.dino.features(&d.unsqueeze(0)?)?)?,
+        ))
+    }
+}
+
+fn models(a: &Args, device: &Device, dtype: candle_core::DType) -> Result<(ClipEval, DinoEval)> {
+    let bundle = match (&a.clip, &a.dino) {
+        (Some(_), Some(_)) => None,
+        _ => crate::model::resolve(&a.model)?.0.eval,
+    };
+    let pick = |given: &Option<PathBuf>, from_bundle: Option<PathBuf>, what: &str| -> Result<PathBuf> {
+        given.clone().or(from_bundle).with_context(|| {
+            format!(
+                "no evaluation {what} model: the bundle `{}` names none (`eval` in mip.json); pass --{what}",
+                a.model
+            )
+        })
+    };
+    let clip_dir = pick(&a.clip, bundle.as_ref().map(|e| e.clip.clone()), "clip")?;
+    let dino_dir = pick(&a.dino, bundle.as_ref().map(|e| e.dino.clone()), "dino")?;
+    Ok((
+        ClipEval::load(&clip_dir, device, dtype)?,
+        DinoEval::load(&dino_dir, device, dtype)?,
+    ))
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let (device, dtype) = a.run_on.resolve()?;
+    let (clip, dino) = models(&a, &device, dtype)?;
+    let features = Features {
+        clip: &clip,
+        dino: &dino,
+    };
+    let items = items(&a.dirs)?;
+    let bar = ProgressBar::new(items.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("scoring [{bar:30}] {pos}/{len} images {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("#>-"),
+    );
+    let mut refs: BTreeMap<PathBuf, (Vec<f32>, Vec<f32>)> = BTreeMap::new();
+    let mut rows = Vec::with_capacity(items.len());
+    for item in &items {
+        let (img_clip, img_dino) = features.of(&item.image)?;
+        let text = clip.text_features(&item.prompt)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut per_subject = Vec::new();
+        for (name, images) in &item.subjects {
+            let mut clip_refs = Vec::new();
+            let mut dino_refs = Vec::new();
+            for p in images {
+                if !refs.contains_key(p) {
+                    refs.insert(p.clone(), features.of(p)?);
+                }
+                let (c, d) = &refs[p];
+                clip_refs.push(c.clone());
+                dino_refs.push(d.clone());
+            }
+            per_subject.push(json!({
+                "name": name,
+                "clip_i": set_similarity(std::slice::from_ref(&img_clip), &clip_refs),
+                "dino": set_similarity(std::slice::from_ref(&img_dino), &dino_refs),
+            }));
+        }
+        let avg = |key: &str| mean(per_subject.iter().filter_map(|s| s[key].as_f64()));
+        rows.push(json!({
+            "image": item.image.display().to_string(), "prompt": item.prompt,
+            "clip_t": clip_t(&img_clip, &text), "clip_i": avg("clip_i"), "dino": avg("dino"),
+            "subjects": per_subject,
+        }));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let aggregate = aggregate(&rows);
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"images": rows, "aggregate": aggregate}))?
+        );
+        return Ok(());
+    }
+    let f = |v: &Value| v.as_f64().map_or("-".to_owned(), |x| format!("{x:.4}"));
+    println!("{:<48} {:>8} {:>8} {:>8}", "image", "CLIP-T", "CLIP-I", "DINO");
+    for r in &rows {
+        let name = Path::new(r["image"].as_str().unwrap_or_default())
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        println!(
+            "{name:<48} {:>8} {:>8} {:>8}",
+            f(&r["clip_t"]),
+            f(&r["clip_i"]),
+            f(&r["dino"])
+        );
+    }
+    println!(
+        "{:<48} {:>8} {:>8} {:>8}",
+        format!("mean ({} prompts, {} images)", aggregate["prompts"], rows.len()),
+        f(&aggregate["clip_t"]),
+        f(&aggregate["clip_i"]),
+        f(&aggregate["dino"])
+    );
+    Ok(())
+}
+
+/// Each metric averaged per prompt, then over prompts.
+fn aggregate(rows: &[Value]) -> Value {
+    let mut by_prompt: BTreeMap<&str, Vec<&Value>> = BTreeMap::new();
+    for r in rows {
+        by_prompt
+            .entry(r["prompt"].as_str().unwrap_or_default())
+            .or_default()
+            .push(r);
+    }
+    let metric = |key: &str| {
+        mean(
+            by_prompt
+                .values()
+                .filter_map(|group| mean(group.iter().filter_map(|r| r[key].as_f64()))),
+        )
+    };
+    json!({"prompts": by_prompt.len(), "images": rows.len(),
+           "clip_t": metric("clip_t"), "clip_i": metric("clip_i"), "dino": metric("dino")})
+}
