@@ -18,12 +18,15 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use mip_worker::error::ForwardContext;
+use mip_worker::eval::preprocess::{EvalTransform, CLIP_EVAL, DINO_EVAL};
 use mip_worker::model::clip::text::ClipTextModel;
 use mip_worker::model::clip::vision::ClipVisionModel;
-use mip_worker::model::clip::{ClipTextConfig, ClipVisionConfig};
+use mip_worker::model::clip::{ClipModel, ClipTextConfig, ClipVisionConfig};
 use mip_worker::model::unet::{AdapterWeights, MergeCond, UNet2DConditionModel, UNetCond, UNetConfig};
 use mip_worker::model::vae::{AutoencoderKL, VaeConfig};
+use mip_worker::model::vit::{VitConfig, VitModel};
 use mip_worker::pipeline::generate::{decode_latents, denoise_with, Sampling};
+use mip_worker::pipeline::image_decode::RgbImage;
 use mip_worker::pipeline::precision::vae_dtype;
 use mip_worker::pipeline::scheduler::{SchedulerConfig, SchedulerKind};
 
@@ -266,6 +269,12 @@ pub fn run(a: &SdxlArgs) -> Result<Value> {
 
     let whole = text_ms + image_ms + a.steps as f64 * merged_ms + vae_ms;
     out.insert(format!("whole_image_ms_{}steps_estimated", a.steps), json!(whole));
+    let score = score_ms(a, &vb)?;
+    out.insert("score_ms_1img".into(), json!(score));
+    out.insert(
+        "score_share_of_whole_image".into(),
+        json!(score / (whole - vae_ms + pipeline_vae_ms)),
+    );
     if pipeline_vae_ms != vae_ms {
         out.insert(
             format!("whole_image_ms_{}steps_pipeline_vae_estimated", a.steps),
@@ -327,6 +336,52 @@ fn unet_and_conds(
         merge: None,
     };
     Ok((unet, merged, plain))
+}
+
+/// Scoring one generated image of `a.size` as a scoring request does: both evaluation preprocessings (resize,
+/// crop, normalise to 224²), CLIP ViT-B/32 image and caption features and DINO ViT-S/16 features, with random
+/// weights in their real shapes (`--tiny`: small ones).
+fn score_ms(a: &SdxlArgs, vb: &VarBuilder) -> Result<f64> {
+    let (dev, dt) = (&a.device, a.dtype);
+    let (text, vision, dino) = if a.tiny {
+        (json!([32, 64, 2, 4]), json!([32, 64, 2, 4]), json!([32, 64, 2, 4]))
+    } else {
+        (
+            json!([512, 2048, 12, 8]),
+            json!([768, 3072, 12, 12]),
+            json!([384, 1536, 12, 6]),
+        )
+    };
+    let dims = |v: &Value, i: usize| v[i].as_u64().unwrap_or(1);
+    let text: ClipTextConfig = serde_json::from_value(json!({"hidden_size": dims(&text, 0),
+        "intermediate_size": dims(&text, 1), "num_hidden_layers": dims(&text, 2), "num_attention_heads": dims(&text, 3),
+        "max_position_embeddings": 77, "vocab_size": 49408, "projection_dim": 512, "eos_token_id": 49407}))?;
+    let vision: ClipVisionConfig = serde_json::from_value(json!({"hidden_size": dims(&vision, 0),
+        "intermediate_size": dims(&vision, 1), "num_hidden_layers": dims(&vision, 2),
+        "num_attention_heads": dims(&vision, 3), "image_size": 224, "patch_size": 32, "projection_dim": 512}))?;
+    let dino: VitConfig = serde_json::from_value(json!({"hidden_size": dims(&dino, 0),
+        "intermediate_size": dims(&dino, 1), "num_hidden_layers": dims(&dino, 2), "num_attention_heads": dims(&dino, 3),
+        "image_size": 224, "patch_size": 16}))?;
+    let clip = ClipModel::new(vb.pp("eval_clip"), &text, &vision)?;
+    let dino = VitModel::new(vb.pp("eval_dino"), &dino)?;
+    let (w, h) = a.size;
+    let image = RgbImage {
+        width: w,
+        height: h,
+        data: (0..w * h * 3).map(|i| (i * 31 % 251) as u8).collect(),
+    };
+    let ids = Tensor::rand(0f32, 49000.0, (1, 77), dev)?.to_dtype(DType::U32)?;
+    median_ms(dev, a.iters, || {
+        let pixels = |t: &EvalTransform| -> Result<Tensor> {
+            Ok(t.to_tensor(&t.resize_crop(&image)?)?
+                .unsqueeze(0)?
+                .to_device(dev)?
+                .to_dtype(dt)?)
+        };
+        clip.image_features(&pixels(&CLIP_EVAL)?)?;
+        clip.text_features(&ids)?;
+        Ok(dino.cls_features(&pixels(&DINO_EVAL)?)?)
+    })
 }
 
 /// SDXL base's `scheduler_config.json` (EulerDiscreteScheduler): scaled-linear betas 0.00085..0.012 over 1000

@@ -20,7 +20,7 @@ impl ClipModel {
     /// `visual_projection.weight`, `logit_scale`).
     pub fn new(vb: VarBuilder, text: &ClipTextConfig, vision: &ClipVisionConfig) -> Result<Self> {
         if vb.contains_tensor("logit_scale") {
-            vb.get_unchecked_dtype("logit_scale", DType::F32)?;
+            vb.get_with_hints_dtype((), "logit_scale", Default::default(), DType::F32)?;
         }
         Ok(Self {
             text: ClipTextModel::new(vb.clone(), text, true)?,

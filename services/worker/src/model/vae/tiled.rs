@@ -208,6 +208,63 @@ mod tests {
     }
 
     #[test]
+    fn tiles_stay_within_the_error_of_their_own_decodes() {
+        // Each pixel of a tiled decode is a convex combination (blend weights y/e and 1 - y/e) of the decodes of
+        // the tiles covering it, all taken at that pixel. So its distance from the whole decode is at most the
+        // largest distance, at that pixel, of a covering tile decoded alone from the whole decode: the error is
+        // the method's (a tile's own GroupNorm statistics and attention context), never the assembly's.
+        let vae = vae();
+        let f = vae.config().scale_factor();
+        let (h, w, tile) = (16, 24, 8);
+        let step = tile * 3 / 4;
+        let z = Tensor::randn(0f32, 1.0, (1, 4, h, w), &Device::Cpu).expect("z");
+        let whole = vae.decode(&z).expect("whole");
+        let tiled = vae.decode_tiled(&z, tile).expect("tiled");
+        let (c, hh, ww) = (whole.dim(1).expect("c"), h * f, w * f);
+        let mut bound = vec![0f32; c * hh * ww];
+        for i in (0..h).step_by(step) {
+            for j in (0..w).step_by(step) {
+                let (th, tw) = (tile.min(h - i), tile.min(w - j));
+                let alone = vae
+                    .decode(&z.narrow(2, i, th).and_then(|t| t.narrow(3, j, tw)).expect("tile"))
+                    .expect("tile decode");
+                let region = whole
+                    .narrow(2, i * f, th * f)
+                    .and_then(|t| t.narrow(3, j * f, tw * f))
+                    .expect("region");
+                let diff: Vec<f32> = (alone - region)
+                    .and_then(|d| d.abs()?.flatten_all()?.to_vec1())
+                    .expect("diff");
+                let (rh, rw) = (th * f, tw * f);
+                for ch in 0..c {
+                    for y in 0..rh {
+                        for x in 0..rw {
+                            let at = &mut bound[(ch * hh + i * f + y) * ww + j * f + x];
+                            *at = at.max(diff[(ch * rh + y) * rw + x]);
+                        }
+                    }
+                }
+            }
+        }
+        let err: Vec<f32> = (&tiled - &whole)
+            .and_then(|d| d.abs()?.flatten_all()?.to_vec1())
+            .expect("err");
+        let worst = err
+            .iter()
+            .zip(&bound)
+            .map(|(e, b)| e - b)
+            .fold(f32::NEG_INFINITY, f32::max);
+        assert!(
+            worst <= 1e-5,
+            "a tiled pixel is further from the whole decode than its tiles: {worst}"
+        );
+        assert!(
+            err.iter().any(|e| *e > 0.0),
+            "tiles must differ somewhere, or the check shows nothing"
+        );
+    }
+
+    #[test]
     fn the_estimate_grows_with_area_and_picks_smaller_tiles_for_smaller_budgets() {
         let vae = vae();
         let big = vae.decode_peak_bytes(64, 64);
