@@ -10,7 +10,7 @@ use mip_worker::model::vae::AutoencoderKL;
 use mip_worker::pipeline::generate::initial_noise;
 use mip_worker::pipeline::precision::vae_dtype;
 use mip_worker::pipeline::vae_tiling::VaeTiling;
-use mip_worker::pipeline::{EncodedSubject, GenerateRequest, MipPipeline, ModelSpec, SubjectRequest};
+use mip_worker::pipeline::{EncodedSubject, GenerateRequest, MipPipeline, ModelSpec};
 use serde_json::json;
 
 use crate::device::{parse_size, DeviceArgs};
@@ -143,22 +143,8 @@ pub fn run(args: Args) -> Result<()> {
     let mut p = MipPipeline::load(&spec, &device, dtype)?;
     p.vae_tiling = vae_tiling;
     let load_ms = t_load.elapsed().as_secs_f64() * 1e3;
-    let names = ["cat", "jacket", "dog", "hat", "car", "tree", "cup", "lamp"];
     let image = mip_worker::demo::example_image(0);
-    let subjects: Vec<SubjectRequest> = (0..args.subjects)
-        .map(|i| SubjectRequest {
-            name: names[i % names.len()].to_owned(),
-            images: vec![image.clone()],
-        })
-        .collect();
-    let prompt = format!(
-        "a photo of {}",
-        subjects
-            .iter()
-            .map(|s| s.name.as_str())
-            .collect::<Vec<_>>()
-            .join(" and ")
-    );
+    let (subjects, prompt) = crate::bench_cold::example_subjects(args.subjects);
     let req = GenerateRequest {
         prompt: prompt.clone(),
         negative_prompt: Some("low quality".into()),

@@ -28,6 +28,26 @@ pub struct ColdArgs {
     pub tiling_check: Option<(usize, usize)>,
 }
 
+/// `n` subjects with the demo's example images, and a prompt naming them: what the benchmarks generate.
+pub fn example_subjects(n: usize) -> (Vec<SubjectRequest>, String) {
+    let names = ["cat", "jacket", "dog", "hat", "car", "tree", "cup", "lamp"];
+    let subjects: Vec<SubjectRequest> = (0..n)
+        .map(|i| SubjectRequest {
+            name: names[i % names.len()].to_owned(),
+            images: vec![mip_worker::demo::example_image(i)],
+        })
+        .collect();
+    let prompt = format!(
+        "a photo of {}",
+        subjects
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>()
+            .join(" and ")
+    );
+    (subjects, prompt)
+}
+
 /// Runs `f` as one stage: wall time and peak host RSS while it ran.
 fn stage<T>(rows: &mut Vec<Value>, name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     memory::reset_peak_rss();
@@ -55,21 +75,7 @@ pub fn run(a: &ColdArgs) -> Result<Value> {
     let load_s = started.elapsed().as_secs_f64();
 
     let (width, height) = a.size;
-    let names = ["cat", "jacket", "dog", "hat"];
-    let subjects: Vec<SubjectRequest> = (0..a.subjects)
-        .map(|i| SubjectRequest {
-            name: names[i % names.len()].to_owned(),
-            images: vec![mip_worker::demo::example_image(i)],
-        })
-        .collect();
-    let prompt = format!(
-        "a photo of {}",
-        subjects
-            .iter()
-            .map(|s| s.name.as_str())
-            .collect::<Vec<_>>()
-            .join(" and ")
-    );
+    let (subjects, prompt) = example_subjects(a.subjects);
     let req = GenerateRequest {
         prompt: prompt.clone(),
         subjects: subjects.clone(),

@@ -54,9 +54,22 @@ impl Pickle {
     }
 
     fn int(&mut self, v: usize) -> &mut Self {
-        // BININT: signed 32-bit; tensor sizes of an adapter fit, larger ones would need LONG1.
-        self.0.push(b'J');
-        self.0.extend_from_slice(&(v as i32).to_le_bytes());
+        match i32::try_from(v) {
+            // BININT: signed 32-bit.
+            Ok(v) => {
+                self.0.push(b'J');
+                self.0.extend_from_slice(&v.to_le_bytes());
+            }
+            // LONG1: a length byte, then little-endian two's complement (a zero byte keeps it positive).
+            Err(_) => {
+                let mut bytes = (v as u64).to_le_bytes().to_vec();
+                while bytes.len() > 1 && bytes[bytes.len() - 1] == 0 && bytes[bytes.len() - 2] & 0x80 == 0 {
+                    bytes.pop();
+                }
+                self.0.extend_from_slice(&[0x8a, bytes.len() as u8]);
+                self.0.extend_from_slice(&bytes);
+            }
+        }
         self
     }
 
@@ -173,6 +186,16 @@ mod tests {
             shape,
             &Device::Cpu,
         )
+    }
+
+    #[test]
+    fn large_integers_are_long1() {
+        let mut p = Pickle(Vec::new());
+        p.int(7).int(1 << 31).int(u32::MAX as usize + 2);
+        assert_eq!(&p.0[..5], &[b'J', 7, 0, 0, 0]);
+        // 2^31 needs a fifth byte to stay positive; 2^32 + 1 too.
+        assert_eq!(&p.0[5..12], &[0x8a, 5, 0, 0, 0, 0x80, 0]);
+        assert_eq!(&p.0[12..], &[0x8a, 5, 1, 0, 0, 0, 1]);
     }
 
     #[test]

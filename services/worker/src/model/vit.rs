@@ -10,7 +10,7 @@ use candle_core::{IndexOp, Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
 use serde::Deserialize;
 
-use super::clip::{add_positions, Activation, Encoder, EncoderDims, LayerNorm32, VIT_KEYS};
+use super::clip::{add_positions, class_and_patches, Activation, Encoder, EncoderDims, LayerNorm32, VIT_KEYS};
 use crate::error::{ModelError, Result as ModelResult};
 
 fn gelu() -> Activation {
@@ -127,18 +127,15 @@ impl VitModel {
 
     /// `layernorm(encoder(embeddings))` for `pixel_values` (B, C, S, S): (B, 1 + N, H).
     pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        let (b, c, hh, ww) = pixel_values.dims4()?;
-        let s = self.cfg.image_size;
-        if c != self.cfg.num_channels || hh != s || ww != s {
-            candle_core::bail!(
-                "ViT: pixel_values (B, {c}, {hh}, {ww}), expected (B, {}, {s}, {s})",
-                self.cfg.num_channels
-            );
-        }
-        let x = pixel_values.to_dtype(self.cls_token.dtype())?;
-        let patches = self.patch_embedding.forward(&x)?.flatten_from(2)?.transpose(1, 2)?;
-        let cls = self.cls_token.broadcast_as((b, 1, self.cfg.hidden_size))?;
-        let x = Tensor::cat(&[&cls.contiguous()?, &patches.contiguous()?], 1)?;
+        let cfg = &self.cfg;
+        let x = class_and_patches(
+            pixel_values,
+            &self.patch_embedding,
+            &self.cls_token,
+            cfg.num_channels,
+            cfg.image_size,
+            "ViT",
+        )?;
         let x = add_positions(&x, &self.position_embeddings)?;
         let (last, _) = self.encoder.forward(&x, None)?;
         self.layernorm.forward(&last)

@@ -361,6 +361,27 @@ impl Encoder {
     }
 }
 
+/// `[class token; patch embeddings]` (B, 1 + N, H) of `pixel_values` (B, C, S, S), checked against the model's
+/// `channels` and `size` (`what` names the model in the error): the input side of CLIP's vision tower and of ViT.
+pub(crate) fn class_and_patches(
+    pixel_values: &Tensor,
+    patch: &candle_nn::Conv2d,
+    class: &Tensor,
+    channels: usize,
+    size: usize,
+    what: &str,
+) -> Result<Tensor> {
+    let (b, c, hh, ww) = pixel_values.dims4()?;
+    if c != channels || hh != size || ww != size {
+        candle_core::bail!("{what}: pixel_values (B, {c}, {hh}, {ww}), expected (B, {channels}, {size}, {size})");
+    }
+    let x = pixel_values.to_dtype(class.dtype())?;
+    let patches = patch.forward(&x)?.flatten_from(2)?.transpose(1, 2)?;
+    let h = patches.dim(2)?;
+    let cls = class.reshape((1, 1, h))?.broadcast_as((b, 1, h))?;
+    Tensor::cat(&[&cls.contiguous()?, &patches.contiguous()?], 1)
+}
+
 /// Takes the first `n` positions of a `(max, H)` table and adds it to `(B, n, H)` embeddings.
 pub(crate) fn add_positions(x: &Tensor, table: &Tensor) -> Result<Tensor> {
     let n = x.dim(1)?;

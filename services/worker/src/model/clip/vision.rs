@@ -5,7 +5,7 @@
 use candle_core::{DType, IndexOp, Module, Result, Tensor};
 use candle_nn::{linear_no_bias, Conv2d, Conv2dConfig, Linear, VarBuilder};
 
-use super::{add_positions, ClipVisionConfig, Encoder, EncoderDims, LayerNorm32};
+use super::{add_positions, class_and_patches, ClipVisionConfig, Encoder, EncoderDims, LayerNorm32};
 
 /// What one forward pass of the image encoder returns.
 #[derive(Debug, Clone)]
@@ -73,19 +73,15 @@ impl ClipVisionModel {
 
     /// Class token + patch embeddings + positions, then `pre_layrnorm`: the encoder's input (B, 1 + N, H).
     fn embed(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        let (b, c, hh, ww) = pixel_values.dims4()?;
-        let s = self.cfg.image_size;
-        if c != self.cfg.num_channels || hh != s || ww != s {
-            candle_core::bail!(
-                "image encoder: pixel_values (B, {c}, {hh}, {ww}), expected (B, {}, {s}, {s})",
-                self.cfg.num_channels
-            );
-        }
-        let x = pixel_values.to_dtype(self.class_embedding.dtype())?;
-        let patches = self.patch_embedding.forward(&x)?.flatten_from(2)?.transpose(1, 2)?;
-        let h = self.cfg.hidden_size;
-        let cls = self.class_embedding.reshape((1, 1, h))?.broadcast_as((b, 1, h))?;
-        let x = Tensor::cat(&[&cls.contiguous()?, &patches.contiguous()?], 1)?;
+        let (cfg, what) = (&self.cfg, "image encoder");
+        let x = class_and_patches(
+            pixel_values,
+            &self.patch_embedding,
+            &self.class_embedding,
+            cfg.num_channels,
+            cfg.image_size,
+            what,
+        )?;
         self.pre_layrnorm.forward(&add_positions(&x, &self.position_embedding)?)
     }
 
