@@ -137,7 +137,7 @@ pub fn run(args: Args) -> Result<()> {
             tiling_check: args.tiling_check.as_deref().map(parse_size).transpose()?,
         };
         let out = crate::bench_cold::run(&a)?;
-        return print_cold(&out, args.json);
+        return crate::bench_cold::print(&out, args.json);
     }
     let t_load = Instant::now();
     let mut p = MipPipeline::load(&spec, &device, dtype)?;
@@ -231,51 +231,6 @@ pub fn run(args: Args) -> Result<()> {
         for s in &stages {
             println!("{:<42} {:>12.2} {:>12.2}", s.name, s.median(), s.min());
         }
-    }
-    Ok(())
-}
-
-/// Prints a `--cold` result as JSON or as tables.
-fn print_cold(out: &serde_json::Value, as_json: bool) -> Result<()> {
-    if as_json {
-        println!("{}", serde_json::to_string_pretty(out)?);
-        return Ok(());
-    }
-    let f = |v: &serde_json::Value| v.as_f64().map_or("-".to_owned(), |x| format!("{x:.3}"));
-    let g = |v: &serde_json::Value| v.as_f64().map_or("-".to_owned(), |x| format!("{:.3}", x / 1e9));
-    println!(
-        "{:<16} {:>10} {:>12} {:>14} {:>14}",
-        "component", "load s", "weights GB", "peak RSS GB", "RSS after GB"
-    );
-    for c in out["load"].as_array().into_iter().flatten() {
-        let name = c["component"].as_str().unwrap_or("");
-        let (s, w) = (f(&c["seconds"]), g(&c["weight_bytes"]));
-        let (p, a) = (g(&c["peak_rss_bytes"]), g(&c["rss_after_bytes"]));
-        println!("{name:<16} {s:>10} {w:>12} {p:>14} {a:>14}");
-    }
-    println!(
-        "load {} s, weights {} GB, peak RSS {} GB ({}x the weights)",
-        f(&out["load_seconds"]),
-        g(&out["weight_bytes"]),
-        g(&out["load_peak_rss_bytes"]),
-        f(&out["load_peak_over_weights"])
-    );
-    println!("{:<16} {:>10} {:>14}", "stage", "seconds", "peak RSS GB");
-    for r in out["first_image"].as_array().into_iter().flatten() {
-        let name = r["stage"].as_str().unwrap_or("");
-        println!("{name:<16} {:>10} {:>14}", f(&r["seconds"]), g(&r["peak_rss_bytes"]));
-    }
-    println!(
-        "first image ({}, {} steps, {} subjects) {} s after start; VAE tile {} (whole decode estimate {} GB)",
-        out["size"].as_str().unwrap_or(""),
-        out["steps"],
-        out["subjects"],
-        f(&out["first_image_seconds"]),
-        out["vae_tile"],
-        g(&out["vae_untiled_estimate_bytes"])
-    );
-    if let Some(t) = out.get("tiling_check") {
-        println!("tiling check: {t}");
     }
     Ok(())
 }

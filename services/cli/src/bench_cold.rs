@@ -170,3 +170,48 @@ pub fn tiling_check(vae: &AutoencoderKL, compute: DType, width: usize, height: u
               "mean_abs": d.mean_all()?.to_scalar::<f32>()?, "max_abs_8bit": max8}),
     )
 }
+
+/// Prints a `--cold` result as JSON or as tables.
+pub fn print(out: &Value, as_json: bool) -> Result<()> {
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(out)?);
+        return Ok(());
+    }
+    let f = |v: &Value| v.as_f64().map_or("-".to_owned(), |x| format!("{x:.3}"));
+    let g = |v: &Value| v.as_f64().map_or("-".to_owned(), |x| format!("{:.3}", x / 1e9));
+    println!(
+        "{:<16} {:>10} {:>12} {:>14} {:>14}",
+        "component", "load s", "weights GB", "peak RSS GB", "RSS after GB"
+    );
+    for c in out["load"].as_array().into_iter().flatten() {
+        let name = c["component"].as_str().unwrap_or("");
+        let (s, w) = (f(&c["seconds"]), g(&c["weight_bytes"]));
+        let (p, a) = (g(&c["peak_rss_bytes"]), g(&c["rss_after_bytes"]));
+        println!("{name:<16} {s:>10} {w:>12} {p:>14} {a:>14}");
+    }
+    println!(
+        "load {} s, weights {} GB, peak RSS {} GB ({}x the weights)",
+        f(&out["load_seconds"]),
+        g(&out["weight_bytes"]),
+        g(&out["load_peak_rss_bytes"]),
+        f(&out["load_peak_over_weights"])
+    );
+    println!("{:<16} {:>10} {:>14}", "stage", "seconds", "peak RSS GB");
+    for r in out["first_image"].as_array().into_iter().flatten() {
+        let name = r["stage"].as_str().unwrap_or("");
+        println!("{name:<16} {:>10} {:>14}", f(&r["seconds"]), g(&r["peak_rss_bytes"]));
+    }
+    println!(
+        "first image ({}, {} steps, {} subjects) {} s after start; VAE tile {} (whole decode estimate {} GB)",
+        out["size"].as_str().unwrap_or(""),
+        out["steps"],
+        out["subjects"],
+        f(&out["first_image_seconds"]),
+        out["vae_tile"],
+        g(&out["vae_untiled_estimate_bytes"])
+    );
+    if let Some(t) = out.get("tiling_check") {
+        println!("tiling check: {t}");
+    }
+    Ok(())
+}

@@ -373,7 +373,7 @@ fn score_ms(a: &SdxlArgs, vb: &VarBuilder) -> Result<f64> {
     let ids = Tensor::rand(0f32, 49000.0, (1, 77), dev)?.to_dtype(DType::U32)?;
     median_ms(dev, a.iters, || {
         let pixels = |t: &EvalTransform| -> Result<Tensor> {
-            Ok(t.to_tensor(&t.resize_crop(&image)?)?
+            Ok(t.tensor_of(&image, "image")?
                 .unsqueeze(0)?
                 .to_device(dev)?
                 .to_dtype(dt)?)

@@ -14,7 +14,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use mip_worker::eval::metrics::{clip_t, mean, set_similarity};
 use mip_worker::eval::preprocess::{CLIP_EVAL, DINO_EVAL};
 use mip_worker::eval::{ClipEval, DinoEval};
-use mip_worker::pipeline::image_decode::DEFAULT_MAX_PIXELS;
+use mip_worker::pipeline::image_decode::{decode_rgb_with, Alpha, DEFAULT_MAX_PIXELS};
 use serde_json::{json, Value};
 
 use crate::device::DeviceArgs;
@@ -116,8 +116,9 @@ impl Features<'_> {
     fn of(&self, path: &Path) -> Result<(Vec<f32>, Vec<f32>)> {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         let field = path.display().to_string();
-        let c = CLIP_EVAL.prepare(&bytes, &field, DEFAULT_MAX_PIXELS)?;
-        let d = DINO_EVAL.prepare(&bytes, &field, DEFAULT_MAX_PIXELS)?;
+        let rgb = decode_rgb_with(&bytes, &field, DEFAULT_MAX_PIXELS, Alpha::Drop)?;
+        let c = CLIP_EVAL.tensor_of(&rgb, &field)?;
+        let d = DINO_EVAL.tensor_of(&rgb, &field)?;
         let row = |t: Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1()?) };
         Ok((
             row(self.clip.image_features(&c.unsqueeze(0)?)?)?,

@@ -95,13 +95,17 @@ impl EvalTransform {
         Tensor::from_vec(data, (3, h, w), &Device::Cpu).stage("eval preprocess")
     }
 
-    /// Decodes `bytes` (alpha dropped, as `convert("RGB")`) and returns the normalised (3, crop, crop) tensor.
-    pub fn prepare(&self, bytes: &[u8], field: &str, max_pixels: u64) -> Result<Tensor> {
-        let img = decode_rgb_with(bytes, field, max_pixels, Alpha::Drop)?;
+    /// The normalised (3, crop, crop) tensor of a decoded image; `field` names it in errors.
+    pub fn tensor_of(&self, img: &RgbImage, field: &str) -> Result<Tensor> {
         let img = self
-            .resize_crop(&img)
+            .resize_crop(img)
             .map_err(|e| InvalidInput::new(field, e.rule, e.value))?;
         self.to_tensor(&img)
+    }
+
+    /// Decodes `bytes` (alpha dropped, as `convert("RGB")`) and returns its [`Self::tensor_of`].
+    pub fn prepare(&self, bytes: &[u8], field: &str, max_pixels: u64) -> Result<Tensor> {
+        self.tensor_of(&decode_rgb_with(bytes, field, max_pixels, Alpha::Drop)?, field)
     }
 }
 

@@ -147,12 +147,14 @@ impl WeightSet {
         source.tensor(name).ok()
     }
 
-    /// Number of values over all tensors (their bytes in a dtype are this times its size).
-    pub fn num_values(&self) -> u64 {
-        self.tensors
+    /// Bytes of all the tensors' values in `dtype` (what the device holds once they are loaded in it).
+    pub fn bytes_in(&self, dtype: DType) -> u64 {
+        let values: u64 = self
+            .tensors
             .values()
             .map(|(source, name, _)| source.dims(name).iter().product::<usize>() as u64)
-            .sum()
+            .sum();
+        values * dtype.size_in_bytes() as u64
     }
 
     /// A tensor's shape by key, without reading its values.

@@ -88,7 +88,7 @@ impl MipPipeline {
             )?)?);
             let image_encoder = ie_ws.build(dtype, device, |vb| ClipVisionModel::new(vb, &ie_cfg))?;
             ie_ws.ensure_all_used()?;
-            Ok::<_, ModelError>((image_encoder, bytes_in(&ie_ws, dtype)))
+            Ok::<_, ModelError>((image_encoder, ie_ws.bytes_in(dtype)))
         })?;
         let pp_path = ie_dir.join("preprocessor_config.json");
         let preprocess = if pp_path.is_file() {
@@ -115,15 +115,13 @@ impl MipPipeline {
                 .map_err(|e| adapter_ws.take_error().unwrap_or(e))?;
             unet_ws.ensure_all_used()?;
             adapter_ws.ensure_all_used()?;
-            let bytes = bytes_in(&unet_ws, dtype) + bytes_in(&adapter_ws, dtype);
+            let bytes = unet_ws.bytes_in(dtype) + adapter_ws.bytes_in(dtype);
             Ok::<_, ModelError>(((unet, image_proj), bytes))
         })?;
 
         let vae_dtype = super::precision::vae_dtype(dtype);
         let vae = report.measure("vae", || {
-            let vae = AutoencoderKL::load(&base.join("vae"), vae_dtype, device)?;
-            let ws = WeightSet::from_safetensors(&find_weights(&base.join("vae"), &["diffusion_pytorch_model"])?)?;
-            Ok::<_, ModelError>((vae, bytes_in(&ws, vae_dtype)))
+            AutoencoderKL::load_with_bytes(&base.join("vae"), vae_dtype, device)
         })?;
         let scheduler = SchedulerConfig::from_file(&base.join("scheduler").join("scheduler_config.json"))?;
         for c in &report.components {
@@ -302,11 +300,6 @@ impl MipPipeline {
     }
 }
 
-/// Bytes of a weight set's values in `dtype`.
-fn bytes_in(ws: &WeightSet, dtype: DType) -> u64 {
-    ws.num_values() * dtype.size_in_bytes() as u64
-}
-
 /// A text encoder and the bytes of its weights in `dtype`.
 fn load_text_encoder(dir: &Path, with_projection: bool, dtype: DType, device: &Device) -> Result<(ClipTextModel, u64)> {
     let cfg = ClipTextConfig::from_file(&dir.join("config.json"))?;
@@ -316,5 +309,5 @@ fn load_text_encoder(dir: &Path, with_projection: bool, dtype: DType, device: &D
     )?)?);
     let model = ws.build(dtype, device, |vb| ClipTextModel::new(vb, &cfg, with_projection))?;
     ws.ensure_all_used()?;
-    Ok((model, bytes_in(&ws, dtype)))
+    Ok((model, ws.bytes_in(dtype)))
 }

@@ -72,22 +72,14 @@ impl VaeTiling {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use candle_core::{DType, Device};
 
     use super::*;
-    use crate::model::vae::VaeConfig;
-    use crate::model::weights::{find_weights, WeightSet};
     use crate::parity::fixtures_dir;
 
     fn vae() -> AutoencoderKL {
         let dir = fixtures_dir().expect("fixtures").join("sdxl/vae");
-        let ws = WeightSet::from_safetensors(&find_weights(&dir, &["diffusion_pytorch_model"]).expect("w"));
-        let cfg = VaeConfig::from_file(&dir.join("config.json")).expect("cfg");
-        Arc::new(ws.expect("ws"))
-            .build(DType::F32, &Device::Cpu, |vb| AutoencoderKL::new(vb, &cfg))
-            .expect("vae")
+        AutoencoderKL::load(&dir, DType::F32, &Device::Cpu).expect("vae")
     }
 
     #[test]

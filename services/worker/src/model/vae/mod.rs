@@ -206,6 +206,11 @@ impl AutoencoderKL {
 
     /// Loads `dir/config.json` and `dir/diffusion_pytorch_model.safetensors` strictly (every key used).
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_with_bytes(dir, dtype, device).map(|(vae, _)| vae)
+    }
+
+    /// [`Self::load`], also returning the bytes of the weights in `dtype`.
+    pub fn load_with_bytes(dir: &Path, dtype: DType, device: &Device) -> Result<(Self, u64)> {
         let cfg = VaeConfig::from_file(&dir.join("config.json"))?;
         let ws = Arc::new(WeightSet::from_safetensors(&find_weights(
             dir,
@@ -213,7 +218,7 @@ impl AutoencoderKL {
         )?)?);
         let vae = ws.build(dtype, device, |vb| Self::new(vb, &cfg))?;
         ws.ensure_all_used()?;
-        Ok(vae)
+        Ok((vae, ws.bytes_in(dtype)))
     }
 
     pub fn config(&self) -> &VaeConfig {

@@ -138,22 +138,14 @@ impl AutoencoderKL {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use candle_core::{DType, Device, Tensor};
 
     use super::*;
-    use crate::model::weights::{find_weights, WeightSet};
     use crate::parity::fixtures_dir;
 
     fn vae() -> AutoencoderKL {
         let dir = fixtures_dir().expect("fixtures").join("sdxl/vae");
-        let ws = Arc::new(
-            WeightSet::from_safetensors(&find_weights(&dir, &["diffusion_pytorch_model"]).expect("w")).expect("ws"),
-        );
-        let cfg = super::super::VaeConfig::from_file(&dir.join("config.json")).expect("cfg");
-        ws.build(DType::F32, &Device::Cpu, |vb| AutoencoderKL::new(vb, &cfg))
-            .expect("vae")
+        AutoencoderKL::load(&dir, DType::F32, &Device::Cpu).expect("vae")
     }
 
     fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
