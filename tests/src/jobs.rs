@@ -36,7 +36,7 @@ pub fn job(steps: u32, samples: u32, key: &str) -> SubmitJobRequest {
         samples,
         priority: 0,
         idempotency_key: key.into(),
-        deadline_ms: 0,
+        ..Default::default()
     }
 }
 

@@ -69,7 +69,7 @@ fn encode(url: &str, rt: &tokio::runtime::Runtime) -> (String, CacheTier) {
             subject_key: String::new(),
         };
         let r = c
-            .encode_subjects(EncodeSubjectsRequest { subjects: vec![s] })
+            .encode_subjects(EncodeSubjectsRequest { subjects: vec![s], score: false })
             .await
             .expect("encode")
             .into_inner();

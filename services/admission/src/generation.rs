@@ -54,6 +54,8 @@ pub struct ValidGeneration {
     pub scale: f64,
     pub scheduler: SchedulerKind,
     pub seed: Option<u64>,
+    /// Score the image with the evaluation models.
+    pub score: bool,
 }
 
 /// Checks every field of `r` against `limits`; images as deep as `images` says.
@@ -89,6 +91,7 @@ pub fn validate_generation(
         scale,
         scheduler,
         seed: r.seed,
+        score: r.score,
     })
 }
 

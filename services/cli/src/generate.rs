@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use indicatif::ProgressBar;
+use mip_coordinator::best_of::parse_rank;
 use mip_coordinator::config::CoordinatorConfig;
-use mip_proto::v1::{GenerationRequest, Subject, SubmitJobRequest};
+use mip_proto::v1::{GenerationRequest, RankBy, Subject, SubmitJobRequest};
 use mip_worker::config::WorkerConfig;
 use serde_json::{json, Map, Value};
 use tracing::Instrument as _;
@@ -49,6 +50,16 @@ pub struct Args {
     /// Number of images (seeds seed, seed+1, …).
     #[arg(long, default_value_t = 1)]
     samples: u32,
+    /// Score each image (CLIP-T, CLIP-I, DINO) with the evaluation models; the scores go into the sidecar and the
+    /// PNG's text chunks.
+    #[arg(long)]
+    score: bool,
+    /// Best-of-N: generate `--samples` images, keep only the K best (scored, ranked by `--rank-by`).
+    #[arg(long, value_name = "K")]
+    keep_best: Option<u32>,
+    /// The score `--keep-best` ranks by.
+    #[arg(long, default_value = "clip_i", value_parser = ["clip_i", "dino", "clip_t", "mean"], requires = "keep_best")]
+    rank_by: String,
     /// The sampler.
     #[arg(long, default_value = "euler", value_parser = crate::device::schedulers())]
     scheduler: String,
@@ -94,10 +105,21 @@ pub fn run(args: Args, v: crate::verbosity::Verbosity) -> Result<()> {
         scale: args.scale,
         scheduler: args.scheduler.clone(),
         seed: args.seed,
+        score: args.score,
     };
+    if let Some(k) = args.keep_best {
+        if k == 0 || k > args.samples {
+            bail!("`--keep-best` must be in 1..=--samples ({}), got {k}", args.samples);
+        }
+    }
     let job = SubmitJobRequest {
         requests: vec![request],
         samples: args.samples,
+        keep_best: args.keep_best.unwrap_or(0),
+        rank_by: match args.keep_best {
+            Some(_) => parse_rank(&args.rank_by).unwrap_or(RankBy::ClipI),
+            None => RankBy::Unspecified,
+        } as i32,
         ..Default::default()
     };
     let rt = crate::client::runtime()?;
@@ -197,14 +219,30 @@ async fn submit_and_write(args: &Args, connect: &ConnectArgs, mut job: SubmitJob
     extra.insert("device".into(), json!(args.run_on.device));
     extra.insert("dtype".into(), json!(args.run_on.dtype));
     let mut images = full.images;
-    images.sort_by_key(|i| i.sample_index);
+    images.sort_by_key(|i| (i.rank, i.sample_index));
     for img in &images {
         let stem = format!("mip-{}-{}", img.seed, img.sample_index);
         let w = crate::outputs::write_image(&args.out, &stem, img, &submitted.job_id, &extra)?;
         if args.json {
-            println!("{}", w.to_json());
+            let mut v = w.to_json();
+            if let Some(s) = &img.scores {
+                v["scores"] = json!({"clip_t": s.clip_t, "clip_i": s.clip_i, "dino": s.dino});
+            }
+            if img.rank > 0 {
+                v["rank"] = json!(img.rank);
+            }
+            println!("{v}");
         } else {
-            println!("wrote {} (seed {})", w.png.display(), w.seed);
+            let scores = img.scores.as_ref().map_or(String::new(), |s| {
+                let f = |v: Option<f64>| v.map_or("-".to_owned(), |x| format!("{x:.4}"));
+                format!(", CLIP-T {:.4} CLIP-I {} DINO {}", s.clip_t, f(s.clip_i), f(s.dino))
+            });
+            let rank = if img.rank > 0 {
+                format!(", best #{} of {}", img.rank, args.samples)
+            } else {
+                String::new()
+            };
+            println!("wrote {} (seed {}{scores}{rank})", w.png.display(), w.seed);
         }
     }
     jobs::finished_ok(&done)

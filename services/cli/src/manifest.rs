@@ -9,7 +9,8 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use mip_proto::v1::{GenerationRequest, Subject, SubmitJobRequest};
+use mip_coordinator::best_of::parse_rank;
+use mip_proto::v1::{GenerationRequest, JobImage, RankBy, Subject, SubmitJobRequest};
 use mip_worker::pipeline::{GenerateRequest, SubjectRequest};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -40,6 +41,15 @@ pub struct Item {
     pub scheduler: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<i32>,
+    /// Score each image (CLIP-T, CLIP-I, DINO) with the workers' evaluation models.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score: Option<bool>,
+    /// Best-of-N: keep only this many of the `samples` (the best by `rank_by`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_best: Option<u32>,
+    /// `clip_i` (default), `dino`, `clip_t` or `mean`; only with `keep_best`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank_by: Option<String>,
 }
 
 /// A subject: its name in the prompt and its photos (paths relative to the manifest).
@@ -60,9 +70,29 @@ pub struct Ready {
 }
 
 impl Ready {
-    /// The output name of sample `k`.
-    pub fn stem(&self, k: u32) -> String {
-        format!("{}-{k}", &self.key[..20])
+    /// The output name of an image: by its sample index, or with `keep_best` by its rank (`…-best1` is the best).
+    pub fn stem(&self, image: &JobImage) -> String {
+        self.stem_at(if self.item.keep_best.is_some() {
+            image.rank
+        } else {
+            image.sample_index
+        })
+    }
+
+    /// The output name of the `k`-th image the item returns (its sample index, or its rank with `keep_best`).
+    pub fn stem_at(&self, k: u32) -> String {
+        match self.item.keep_best {
+            Some(_) => format!("{}-best{k}", &self.key[..20]),
+            None => format!("{}-{k}", &self.key[..20]),
+        }
+    }
+
+    /// The `k`s of [`Self::stem_at`] the item's outputs have.
+    pub fn outputs(&self) -> std::ops::Range<u32> {
+        match self.item.keep_best {
+            Some(keep) => 1..keep + 1,
+            None => 0..self.samples(),
+        }
     }
 
     pub fn samples(&self) -> u32 {
@@ -177,6 +207,7 @@ fn prepare(value: Value, base: &Path) -> std::result::Result<Ready, String> {
         scale: item.scale,
         scheduler: item.scheduler.clone().unwrap_or_default(),
         seed: item.seed,
+        score: item.score.unwrap_or(false),
     };
     let key = hasher.finalize().to_hex().to_string();
     let job = SubmitJobRequest {
@@ -184,9 +215,22 @@ fn prepare(value: Value, base: &Path) -> std::result::Result<Ready, String> {
         samples: item.samples.unwrap_or(1),
         priority: item.priority.unwrap_or(0),
         idempotency_key: format!("submit-{key}"),
-        deadline_ms: 0,
+        keep_best: item.keep_best.unwrap_or(0),
+        rank_by: rank_by(&item)? as i32,
+        ..Default::default()
     };
     Ok(Ready { item, job, key })
+}
+
+/// The item's `rank_by`, checked.
+fn rank_by(item: &Item) -> std::result::Result<RankBy, String> {
+    match (&item.rank_by, item.keep_best) {
+        (None, _) => Ok(RankBy::Unspecified),
+        (Some(r), None) => Err(format!("`rank_by` applies only with `keep_best`, got {r:?}")),
+        (Some(r), Some(_)) => {
+            parse_rank(r).ok_or_else(|| format!("`rank_by` must be clip_i, dino, clip_t or mean, got {r:?}"))
+        }
+    }
 }
 
 /// The worker's own checks, with placeholders for the values the server fills in (size, scale).
@@ -194,6 +238,12 @@ fn check(item: &Item, subjects: &[Subject]) -> std::result::Result<(), String> {
     if let Some(s) = item.samples {
         if !(1..=64).contains(&s) {
             return Err(format!("`samples` must be in 1..=64, got {s}"));
+        }
+    }
+    if let Some(k) = item.keep_best {
+        let samples = item.samples.unwrap_or(1);
+        if !(1..=samples).contains(&k) {
+            return Err(format!("`keep_best` must be in 1..=samples ({samples}), got {k}"));
         }
     }
     let request = GenerateRequest {

@@ -1,6 +1,6 @@
 //! Writing a job's images: each as a PNG (the worker already put the generation parameters in its tEXt chunks)
 //! with a JSON sidecar that repeats them (read back from the PNG, so they are the values actually used) plus what
-//! the caller adds (subjects, model, job id). Files are written to a temporary name and renamed, sidecar first, so
+//! the caller adds (subjects, model, job id), and the image's scores and rank when it has them. Files are written to a temporary name and renamed, sidecar first, so
 //! an existing PNG always means a complete output.
 
 use std::path::{Path, PathBuf};
@@ -53,8 +53,21 @@ pub fn write_image(
     sidecar.insert("worker".into(), json!(image.worker));
     if let Some(t) = &image.timings {
         let ms = json!({"queue": t.queue_ms, "text": t.text_ms, "subjects": t.subjects_ms, "denoise": t.denoise_ms,
-            "decode": t.decode_ms, "png": t.png_ms});
+            "decode": t.decode_ms, "png": t.png_ms, "score": t.score_ms});
         sidecar.insert("timings_ms".into(), ms);
+    }
+    if let Some(s) = &image.scores {
+        let subjects: Vec<Value> = s
+            .subjects
+            .iter()
+            .map(|x| json!({"name": x.name, "clip_i": x.clip_i, "dino": x.dino}))
+            .collect();
+        let scores = json!({"clip_t": s.clip_t, "clip_i": s.clip_i, "dino": s.dino, "subjects": subjects});
+        sidecar.insert("scores".into(), scores);
+    }
+    if image.rank > 0 {
+        sidecar.insert("rank".into(), json!(image.rank));
+        sidecar.insert("sample".into(), json!(image.sample_index));
     }
     for (k, v) in extra {
         sidecar.insert(k.clone(), v.clone());
@@ -68,13 +81,14 @@ pub fn write_image(
     })
 }
 
-/// The generation parameters of a PNG's text chunks, numbers as numbers (`subjects` is left to the caller).
+/// The generation parameters of a PNG's text chunks, numbers as numbers (`subjects` is left to the caller, the
+/// scores come from the image's `scores`).
 fn png_parameters(png: &[u8]) -> Vec<(String, Value)> {
     let Ok(text) = mip_worker::pipeline::png::decode_png_text(png) else {
         return Vec::new();
     };
     text.into_iter()
-        .filter(|(k, _)| k != "subjects" && k != "seed")
+        .filter(|(k, _)| !matches!(k.as_str(), "subjects" | "seed" | "clip_t" | "clip_i" | "dino"))
         .map(|(k, v)| {
             let value = match k.as_str() {
                 "steps" => v.parse::<u64>().map(Value::from).unwrap_or(Value::String(v)),

@@ -220,16 +220,16 @@ async fn run_one(client: &mut Coordinator, a: &Args, entry: &Entry, ready: &Read
     extra.insert("idempotency_key".into(), json!(ready.job.idempotency_key));
     let mut images = Vec::new();
     for img in &full.images {
-        match crate::outputs::write_image(&a.out, &ready.stem(img.sample_index), img, &job.job_id, &extra) {
+        match crate::outputs::write_image(&a.out, &ready.stem(img), img, &job.job_id, &extra) {
             Ok(w) => images.push(w.to_json()),
             Err(e) => return failed(e),
         }
     }
-    if images.len() != ready.samples() as usize {
+    if images.len() != ready.outputs().len() {
         return failed(anyhow::anyhow!(
             "the job returned {} images, expected {}",
             images.len(),
-            ready.samples()
+            ready.outputs().len()
         ));
     }
     Outcome::Done {
@@ -262,8 +262,8 @@ async fn submit(client: &mut Coordinator, retry: Retry, mut request: SubmitJobRe
 
 /// Whether every sample's PNG and sidecar are in `out`.
 fn outputs_exist(out: &Path, r: &Ready) -> bool {
-    (0..r.samples()).all(|k| {
-        let (png, json) = crate::outputs::paths(out, &r.stem(k));
+    r.outputs().all(|k| {
+        let (png, json) = crate::outputs::paths(out, &r.stem_at(k));
         png.is_file() && json.is_file()
     })
 }

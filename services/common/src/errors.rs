@@ -17,6 +17,8 @@ pub enum Kind {
     DeadlineExceeded,
     Cancelled,
     NotReady,
+    /// The request needs something this deployment does not have (e.g. scoring without evaluation models).
+    FailedPrecondition,
     Unauthenticated,
     Internal,
 }
@@ -32,6 +34,7 @@ impl Kind {
             Kind::DeadlineExceeded => Code::DeadlineExceeded,
             Kind::Cancelled => Code::Cancelled,
             Kind::NotReady => Code::FailedPrecondition,
+            Kind::FailedPrecondition => Code::FailedPrecondition,
             Kind::Unauthenticated => Code::Unauthenticated,
             Kind::Internal => Code::Internal,
         }
@@ -47,6 +50,7 @@ impl Kind {
             Kind::DeadlineExceeded => "deadline_exceeded",
             Kind::Cancelled => "cancelled",
             Kind::NotReady => "not_ready",
+            Kind::FailedPrecondition => "failed_precondition",
             Kind::Unauthenticated => "unauthenticated",
             Kind::Internal => "internal",
         }

@@ -94,7 +94,7 @@ impl Dispatcher {
         let mut outcome = Outcome::Cancelled;
         for attempt in 1..=self.max_attempts {
             let permit = tokio::select! {
-                p = self.acquire(&key, &excluded, job.priority) => Ok(p),
+                p = self.acquire(&key, &excluded, job.priority, job.needs_scoring(index)) => Ok(p),
                 _ = cancel.wait_for(|c| *c) => break,
                 ms = until(job.deadline) => Err(ms),
             };
@@ -208,17 +208,17 @@ impl Dispatcher {
         (position as u64).saturating_mul(avg) / slots.max(1)
     }
 
-    /// A slot on the first worker in placement order that has one, waiting while none has or while a task of a
-    /// higher priority waits. The chosen worker remembers the task's subjects, and the placement is counted in
+    /// A slot on the first worker in placement order that has one (and can score, for a task that is scored),
+    /// waiting while none has or while a task of a higher priority waits. The chosen worker remembers the task's subjects, and the placement is counted in
     /// `mip_coord_affinity_total` (tasks with subjects only).
-    async fn acquire(&self, key: &[u8; 32], excluded: &[WorkerId], priority: i32) -> Permit {
+    async fn acquire(&self, key: &[u8; 32], excluded: &[WorkerId], priority: i32, scoring: bool) -> Permit {
         let me = Waiting::new(&self.queue.waiting, priority);
         loop {
             let wake = self.registry.changed();
             tokio::pin!(wake);
             wake.as_mut().enable();
             if me.is_first() {
-                let candidates = self.registry.candidates(excluded, key);
+                let candidates = self.registry.candidates(excluded, key, scoring);
                 let placed = placement::order(key, &candidates)
                     .into_iter()
                     .find_map(|i| self.registry.try_acquire(candidates[i].id).map(|p| (i, p)));
@@ -279,6 +279,8 @@ impl Dispatcher {
                             height: img.height,
                             worker: permit.url().to_owned(),
                             timings: img.timings,
+                            scores: img.scores,
+                            rank: 0,
                         })
                     }
                     None => {}

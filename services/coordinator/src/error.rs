@@ -20,6 +20,8 @@ pub enum CoordinatorError {
     Moved(String),
     #[error("worker `{url}`: {message}")]
     WorkerUrl { url: String, message: String },
+    #[error("{0}")]
+    ScoringUnavailable(String),
     #[error("job `{job_id}` ended {status}: {message}")]
     JobEnded {
         job_id: String,
@@ -30,6 +32,16 @@ pub enum CoordinatorError {
 }
 
 impl CoordinatorError {
+    /// The `mip-reason` of a refusal at admission (the label of `mip_coord_rejected_total`).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::ScoringUnavailable(_) => "scoring_unavailable",
+            Self::QueueFull { .. } => "queue_full",
+            Self::Draining => "draining",
+            _ => "invalid_argument",
+        }
+    }
+
     pub fn invalid(field: impl Into<String>, rule: impl Into<String>, value: impl ToString) -> Self {
         Self::Invalid {
             field: field.into(),
@@ -57,6 +69,9 @@ impl From<CoordinatorError> for Status {
                 status(Kind::InvalidArgument, None, msg)
             }
             CoordinatorError::NotFound(_) => status(Kind::NotFound, None, msg),
+            CoordinatorError::ScoringUnavailable(_) => {
+                status(Kind::FailedPrecondition, Some("scoring_unavailable"), msg)
+            }
             CoordinatorError::QueueFull { .. } => status(Kind::QueueFull, None, msg),
             CoordinatorError::Store(_) => status(Kind::Unavailable, Some("job_store_unavailable"), msg),
             CoordinatorError::Draining => status(Kind::Unavailable, Some("draining"), msg),

@@ -17,6 +17,7 @@ use mip_proto::v1::{
 };
 use tokio::sync::{broadcast, watch};
 
+use crate::best_of::KeepBest;
 use crate::status::is_final;
 use crate::store::Fence;
 
@@ -106,6 +107,8 @@ pub struct JobHandle {
     /// The job's trace span; task attempts are its children.
     pub span: JobSpan,
     pub record: Record,
+    /// Best-of-N: which images the job shows (None: all of them).
+    keep_best: Option<KeepBest>,
     state: Mutex<State>,
     events: broadcast::Sender<JobEvent>,
     cancel: watch::Sender<bool>,
@@ -221,6 +224,7 @@ impl JobHandle {
             tasks,
             deadline,
             span: JobSpan::new(span),
+            keep_best: KeepBest::of(&record.spec),
             record,
             state: Mutex::new(State {
                 job,
@@ -243,12 +247,20 @@ impl JobHandle {
         &self.record.spec.requests[self.tasks[index].request_index as usize]
     }
 
-    /// The request task `index` sends to a worker: its job request with the task's own seed.
+    /// The request task `index` sends to a worker: its job request with the task's own seed, scored when the
+    /// request asks for it or the job keeps the best samples.
     pub fn task_request(&self, index: usize) -> GenerationRequest {
+        let base = self.base_request(index);
         GenerationRequest {
             seed: self.tasks[index].seed,
-            ..self.base_request(index).clone()
+            score: base.score || self.keep_best.is_some(),
+            ..base.clone()
         }
+    }
+
+    /// Whether task `index` needs a worker that can score.
+    pub fn needs_scoring(&self, index: usize) -> bool {
+        self.base_request(index).score || self.keep_best.is_some()
     }
 
     /// Notes that the store missed a write of this job.
@@ -320,18 +332,44 @@ impl JobHandle {
         });
     }
 
-    /// The job (with its images when asked).
+    /// The job (with the images it shows when asked).
     pub fn snapshot(&self, include_images: bool) -> Job {
         let s = self.lock();
         let mut job = s.job.clone();
         if include_images {
-            job.images = s.images.values().cloned().collect();
+            job.images = self.shown(&s);
         }
         job
     }
 
+    /// Every recorded image (with best-of-N, the discarded samples too).
     pub fn images(&self) -> Vec<JobImage> {
         self.lock().images.values().cloned().collect()
+    }
+
+    /// The images the job shows: all, or with best-of-N the kept ones of the requests whose samples all ended.
+    fn shown(&self, s: &State) -> Vec<JobImage> {
+        match &self.keep_best {
+            None => s.images.values().cloned().collect(),
+            Some(k) => k.visible(&s.job, s.images.values().cloned()),
+        }
+    }
+
+    /// Best-of-N: emits the kept images of `request` (its last sample just ended).
+    fn emit_best_of(&self, s: &State, request: u32) {
+        let Some(k) = &self.keep_best else { return };
+        if !k.request_ended(&s.job, request) {
+            return;
+        }
+        let images = s
+            .images
+            .values()
+            .filter(|i| k.request_of(i.task_index) == request)
+            .cloned()
+            .collect();
+        for img in k.best(images) {
+            self.emit(Event::Image(img));
+        }
     }
 
     pub fn failure_code(&self) -> tonic::Code {
@@ -369,7 +407,7 @@ impl JobHandle {
                 }
             }
         }
-        out.extend(s.images.values().map(|i| ev(Event::Image(i.clone()))));
+        out.extend(self.shown(&s).into_iter().map(|i| ev(Event::Image(i))));
         if is_final(s.job.status) {
             out.push(ev(Event::Done(JobDone {
                 job: Some(s.job.clone()),
@@ -429,7 +467,10 @@ impl JobHandle {
         }
         s.job.done_tasks += 1;
         s.images.insert(idx, image.clone());
-        self.emit(Event::Image(image));
+        match &self.keep_best {
+            None => self.emit(Event::Image(image)),
+            Some(k) => self.emit_best_of(&s, k.request_of(idx)),
+        }
         true
     }
 
@@ -459,6 +500,9 @@ impl JobHandle {
             message: status.message().to_owned(),
             will_retry,
         }));
+        if let (false, Some(k)) = (will_retry, &self.keep_best) {
+            self.emit_best_of(&s, k.request_of(index));
+        }
     }
 
     /// Ends the job when every task ended; returns the final job once (to persist).
@@ -483,10 +527,18 @@ impl JobHandle {
         }
         s.job.status = JobStatus::Cancelled as i32;
         s.job.error = "cancelled by CancelJob".into();
+        let mut ending = std::collections::BTreeSet::new();
         for t in &mut s.job.tasks {
             if t.status != TaskStatus::Done as i32 && t.status != TaskStatus::Failed as i32 {
                 t.status = TaskStatus::Cancelled as i32;
+                if let Some(k) = &self.keep_best {
+                    ending.insert(k.request_of(t.task_index));
+                }
             }
+        }
+        // Best-of-N: the requests whose samples end now show the best of what they made.
+        for r in ending {
+            self.emit_best_of(&s, r);
         }
         let _ = self.cancel.send(true);
         Some(self.finish(&mut s))

@@ -9,7 +9,8 @@
 //! - [`config`] (file + environment, validated once) and [`error`] (the boundary error and its gRPC mapping);
 //! - [`admission`]: every request checked with the cluster's shared rules before anything is stored or queued,
 //!   and split into tasks;
-//! - [`job`]: one job's state machine in memory and its event broadcast, [`status`] (final or not, labels);
+//! - [`job`]: one job's state machine in memory and its event broadcast, [`status`] (final or not, labels),
+//!   [`best_of`] (which images a `keep_best` job shows);
 //! - [`store`]: the [`store::JobStore`] trait and its Redis and memory implementations, fenced writes;
 //! - [`writer`]: the one writer of job state (fenced, re-written in full after store outages);
 //! - [`leases`]: the instance id, lease renewal and the resumption of unowned jobs;
@@ -24,6 +25,7 @@
 pub mod admission;
 pub mod api;
 pub mod auth;
+pub mod best_of;
 pub mod config;
 pub mod discovery;
 pub mod dispatch;

@@ -214,10 +214,11 @@ impl Registry {
     }
 
     /// Placement's view for a task with affinity `key`; workers in `excluded` are unusable unless every healthy one
-    /// is excluded.
-    pub fn candidates(&self, excluded: &[WorkerId], key: &[u8; 32]) -> Vec<Candidate> {
+    /// is excluded; with `scoring`, only workers whose Info says they can score are usable.
+    pub fn candidates(&self, excluded: &[WorkerId], key: &[u8; 32], scoring: bool) -> Vec<Candidate> {
         let slots = self.slots();
-        let healthy = |w: &WorkerSlot| w.healthy.load(Ordering::SeqCst);
+        let can_score = |w: &WorkerSlot| lock(&w.info).as_ref().is_some_and(|i| i.scoring);
+        let healthy = |w: &WorkerSlot| w.healthy.load(Ordering::SeqCst) && (!scoring || can_score(w));
         let all_excluded = slots.iter().all(|w| !healthy(w) || excluded.contains(&w.id));
         let subjects = has_subjects(key);
         slots
@@ -386,7 +387,7 @@ mod tests {
         assert!(r.try_acquire(0).is_none());
         assert_eq!(permit.url(), "http://a:1");
         drop(permit);
-        assert!(r.candidates(&[], &key).iter().all(|c| c.id != 0));
+        assert!(r.candidates(&[], &key, false).iter().all(|c| c.id != 0));
 
         // A URL that comes back gets a new id; the same list twice changes nothing.
         r.set_workers(&["http://a:1".into(), "http://b:1".into(), "http://c:1".into()])
@@ -407,7 +408,7 @@ mod tests {
         let r = registry(&["http://a:1", "http://b:1"]);
         let key = [7u8; 32];
         assert!(
-            r.candidates(&[], &key).iter().all(|c| !c.usable),
+            r.candidates(&[], &key, false).iter().all(|c| !c.usable),
             "unhealthy until polled"
         );
         healthy_all(&r);
@@ -417,19 +418,19 @@ mod tests {
         drop(p1);
         assert!(r.try_acquire(1).is_some());
 
-        let c = r.candidates(&[0], &key);
+        let c = r.candidates(&[0], &key, false);
         assert_eq!(c.iter().map(|c| c.usable).collect::<Vec<_>>(), [false, true]);
-        let c = r.candidates(&[0, 1], &key);
+        let c = r.candidates(&[0, 1], &key, false);
         assert!(c.iter().all(|c| c.usable), "all excluded: all usable again");
         r.mark_unhealthy(1, "boom");
-        assert!(!r.candidates(&[], &key)[1].usable);
+        assert!(!r.candidates(&[], &key, false)[1].usable);
         assert_eq!(r.snapshot()[1].last_error, "boom");
 
         let p = r.try_acquire(0).expect("0");
         p.remember(&key);
         p.remember(&[0u8; 32]);
-        assert!(r.candidates(&[], &key)[0].warm);
-        assert!(!r.candidates(&[], &key)[1].warm);
+        assert!(r.candidates(&[], &key, false)[0].warm);
+        assert!(!r.candidates(&[], &key, false)[1].warm);
         assert_eq!(r.snapshot()[0].warm_subjects, 1, "subject-less keys are not remembered");
         let text = r.opts.metrics.render();
         assert!(text.contains("mip_coord_workers{state=\"healthy\"} 1"), "{text}");

@@ -5,7 +5,8 @@
 //! - WatchJob of an unfinished job this replica does not run polls the stored job every [`POLL`] (for at most the
 //!   job TTL) and emits what the store tells: an Image event per newly recorded image, then Done once the stored
 //!   status is final. Queued / Started / Progress events are not stored, so they are not seen from here. The
-//!   poll stops when the watcher goes away.
+//!   poll stops when the watcher goes away. For a best-of-N job, the images are those [`crate::best_of::visible`]
+//!   shows: a request's kept images once all its samples ended.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use mip_proto::v1::{Job, JobDone, JobEvent};
 use tokio::sync::broadcast;
 use tokio::time::MissedTickBehavior;
 
+use crate::best_of::KeepBest;
 use crate::error::CoordinatorError;
 use crate::job::JobWatch;
 use crate::status::is_final;
@@ -31,9 +33,10 @@ fn event(id: &str, e: Event) -> JobEvent {
     }
 }
 
-/// The watch of a stored job not run here: its recorded images, then (for an unfinished job) the events of a
-/// poll of the store; Done at once when it is final.
-pub fn watch_stored(store: Arc<dyn JobStore>, mut job: Job, ttl: Duration) -> JobWatch {
+/// The watch of a stored job not run here: the images it shows (`job.images`, as [`crate::best_of::visible`] gives
+/// them), then (for an unfinished job) the events of a poll of the store; Done at once when it is final. `keep` is
+/// the job's best-of-N setting.
+pub fn watch_stored(store: Arc<dyn JobStore>, mut job: Job, keep: Option<KeepBest>, ttl: Duration) -> JobWatch {
     let id = job.job_id.clone();
     let images = std::mem::take(&mut job.images);
     let seen: BTreeSet<u32> = images.iter().map(|i| i.task_index).collect();
@@ -48,7 +51,14 @@ pub fn watch_stored(store: Arc<dyn JobStore>, mut job: Job, ttl: Duration) -> Jo
     }
     let capacity = (job.total_tasks as usize + 2).max(16);
     let (tx, rx) = broadcast::channel(capacity);
-    tokio::spawn(poll_stored(store, id, seen, tx, ttl));
+    let ended = match &keep {
+        Some(k) => (0..job.total_tasks)
+            .map(|t| k.request_of(t))
+            .filter(|r| k.request_ended(&job, *r))
+            .collect(),
+        None => BTreeSet::new(),
+    };
+    tokio::spawn(poll_stored(store, id, seen, keep.map(|k| (k, ended)), tx, ttl));
     JobWatch {
         replay,
         live: Some(rx),
@@ -62,6 +72,7 @@ async fn poll_stored(
     store: Arc<dyn JobStore>,
     id: String,
     mut seen: BTreeSet<u32>,
+    mut keep: Option<(KeepBest, BTreeSet<u32>)>,
     tx: broadcast::Sender<JobEvent>,
     ttl: Duration,
 ) {
@@ -73,7 +84,8 @@ async fn poll_stored(
         if tx.receiver_count() == 0 || tokio::time::Instant::now() >= until {
             return;
         }
-        match poll_once(store.as_ref(), &id, &mut seen, &tx).await {
+        let keep = keep.as_mut().map(|(k, ended)| (&*k, ended));
+        match poll_once(store.as_ref(), &id, &mut seen, keep, &tx).await {
             Ok(true) => return,
             Ok(false) => {}
             Err(e) => tracing::warn!(job_id = %id, error = %e, "polling a stored job failed"),
@@ -87,18 +99,41 @@ async fn poll_once(
     store: &dyn JobStore,
     id: &str,
     seen: &mut BTreeSet<u32>,
+    keep: Option<(&KeepBest, &mut BTreeSet<u32>)>,
     tx: &broadcast::Sender<JobEvent>,
 ) -> Result<bool, CoordinatorError> {
     let Some(job) = store.load_job(id, false).await? else {
         return Ok(true);
     };
-    let new: Vec<u32> = store
-        .result_indices(id)
-        .await?
-        .into_iter()
-        .filter(|i| !seen.contains(i))
-        .collect();
-    for image in store.load_results(id, &new).await? {
+    let new: Vec<u32> = match keep {
+        Some(_) => Vec::new(),
+        None => store
+            .result_indices(id)
+            .await?
+            .into_iter()
+            .filter(|i| !seen.contains(i))
+            .collect(),
+    };
+    let images = match keep {
+        None => store.load_results(id, &new).await?,
+        Some((k, ended)) => {
+            // A request's kept images appear once its samples all ended: read the images again when one did.
+            let now: BTreeSet<u32> = (0..job.total_tasks)
+                .map(|t| k.request_of(t))
+                .filter(|r| k.request_ended(&job, *r))
+                .collect();
+            if now == *ended {
+                Vec::new()
+            } else {
+                *ended = now;
+                let all = store.result_indices(id).await?;
+                let mut shown = k.visible(&job, store.load_results(id, &all).await?);
+                shown.retain(|i| !seen.contains(&i.task_index));
+                shown
+            }
+        }
+    };
+    for image in images {
         seen.insert(image.task_index);
         if tx.send(event(id, Event::Image(image))).is_err() {
             return Ok(true);

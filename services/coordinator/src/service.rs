@@ -14,6 +14,7 @@ use mip_proto::v1::{GenerationRequest, Job, JobStatus, ListJobsResponse, SubmitJ
 use tokio::sync::broadcast;
 
 use crate::admission;
+use crate::best_of::KeepBest;
 use crate::config::ValidConfig;
 use crate::dispatch::Dispatcher;
 use crate::error::CoordinatorError;
@@ -141,9 +142,9 @@ impl Coordinator {
             return Err(CoordinatorError::Draining);
         }
         let tasks = admission::split(&req, &self.inner.cfg).inspect_err(|_| d.metrics.reject("invalid_argument"))?;
-        admission::check_requests(req.requests.clone(), self.inner.cfg.limits, self.list_workers())
+        admission::check_requests(&req, self.inner.cfg.limits, self.list_workers())
             .await
-            .inspect_err(|_| d.metrics.reject("invalid_argument"))?;
+            .inspect_err(|e| d.metrics.reject(e.reason()))?;
         let n = tasks.len();
         let before = d.queue.admit(n).inspect_err(|_| d.metrics.reject("queue_full"))?;
         let id = format!("{:032x}", rand::random::<u128>());
@@ -233,10 +234,27 @@ impl Coordinator {
         if let Some(j) = self.job(id) {
             return Ok(j.snapshot(include_images));
         }
-        self.store()
-            .load_job(id, include_images)
+        if !include_images {
+            return self
+                .store()
+                .load_job(id, false)
+                .await?
+                .ok_or_else(|| CoordinatorError::NotFound(id.to_owned()));
+        }
+        Ok(self.stored_with_images(id).await?.0)
+    }
+
+    /// A job from the store with the images it shows (see [`crate::best_of`]), and its best-of-N setting.
+    async fn stored_with_images(&self, id: &str) -> Result<(Job, Option<KeepBest>), CoordinatorError> {
+        let stored = self
+            .store()
+            .load_stored(id)
             .await?
-            .ok_or_else(|| CoordinatorError::NotFound(id.to_owned()))
+            .ok_or_else(|| CoordinatorError::NotFound(id.to_owned()))?;
+        let keep = KeepBest::of(&stored.spec);
+        let mut job = stored.job;
+        job.images = crate::best_of::visible(&stored.spec, &job, stored.images);
+        Ok((job, keep))
     }
 
     /// Cancels a running job; a finished one is returned as it is. A job run by another replica sharing the
@@ -291,12 +309,8 @@ impl Coordinator {
         if let Some(j) = self.job(id) {
             return Ok(j.watch());
         }
-        let job = self.get(id, true).await?;
-        Ok(crate::remote::watch_stored(
-            self.store().clone(),
-            job,
-            self.inner.cfg.ttl,
-        ))
+        let (job, keep) = self.stored_with_images(id).await?;
+        Ok(crate::remote::watch_stored(self.store().clone(), job, keep, self.inner.cfg.ttl))
     }
 
     /// Submits one request and waits for its images. `rpc_deadline` (the caller's gRPC timeout) bounds the task
@@ -342,7 +356,7 @@ impl Coordinator {
                 message: done.error,
             });
         }
-        Ok((done.job_id, handle.images()))
+        Ok((done.job_id, handle.snapshot(true).images))
     }
 
     /// Jobs, newest first; the page token is the offset.

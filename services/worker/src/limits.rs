@@ -18,6 +18,8 @@ use crate::pipeline::request::{SubjectRequest, ValidRequest};
 pub struct ValidTask {
     pub request: ValidRequest,
     pub subjects: Vec<SubjectSpec>,
+    /// Score the image (`GenerationRequest.score`).
+    pub score: bool,
 }
 
 /// Checks a request's subjects: their count, names (when `require_names`), images or keys.
@@ -65,6 +67,7 @@ pub fn validate_generation(
     Ok(ValidTask {
         request,
         subjects: v.subjects,
+        score: v.score,
     })
 }
 

@@ -67,6 +67,7 @@ async fn readiness_reflection_info_cache_and_generation() {
     // EncodeSubjects twice: a miss that runs the encoder, then a memory hit that does not.
     let req = EncodeSubjectsRequest {
         subjects: vec![subject("cat", "cat_0.png")],
+        score: false,
     };
     let first = c.encode_subjects(req.clone()).await.expect("encode").into_inner();
     assert_eq!(first.subjects[0].tier(), CacheTier::Miss);

@@ -1,7 +1,8 @@
 //! Content-addressed cache keys. A subject keys on the blake3 of its *decoded, preprocessed* pixels (so the same
 //! pixels sent as PNG, re-compressed PNG or BMP share a key), plus everything that changes the embedding: the
 //! encoder identity (a hash of the image encoder and adapter weights), the variant, the preprocessing version and
-//! the dtype. A name keys on the text encoders' identity and its token ids.
+//! the dtype. A name keys on the text encoders' identity and its token ids. A subject's reference features (for
+//! scoring) key on the evaluation models' identity and the subject's key.
 
 use std::path::Path;
 
@@ -41,6 +42,12 @@ pub fn text_key(text_id: &str, dtype: &str, ids_1: &[u32], ids_2: &[u32]) -> Str
         }
     }
     format!("mip:text:v1:{text_id}:{dtype}:{}", h.finalize().to_hex())
+}
+
+/// `mip:refs:v1:{evaluation models id}:{digest of the subject key}`: a subject's reference features for scoring,
+/// cached with the subject (the same images give the same subject key).
+pub fn references_key(eval_id: &str, subject_key: &str) -> String {
+    format!("mip:refs:v1:{eval_id}:{}", blake3::hash(subject_key.as_bytes()).to_hex())
 }
 
 /// A short identity (16 hex digits of blake3) of a set of files: their contents in order.

@@ -1,6 +1,6 @@
-//! The embedding cache: subjects' image tokens and names' text embeddings, content-addressed, in two tiers — an
-//! in-process LRU with a byte budget ([`lru`]) in front of a shared Redis ([`redis_tier`]) — so a subject encoded
-//! by any worker is not encoded again.
+//! The embedding cache: subjects' image tokens, names' text embeddings and subjects' reference features (for
+//! scoring), content-addressed, in two tiers — an in-process LRU with a byte budget ([`lru`]) in front of a shared
+//! Redis ([`redis_tier`]) — so a subject encoded by any worker is not encoded again.
 //!
 //! A lookup goes memory → Redis → `compute`. A Redis hit is copied into memory; a computed value is stored in
 //! both tiers (`SET key value EX ttl`). Concurrent lookups of one missing key run `compute` once ([`flight`]).
@@ -33,6 +33,8 @@ use redis_tier::RedisTier;
 pub enum EntryKind {
     Subject,
     Text,
+    /// A subject's reference features for scoring.
+    References,
 }
 
 /// Where a value came from.
@@ -89,6 +91,7 @@ pub struct KindStats {
 pub struct CacheStats {
     pub subject: KindStats,
     pub text: KindStats,
+    pub references: KindStats,
     /// Redis operations that failed, timed out, or were skipped while disconnected.
     pub redis_errors: u64,
     /// Entries found corrupt or mismatched (re-computed and overwritten).
@@ -295,6 +298,7 @@ impl EmbeddingCache {
         f(match kind {
             EntryKind::Subject => &mut st.stats.subject,
             EntryKind::Text => &mut st.stats.text,
+            EntryKind::References => &mut st.stats.references,
         });
     }
 

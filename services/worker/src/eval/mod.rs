@@ -4,6 +4,7 @@
 
 pub mod metrics;
 pub mod preprocess;
+pub mod scorer;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -8,6 +8,7 @@ struct Loaded {
     pipeline: Arc<MipPipeline>,
     empty_text: TextEmbedding,
     layout: Layout,
+    scorer: Option<Scorer>,
 }
 
 pub(super) fn thread_main(
@@ -57,6 +58,22 @@ fn load(opts: &ExecutorOptions) -> std::result::Result<(Loaded, ModelInfo), Stri
     let te1 = find_weights(&spec.base.join("text_encoder"), &["model", "pytorch_model"]).map_err(|e| e.to_string())?;
     let te2 =
         find_weights(&spec.base.join("text_encoder_2"), &["model", "pytorch_model"]).map_err(|e| e.to_string())?;
+    let (scorer, scoring) = match &spec.eval {
+        None => (None, None),
+        Some(e) => {
+            // The evaluation runs in f32 whatever the model's dtype, as the published evaluation does.
+            let scorer = Scorer::load(&e.clip, &e.dino, &device, DType::F32)
+                .map_err(|err| format!("loading the evaluation models: {err}"))?;
+            let clip = find_weights(&e.clip, &["model"]).map_err(|e| e.to_string())?;
+            let dino = find_weights(&e.dino, &["model"]).map_err(|e| e.to_string())?;
+            let scoring = ScoringInfo {
+                eval_id: identity(&[&clip, &dino])?,
+                dims: scorer.dims(),
+            };
+            tracing::info!(clip = %e.clip.display(), dino = %e.dino.display(), "evaluation models loaded");
+            (Some(scorer), Some(scoring))
+        }
+    };
     let info = ModelInfo {
         model: opts.model_name.clone(),
         variant: p.variant().to_string(),
@@ -68,12 +85,14 @@ fn load(opts: &ExecutorOptions) -> std::result::Result<(Loaded, ModelInfo), Stri
         encoder_id: identity(&[&ie, &spec.adapter])?,
         text_id: identity(&[&te1, &te2])?,
         layout: layout.clone(),
+        scoring,
     };
     Ok((
         Loaded {
             pipeline: Arc::new(p),
             empty_text,
             layout,
+            scorer,
         },
         info,
     ))
@@ -124,6 +143,7 @@ impl Runner {
         let stage = match &job.work {
             Work::Subject { .. } => "image_encode",
             Work::Text { .. } => "text_encode",
+            Work::References { .. } => "reference_features",
             Work::Generate { .. } => "generate",
             Work::Stop => "stop",
         };
@@ -149,12 +169,19 @@ impl Runner {
                 };
                 let _ = reply.send(r);
             }
+            Work::References { images, reply } => {
+                let r = match skip {
+                    Some(e) => Err(e),
+                    None => self.guard(|| self.scorer()?.reference_features(&images)?.to_value()),
+                };
+                let _ = reply.send(r);
+            }
             Work::Generate { work, events } => {
                 let r = match skip {
                     Some(e) => Err(e),
-                    None => self.guard(|| self.generate(work, &job.cancel, &events)),
+                    None => self.guard(|| self.generate(work, &job.cancel, &events, queue_ms)),
                 };
-                let _ = events.try_send(ExecEvent::Done(r.map(|g| (g, queue_ms))));
+                let _ = events.try_send(ExecEvent::Done(r));
             }
             Work::Stop => {}
         }
@@ -191,12 +218,43 @@ impl Runner {
         embedding::encode(&tokens).map_err(|source| ModelError::Forward { stage: "cache", source })
     }
 
+    /// The evaluation models, or the error a scoring job without them gets (the service refuses such requests
+    /// before they reach the thread).
+    fn scorer(&self) -> Result<&Scorer> {
+        self.dev.scorer.as_ref().ok_or_else(|| {
+            ModelError::Invalid(crate::error::InvalidInput::new(
+                "score",
+                "needs evaluation models (`eval` in the bundle's mip.json)",
+                true,
+            ))
+        })
+    }
+
+    /// Scores a rendered image against the prompt and the subjects' reference features values.
+    fn score(&self, prompt: &str, img: &RgbImage, refs: &[(String, Vec<u8>)]) -> Result<ImageScores> {
+        let _span = tracing::info_span!("score").entered();
+        let scorer = self.scorer()?;
+        let subjects = refs
+            .iter()
+            .map(|(name, value)| {
+                ReferenceFeatures::from_value(value, scorer.dims())
+                    .map(|f| (name.clone(), f))
+                    .ok_or_else(|| ModelError::Forward {
+                        stage: "cache",
+                        source: candle_core::Error::Msg(format!("reference features of `{name}` do not decode")),
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        scorer.score(img, prompt, &subjects)
+    }
+
     fn generate(
         &self,
         work: GenerateWork,
         cancel: &CancelToken,
         events: &mpsc::Sender<ExecEvent>,
-    ) -> Result<Generated> {
+        queue_ms: f64,
+    ) -> Result<Finished> {
         let p = &self.dev.pipeline;
         let device = p.device().clone();
         let req = work.request;
@@ -225,7 +283,7 @@ impl Runner {
             let _ = events.try_send(ExecEvent::Progress(pr));
             !self.cancelled(cancel) && !events.is_closed()
         };
-        let mut g = p.generate_encoded(
+        let mut rendered = p.render_encoded(
             &req,
             &prompt,
             &negative,
@@ -233,7 +291,23 @@ impl Runner {
             &subjects,
             &mut on_progress,
         )?;
-        g.timings.text_ms = text_ms;
-        Ok(g)
+        rendered.timings.text_ms = text_ms;
+        let t_score = Instant::now();
+        let scores = match &work.score {
+            None => None,
+            Some(refs) => Some(self.score(&req.prompt, &rendered.rgb, refs)?),
+        };
+        let score_ms = if scores.is_some() {
+            t_score.elapsed().as_secs_f64() * 1e3
+        } else {
+            0.0
+        };
+        let chunks = scores.as_ref().map(ImageScores::text_chunks).unwrap_or_default();
+        Ok(Finished {
+            generated: p.finish_png(&req, rendered, &chunks)?,
+            queue_ms,
+            scores,
+            score_ms,
+        })
     }
 }

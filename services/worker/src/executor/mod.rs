@@ -1,5 +1,6 @@
-//! The device executor: one OS thread owns the [`MipPipeline`] and runs every candle computation; async code hands it
-//! jobs over a bounded channel and gets the answer on a `oneshot` (or, for a generation, on a per-job event channel).
+//! The device executor: one OS thread owns the [`MipPipeline`] (and the evaluation models' [`Scorer`] when the
+//! bundle names them) and runs every candle computation; async code hands it jobs over a bounded channel and gets
+//! the answer on a `oneshot` (or, for a generation, on a per-job event channel).
 //!
 //! The thread loads the model, runs a tiny real forward (one text encoding and one 64x64 UNet step) and only then
 //! turns ready. Each job carries a [`CancelToken`]: a queued job whose token is set is skipped, a running generation
@@ -23,10 +24,12 @@ const QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 use crate::cache::keys::files_identity;
 use crate::config::{dtype_name, DeviceKind};
 use crate::error::{ModelError, Result};
+use crate::eval::scorer::{EvalPixels, ImageScores, ReferenceFeatures, Scorer};
 use crate::metrics::Metrics;
 use crate::model::weights::find_weights;
 use crate::pipeline::embedding;
 use crate::pipeline::generate::initial_noise;
+use crate::pipeline::image_decode::RgbImage;
 use crate::pipeline::preprocess::PreparedImage;
 use crate::pipeline::scheduler::SchedulerKind;
 use crate::pipeline::vae_tiling::VaeTiling;
@@ -146,6 +149,24 @@ pub struct ModelInfo {
     /// `files_identity` of both text encoders' weights (name keys).
     pub text_id: String,
     pub layout: Layout,
+    /// The evaluation models, when the bundle has them.
+    pub scoring: Option<ScoringInfo>,
+}
+
+/// What the loaded evaluation models are.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScoringInfo {
+    /// `files_identity` of both evaluation models' weights (reference feature keys).
+    pub eval_id: String,
+    /// Feature widths: CLIP's projection, DINO's hidden size.
+    pub dims: (usize, usize),
+}
+
+impl ScoringInfo {
+    /// A reference features value decodes and has rows of `Pc + Pd` features.
+    pub fn valid_references(&self, bytes: &[u8]) -> bool {
+        ReferenceFeatures::from_value(bytes, self.dims).is_some()
+    }
 }
 
 /// A generation ready for the device: the valid request and each subject's cached values.
@@ -154,13 +175,26 @@ pub struct GenerateWork {
     pub request: ValidRequest,
     /// Per subject: tokens value, name value, name token count.
     pub subjects: Vec<(Vec<u8>, Vec<u8>, usize)>,
+    /// To score the image: each subject's name and reference features value (an empty list scores CLIP-T only).
+    pub score: Option<Vec<(String, Vec<u8>)>>,
 }
 
-/// Events of a generation job: a progress per step, then the outcome (with the time it waited in the queue, ms).
+/// A finished generation.
+#[derive(Debug)]
+pub struct Finished {
+    pub generated: Generated,
+    /// Milliseconds the job waited in the executor queue.
+    pub queue_ms: f64,
+    /// With [`GenerateWork::score`]; also in the PNG's text chunks.
+    pub scores: Option<ImageScores>,
+    pub score_ms: f64,
+}
+
+/// Events of a generation job: a progress per step, then the outcome.
 #[derive(Debug)]
 pub enum ExecEvent {
     Progress(Progress),
-    Done(std::result::Result<(Generated, f64), ExecError>),
+    Done(std::result::Result<Finished, ExecError>),
 }
 
 type Reply = oneshot::Sender<std::result::Result<Vec<u8>, ExecError>>;
@@ -172,6 +206,10 @@ enum Work {
     },
     Text {
         text: String,
+        reply: Reply,
+    },
+    References {
+        images: Vec<EvalPixels>,
         reply: Reply,
     },
     Generate {
@@ -322,6 +360,16 @@ impl Executor {
         cancel: &CancelToken,
     ) -> std::result::Result<Vec<u8>, ExecError> {
         self.ask(|reply| Work::Subject { images, reply }, cancel).await
+    }
+
+    /// Runs both evaluation models on a subject's prepared reference images; returns a [`ReferenceFeatures`] cache
+    /// value (a model error when the worker has no evaluation models).
+    pub async fn reference_features(
+        &self,
+        images: Vec<EvalPixels>,
+        cancel: &CancelToken,
+    ) -> std::result::Result<Vec<u8>, ExecError> {
+        self.ask(|reply| Work::References { images, reply }, cancel).await
     }
 
     /// Encodes a text with both text encoders; returns it as a cache value (see [`Layout::valid_text`]).

@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use super::model::{MipPipeline, TextEmbedding};
 use super::noise::Gaussian;
 use super::png::{encode_png, tensor_to_rgb8};
+use super::image_decode::RgbImage;
 use super::precision::{vae_uses_tf32, Tf32Scope};
 use super::request::ValidRequest;
 use super::scheduler::{build_scheduler, SchedulerConfig, SchedulerKind};
@@ -321,6 +322,20 @@ impl MipPipeline {
         subjects: &[EncodedSubject],
         on_progress: &mut dyn FnMut(Progress) -> bool,
     ) -> Result<Generated> {
+        let rendered = self.render_encoded(req, prompt, negative, negative_name, subjects, on_progress)?;
+        self.finish_png(req, rendered, &[])
+    }
+
+    /// Conditioning, denoising and decode: the image's 8-bit pixels, before its PNG.
+    pub fn render_encoded(
+        &self,
+        req: &ValidRequest,
+        prompt: &TextEmbedding,
+        negative: &TextEmbedding,
+        negative_name: &TextEmbedding,
+        subjects: &[EncodedSubject],
+        on_progress: &mut dyn FnMut(Progress) -> bool,
+    ) -> Result<Rendered> {
         let mut timings = Timings::default();
         let t2 = Instant::now();
         let cond = self.conditioning(
@@ -342,12 +357,24 @@ impl MipPipeline {
 
         let t3 = Instant::now();
         let image = tracing::info_span!("vae_decode").in_scope(|| self.decode(&latents))?;
+        let (data, width, height) = tensor_to_rgb8(&image)?;
         timings.decode_ms = ms(t3);
+        Ok(Rendered {
+            rgb: RgbImage {
+                width: width as usize,
+                height: height as usize,
+                data,
+            },
+            timings,
+        })
+    }
 
+    /// The PNG of a rendered image: the request's parameters, then `extra`, as text chunks.
+    pub fn finish_png(&self, req: &ValidRequest, rendered: Rendered, extra: &[(String, String)]) -> Result<Generated> {
+        let Rendered { rgb, mut timings } = rendered;
         let t4 = Instant::now();
         let _png = tracing::info_span!("png_encode").entered();
-        let (rgb, width, height) = tensor_to_rgb8(&image)?;
-        let params = vec![
+        let mut params = vec![
             ("prompt".to_owned(), req.prompt.clone()),
             ("seed".to_owned(), req.seed.to_string()),
             ("steps".to_owned(), req.steps.to_string()),
@@ -363,16 +390,24 @@ impl MipPipeline {
                     .join(", "),
             ),
         ];
-        let png = encode_png(&rgb, width, height, &params)?;
+        params.extend_from_slice(extra);
+        let png = encode_png(&rgb.data, rgb.width as u32, rgb.height as u32, &params)?;
         timings.png_ms = ms(t4);
         Ok(Generated {
             png,
-            width: width as usize,
-            height: height as usize,
+            width: rgb.width,
+            height: rgb.height,
             seed: req.seed,
             timings,
         })
     }
+}
+
+/// A decoded image before its PNG, with the stage timings so far.
+#[derive(Debug, Clone)]
+pub struct Rendered {
+    pub rgb: RgbImage,
+    pub timings: Timings,
 }
 
 fn ms(t: Instant) -> f64 {

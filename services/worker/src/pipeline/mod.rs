@@ -20,7 +20,7 @@ pub mod spec;
 pub mod tokenizer;
 pub mod vae_tiling;
 
-pub use generate::{Conditioning, EncodedSubject, Generated, Progress, Timings};
+pub use generate::{Conditioning, EncodedSubject, Generated, Progress, Rendered, Timings};
 pub use model::{MipPipeline, TextEmbedding};
 pub use request::{GenerateRequest, SubjectRequest, ValidRequest};
 pub use spec::ModelSpec;

@@ -9,6 +9,16 @@ pub enum WorkerError {
     Invalid(#[from] InvalidInput),
     #[error("`subjects[{index}].subject_key` {key:?} is not in the cache (encode the subject again)")]
     NotFound { index: usize, key: String },
+    #[error(
+        "`subjects[{index}].subject_key` {key:?} has no cached reference features for scoring (send the subject's \
+         images, or encode it with `score`)"
+    )]
+    NoReferences { index: usize, key: String },
+    #[error(
+        "`score` needs evaluation models, and this worker's model bundle names none (`eval` in mip.json: a CLIP \
+         ViT-B/32 folder and a DINO ViT-S/16 folder)"
+    )]
+    ScoringUnavailable,
     #[error("the model is not ready (still loading, or stopped after a device error)")]
     NotReady,
     #[error("the worker is draining")]
@@ -32,7 +42,8 @@ impl WorkerError {
     pub fn kind(&self) -> Kind {
         match self {
             Self::Invalid(_) => Kind::InvalidArgument,
-            Self::NotFound { .. } => Kind::NotFound,
+            Self::NotFound { .. } | Self::NoReferences { .. } => Kind::NotFound,
+            Self::ScoringUnavailable => Kind::FailedPrecondition,
             Self::NotReady => Kind::NotReady,
             Self::Draining => Kind::Unavailable,
             Self::QueueFull { .. } | Self::Busy(_) => Kind::QueueFull,
@@ -46,6 +57,7 @@ impl WorkerError {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::Draining => "draining",
+            Self::ScoringUnavailable => "scoring_unavailable",
             Self::Device(_) => "device_error",
             other => other.kind().reason(),
         }

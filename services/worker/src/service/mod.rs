@@ -21,10 +21,11 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tracing::Instrument as _;
 
-use crate::cache::keys::{pixel_digest, subject_key, text_key};
+use crate::cache::keys::{pixel_digest, references_key, subject_key, text_key};
 use crate::cache::{CacheTier, EmbeddingCache, EntryKind};
 use crate::error::{InvalidInput, ModelError};
-use crate::executor::{CancelGuard, CancelToken, ExecError, ExecEvent, Executor, GenerateWork, ModelInfo};
+use crate::eval::scorer::{EvalPixels, ImageScores};
+use crate::executor::{CancelGuard, CancelToken, ExecError, ExecEvent, Executor, GenerateWork, ModelInfo, ScoringInfo};
 use crate::limits::{self, Limits, SubjectInput, SubjectSpec};
 use crate::metrics::Metrics;
 use crate::pipeline::MipPipeline;
@@ -82,10 +83,11 @@ struct Admitted {
     _guard: CancelGuard,
 }
 
-/// A subject resolved to its cache value.
+/// A subject resolved to its cache value (and its images, when it came with them).
 struct Resolved {
     proto: pb::EncodedSubject,
     value: Vec<u8>,
+    images: Option<Arc<Vec<Vec<u8>>>>,
 }
 
 impl WorkerCore {
@@ -184,8 +186,11 @@ impl WorkerCore {
         let s = &self.inner;
         let layout = a.info.layout.clone();
         let valid = move |b: &[u8]| layout.valid_subject(b);
+        let mut kept_images = None;
         let (key, (value, tier)) = match spec.input {
             SubjectInput::Images(images) => {
+                let images = Arc::new(images);
+                kept_images = Some(images.clone());
                 let p = a.pipeline.clone();
                 let prepared = tokio::task::spawn_blocking(move || {
                     images
@@ -237,7 +242,57 @@ impl WorkerCore {
                 tier: tier as i32,
             },
             value,
+            images: kept_images,
         })
+    }
+
+    /// The evaluation models, or FAILED_PRECONDITION.
+    fn scoring<'a>(&self, a: &'a Admitted) -> Result<&'a ScoringInfo, WorkerError> {
+        a.info
+            .scoring
+            .as_ref()
+            .ok_or_else(|| self.reject(WorkerError::ScoringUnavailable))
+    }
+
+    /// A subject's reference features value for scoring: cached under the subject's key; computed from its images
+    /// when it came with them.
+    async fn resolve_references(
+        &self,
+        i: usize,
+        r: &Resolved,
+        scoring: &ScoringInfo,
+        a: &Admitted,
+    ) -> Result<Vec<u8>, WorkerError> {
+        let s = &self.inner;
+        let key = references_key(&scoring.eval_id, &r.proto.subject_key);
+        let info = scoring.clone();
+        let valid = move |b: &[u8]| info.valid_references(b);
+        let images = r.images.clone();
+        let token = a.token.clone();
+        let max_pixels = a.pipeline.preprocess.max_pixels;
+        let subject_key = r.proto.subject_key.clone();
+        let (value, _) = s
+            .cache
+            .get_or_compute(EntryKind::References, &key, valid, || async move {
+                let Some(images) = images else {
+                    return Err(WorkerError::NoReferences { index: i, key: subject_key });
+                };
+                let prepared = tokio::task::spawn_blocking(move || {
+                    images
+                        .iter()
+                        .enumerate()
+                        .map(|(j, b)| EvalPixels::decode(b, &format!("subjects[{i}].images[{j}]"), max_pixels))
+                        .collect::<Result<Vec<_>, ModelError>>()
+                })
+                .await
+                .map_err(|e| WorkerError::Internal(format!("reference preparation task: {e}")))??;
+                s.exec
+                    .reference_features(prepared, &token)
+                    .await
+                    .map_err(WorkerError::from)
+            })
+            .await?;
+        Ok(value)
     }
 
     /// A name's text value (cached) and its token count.
@@ -267,10 +322,11 @@ impl WorkerCore {
         &self,
         task: pb::GenerateTask,
         a: &Admitted,
-    ) -> Result<(GenerateWork, Vec<pb::EncodedSubject>, f64, f64), WorkerError> {
+    ) -> Result<(GenerateWork, Head), WorkerError> {
         let s = &self.inner;
         let request = task.request.unwrap_or_default();
         let valid = limits::validate_generation(request, &s.limits, a.info.default_size, a.info.default_scale)?;
+        let scoring = if valid.score { Some(self.scoring(a)?) } else { None };
         for (i, subj) in valid.subjects.iter().enumerate() {
             a.pipeline.name_token_len(&subj.name, &format!("subjects[{i}].name"))?;
         }
@@ -282,6 +338,20 @@ impl WorkerCore {
             resolved.push(self.resolve_subject(i, spec, a).instrument(span).await?);
         }
         let subjects_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let t_refs = std::time::Instant::now();
+        let score = match scoring {
+            None => None,
+            Some(info) => {
+                let mut refs = Vec::with_capacity(resolved.len());
+                for (i, r) in resolved.iter().enumerate() {
+                    let span = tracing::info_span!("reference_features", subject = i);
+                    let value = self.resolve_references(i, r, info, a).instrument(span).await?;
+                    refs.push((r.proto.name.clone(), value));
+                }
+                Some(refs)
+            }
+        };
+        let refs_ms = t_refs.elapsed().as_secs_f64() * 1e3;
         let t1 = std::time::Instant::now();
         let mut inputs = Vec::with_capacity(resolved.len());
         let mut protos = Vec::with_capacity(resolved.len());
@@ -294,8 +364,15 @@ impl WorkerCore {
         let work = GenerateWork {
             request: valid.request,
             subjects: inputs,
+            score,
         };
-        Ok((work, protos, subjects_ms, names_ms))
+        let head = Head {
+            subjects: protos,
+            subjects_ms,
+            names_ms,
+            refs_ms,
+        };
+        Ok((work, head))
     }
 
     async fn with_deadline<T>(
@@ -320,9 +397,14 @@ impl WorkerService for WorkerCore {
         let a = self.admit()?;
         let work = async {
             let specs = limits::validate_subjects(req.subjects, &self.inner.limits, false)?;
+            let scoring = if req.score { Some(self.scoring(&a)?) } else { None };
             let mut subjects = Vec::with_capacity(specs.len());
             for (i, spec) in specs.into_iter().enumerate() {
-                subjects.push(self.resolve_subject(i, spec, &a).await?.proto);
+                let r = self.resolve_subject(i, spec, &a).await?;
+                if let Some(info) = scoring {
+                    self.resolve_references(i, &r, info, &a).await?;
+                }
+                subjects.push(r.proto);
             }
             Ok(pb::EncodeSubjectsResponse { subjects })
         };
@@ -337,7 +419,7 @@ impl WorkerService for WorkerCore {
         let a = self.admit()?;
         let task_id = task.task_id.clone();
         let prepared = Self::with_deadline(ctx, self.prepare_generation(task, &a)).await;
-        let (work, subjects, subjects_ms, names_ms) = prepared.inspect_err(|e| self.count_error(e))?;
+        let (work, head) = prepared.inspect_err(|e| self.count_error(e))?;
         let steps = work.request.steps;
         let events = self
             .inner
@@ -348,11 +430,6 @@ impl WorkerService for WorkerCore {
         let (out, rx) = mpsc::channel(steps + 2);
         let core = self.clone();
         tokio::spawn(async move {
-            let head = Head {
-                subjects,
-                subjects_ms,
-                names_ms,
-            };
             let r = core.forward(events, &out, ctx, &a.token, head).await;
             let s = &core.inner;
             match r {
@@ -390,6 +467,7 @@ impl WorkerService for WorkerCore {
             default_width: info.map(|i| i.default_size[0] as u32).unwrap_or_default(),
             default_height: info.map(|i| i.default_size[1] as u32).unwrap_or_default(),
             default_scale: info.map(|i| i.default_scale).unwrap_or_default(),
+            scoring: info.is_some_and(|i| i.scoring.is_some()),
             counters: Some(pb::Counters {
                 image_encoder_calls: s.exec.image_encoder_calls(),
                 subject_hits_memory: stats.subject.hits_memory,
@@ -412,6 +490,8 @@ struct Head {
     subjects: Vec<pb::EncodedSubject>,
     subjects_ms: f64,
     names_ms: f64,
+    /// Finding or computing the subjects' reference features (scoring).
+    refs_ms: f64,
 }
 
 impl WorkerCore {
@@ -448,7 +528,13 @@ impl WorkerCore {
                     step: p.step as u32,
                     total: p.total as u32,
                 }),
-                Some(ExecEvent::Done(Ok((g, queue_ms)))) => {
+                Some(ExecEvent::Done(Ok(done))) => {
+                    let (g, queue_ms) = (done.generated, done.queue_ms);
+                    let score_ms = if done.scores.is_some() {
+                        done.score_ms + head.refs_ms
+                    } else {
+                        0.0
+                    };
                     let m = &self.inner.metrics;
                     let t = &g.timings;
                     let text_ms = t.text_ms + head.names_ms;
@@ -459,8 +545,11 @@ impl WorkerCore {
                         ("denoise", t.denoise_ms),
                         ("decode", t.decode_ms),
                         ("png", t.png_ms),
+                        ("score", score_ms),
                     ] {
-                        m.stage_ms(stage, ms);
+                        if stage != "score" || done.scores.is_some() {
+                            m.stage_ms(stage, ms);
+                        }
                     }
                     let image = pb::Image {
                         png: g.png,
@@ -474,8 +563,10 @@ impl WorkerCore {
                             denoise_ms: t.denoise_ms,
                             decode_ms: t.decode_ms,
                             png_ms: t.png_ms,
+                            score_ms,
                         }),
                         subjects: head.subjects,
+                        scores: done.scores.as_ref().map(scores_proto),
                     };
                     let ev = pb::GenerateEvent {
                         event: Some(pb::generate_event::Event::Image(image)),
@@ -490,5 +581,23 @@ impl WorkerCore {
                 return Err(WorkerError::Cancelled);
             }
         }
+    }
+}
+
+/// The scores of an image as the API carries them.
+fn scores_proto(s: &ImageScores) -> pb::Scores {
+    pb::Scores {
+        clip_t: s.clip_t,
+        clip_i: s.clip_i,
+        dino: s.dino,
+        subjects: s
+            .subjects
+            .iter()
+            .map(|x| pb::SubjectScores {
+                name: x.name.clone(),
+                clip_i: x.clip_i,
+                dino: x.dino,
+            })
+            .collect(),
     }
 }
