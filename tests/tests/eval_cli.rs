@@ -97,3 +97,66 @@ fn a_bundle_without_evaluation_models_is_refused_clearly() {
     let err = text(&o);
     assert!(err.contains("eval") && err.contains("--clip"), "{err}");
 }
+
+#[test]
+fn generate_keeps_the_best_sample_and_its_scores_are_what_eval_finds() {
+    let dir = tmp("eval-best");
+    let model = dir.join("demo");
+    let out = dir.join("out");
+    let s = |p: &std::path::Path| p.to_str().expect("utf-8").to_owned();
+    let o = mip(&["model", "demo", "--out", &s(&model)]);
+    assert!(o.status.success(), "{}", text(&o));
+    let cat = format!("cat={}", s(&model.join("refs/cat.png")));
+    let jacket = format!("jacket={}", s(&model.join("refs/jacket.png")));
+    let o = mip(&[
+        "generate",
+        "--model",
+        &s(&model),
+        "--prompt",
+        "a cat wearing a jacket",
+        "--subject",
+        &cat,
+        "--subject",
+        &jacket,
+        "--steps",
+        "1",
+        "--size",
+        "128x128",
+        "--samples",
+        "3",
+        "--keep-best",
+        "1",
+        "--rank-by",
+        "dino",
+        "--json",
+        "--out",
+        &s(&out),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let lines: Vec<Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert_eq!(lines.len(), 1, "one kept image of three: {lines:?}");
+    assert_eq!(lines[0]["rank"], 1);
+    let sidecars: Vec<_> = std::fs::read_dir(&out)
+        .expect("out")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    assert_eq!(sidecars.len(), 1);
+    let sidecar: Value = serde_json::from_slice(&std::fs::read(&sidecars[0]).expect("sidecar")).expect("json");
+    assert_eq!(sidecar["rank"], 1);
+    let scores = &sidecar["scores"];
+    assert_eq!(scores["subjects"].as_array().map(Vec::len), Some(2), "{sidecar}");
+
+    // `mip eval` of the written PNG finds the scores the worker returned.
+    let o = mip(&["eval", &s(&out), "--model", &s(&model), "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&o)));
+    let evaluated = &r["images"][0];
+    for key in ["clip_t", "clip_i", "dino"] {
+        let (got, want) = (scores[key].as_f64().expect(key), evaluated[key].as_f64().expect(key));
+        assert!((got - want).abs() <= 1e-6, "{key}: served {got}, evaluated {want}");
+    }
+}

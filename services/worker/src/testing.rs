@@ -30,13 +30,32 @@ pub struct TestWorker {
 
 /// A model bundle (`mip.json`) in `dir` pointing at the fixture's `sdxl` variant.
 pub fn fixture_bundle(dir: &std::path::Path) {
+    write_bundle(dir, false);
+}
+
+/// [`fixture_bundle`] with the tiny evaluation models of `tests/fixtures/mip-tiny-eval` (a worker that scores).
+pub fn fixture_bundle_scoring(dir: &std::path::Path) {
+    write_bundle(dir, true);
+}
+
+/// The tiny evaluation fixtures (`tests/fixtures/mip-tiny-eval`, beside the model fixtures).
+pub fn eval_fixtures_dir() -> std::path::PathBuf {
     let fixtures = crate::parity::fixtures_dir().unwrap_or_else(|e| panic!("{e}"));
-    let manifest = serde_json::json!({
+    fixtures.join("../mip-tiny-eval")
+}
+
+fn write_bundle(dir: &std::path::Path, scoring: bool) {
+    let fixtures = crate::parity::fixtures_dir().unwrap_or_else(|e| panic!("{e}"));
+    let mut manifest = serde_json::json!({
         "base": fixtures.join("sdxl"),
         "image_encoder": fixtures.join("image_encoder"),
         "adapter": fixtures.join("adapter/mip_sdxl_2obj.safetensors"),
         "default_size": [64, 64],
     });
+    if scoring {
+        let eval = eval_fixtures_dir();
+        manifest["eval"] = serde_json::json!({"clip": eval.join("clip"), "dino": eval.join("dino")});
+    }
     std::fs::write(dir.join("mip.json"), manifest.to_string()).expect("manifest");
 }
 
@@ -52,6 +71,12 @@ impl TestWorker {
         Self::start_on(listener, edit, gate)
     }
 
+    /// Starts a worker on the fixture model with the tiny evaluation models (it can score).
+    pub async fn start_scoring(edit: impl FnOnce(&mut WorkerConfig)) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        Self::start_bundle(listener, edit, None, true)
+    }
+
     /// Like [`start_with`](Self::start_with), on a listener of the caller's choosing (a worker that comes back on
     /// the port of one that stopped).
     pub fn start_on(
@@ -59,8 +84,17 @@ impl TestWorker {
         edit: impl FnOnce(&mut WorkerConfig),
         gate: Option<oneshot::Receiver<()>>,
     ) -> Self {
+        Self::start_bundle(listener, edit, gate, false)
+    }
+
+    fn start_bundle(
+        listener: tokio::net::TcpListener,
+        edit: impl FnOnce(&mut WorkerConfig),
+        gate: Option<oneshot::Receiver<()>>,
+        scoring: bool,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        fixture_bundle(dir.path());
+        write_bundle(dir.path(), scoring);
         let mut config = WorkerConfig::default();
         config.model.path = dir.path().display().to_string();
         config.server.drain_seconds = 10;
