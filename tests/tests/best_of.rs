@@ -53,7 +53,10 @@ fn scores(i: &JobImage) -> &Scores {
 async fn keep_best_returns_the_highest_scoring_samples() {
     let redis = RedisServer::start();
     let all = workers(2).await;
-    let scorers = vec![TestWorker::start_scoring(|_| {}).await, TestWorker::start_scoring(|_| {}).await];
+    let scorers = vec![
+        TestWorker::start_scoring(|_| {}).await,
+        TestWorker::start_scoring(|_| {}).await,
+    ];
     for w in &scorers {
         w.wait_serving().await;
     }
@@ -68,7 +71,10 @@ async fn keep_best_returns_the_highest_scoring_samples() {
     // Every sample scored, all kept: the reference.
     let (four, _) = run(&mut coord, scored_job(4, 0, RankBy::Unspecified, true)).await;
     assert_eq!(four.len(), 4);
-    assert!(four.iter().all(|i| i.rank == 0 && scoring_urls.contains(&i.worker)), "{four:?}");
+    assert!(
+        four.iter().all(|i| i.rank == 0 && scoring_urls.contains(&i.worker)),
+        "{four:?}"
+    );
     let by_seed: BTreeMap<u64, Scores> = four.iter().map(|i| (i.seed, scores(i).clone())).collect();
     assert_eq!(by_seed.len(), 4, "four distinct seeds");
     let distinct = |f: fn(&Scores) -> f64| {
@@ -77,8 +83,14 @@ async fn keep_best_returns_the_highest_scoring_samples() {
         v.dedup();
         v.len()
     };
-    assert!(distinct(|s| s.clip_i.unwrap_or(0.0)) >= 3, "the samples score apart: {by_seed:?}");
-    assert!(distinct(|s| s.dino.unwrap_or(0.0)) >= 3, "the samples score apart: {by_seed:?}");
+    assert!(
+        distinct(|s| s.clip_i.unwrap_or(0.0)) >= 3,
+        "the samples score apart: {by_seed:?}"
+    );
+    assert!(
+        distinct(|s| s.dino.unwrap_or(0.0)) >= 3,
+        "the samples score apart: {by_seed:?}"
+    );
     let best_by = |f: fn(&Scores) -> f64| -> Vec<u64> {
         let mut seeds: Vec<(u64, f64)> = by_seed.iter().map(|(s, x)| (*s, f(x))).collect();
         seeds.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
@@ -98,7 +110,11 @@ async fn keep_best_returns_the_highest_scoring_samples() {
         "no sample beats the kept one"
     );
     assert_eq!(done.done_tasks, 4);
-    assert_eq!(stored_results(&redis, &done.job_id).await.len(), 4, "every sample is recorded");
+    assert_eq!(
+        stored_results(&redis, &done.job_id).await.len(),
+        4,
+        "every sample is recorded"
+    );
     let get = |id: &str| GetJobRequest {
         job_id: id.to_owned(),
         include_images: true,
@@ -132,7 +148,10 @@ async fn scoring_is_refused_when_no_worker_can_score() {
     let ws = workers(1).await;
     let mut coord = Coord::start(&ws, &redis, |_| {}).await;
     wait_workers(&mut coord.client, "Info known", |w| w.iter().all(|w| w.info.is_some())).await;
-    for job in [scored_job(4, 1, RankBy::ClipI, false), scored_job(1, 0, RankBy::Unspecified, true)] {
+    for job in [
+        scored_job(4, 1, RankBy::ClipI, false),
+        scored_job(1, 0, RankBy::Unspecified, true),
+    ] {
         let e = coord.client.submit_job(job).await.expect_err("nobody scores");
         assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
         assert_eq!(

@@ -160,3 +160,165 @@ fn generate_keeps_the_best_sample_and_its_scores_are_what_eval_finds() {
         assert!((got - want).abs() <= 1e-6, "{key}: served {got}, evaluated {want}");
     }
 }
+
+/// A two-combination copy of the CustomConcept101 layout made of the demo's reference images.
+fn concept101_layout(root: &std::path::Path, model: &std::path::Path) {
+    let put = |dir: &str, name: &str, from: &str| {
+        let d = root.join("benchmark_dataset").join(dir);
+        std::fs::create_dir_all(&d).expect("mkdir");
+        std::fs::copy(model.join("refs").join(from), d.join(name)).expect("copy");
+    };
+    put("pet_cat1", "a.png", "cat.png");
+    put("pet_cat1", "b.png", "jacket.png");
+    put("wearable_jacket1", "c.png", "jacket.png");
+    put("wearable_jacket2", "d.png", "cat.png");
+    std::fs::write(root.join("benchmark_dataset/pet_cat1/notes.txt"), "not an image").expect("write");
+    std::fs::create_dir_all(root.join("prompts")).expect("mkdir");
+    std::fs::write(
+        root.join("prompts/pet_wearable.txt"),
+        "photo of {0} wearing the {1}.\n{0} in {1} playing with a ball.\n",
+    )
+    .expect("prompts");
+    let concept = |class: &str, dir: &str| {
+        serde_json::json!({"class_prompt": class, "instance_data_dir": format!("./benchmark_dataset/{dir}"),
+                           "prompt_filename": "prompts/x.txt"})
+    };
+    let compose = serde_json::json!({"prompt_filename_compose": "prompts/pet_wearable.txt"});
+    let combos = serde_json::json!([
+        [
+            concept("cat", "pet_cat1"),
+            concept("jacket", "wearable_jacket1"),
+            compose
+        ],
+        [
+            concept("cat", "pet_cat1"),
+            concept("jacket", "wearable_jacket2"),
+            compose
+        ],
+    ]);
+    std::fs::write(root.join("dataset_multiconcept.json"), combos.to_string()).expect("json");
+}
+
+#[test]
+fn concept101_writes_the_protocol_and_scores_each_combination() {
+    let dir = tmp("eval-c101");
+    let model = dir.join("demo");
+    let data = dir.join("concept101");
+    let out = dir.join("out");
+    let s = |p: &std::path::Path| p.to_str().expect("utf-8").to_owned();
+    let o = mip(&["model", "demo", "--out", &s(&model)]);
+    assert!(o.status.success(), "{}", text(&o));
+    concept101_layout(&data, &model);
+
+    let manifest = dir.join("protocol.jsonl");
+    let o = mip(&["eval", "--concept101", &s(&data), "--write-manifest", &s(&manifest)]);
+    assert!(o.status.success(), "{}", text(&o));
+    let items: Vec<Value> = std::fs::read_to_string(&manifest)
+        .expect("manifest")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    assert_eq!(items.len(), 4, "two combinations, two prompts each");
+    assert_eq!(items[0]["prompt"], "photo of cat wearing the jacket.");
+    assert_eq!(
+        (items[0]["seed"].as_u64(), items[0]["steps"].as_u64()),
+        (Some(420), Some(30))
+    );
+    let cat_images = items[0]["subjects"][0]["images"].as_array().expect("images");
+    assert_eq!(cat_images.len(), 2, "every image of the concept, nothing else");
+
+    // Nothing generated yet: the evaluation says what is missing.
+    std::fs::create_dir_all(&out).expect("mkdir");
+    let o = mip(&["eval", "--concept101", &s(&data), &s(&out), "--model", &s(&model)]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("4 of the protocol's prompts have no output"),
+        "{}",
+        text(&o)
+    );
+
+    // One folder per request: they share the seed, and so the output name.
+    let dirs: Vec<String> = (0..items.len()).map(|k| s(&out.join(k.to_string()))).collect();
+    for (item, item_out) in items.iter().zip(&dirs) {
+        let subject = |k: usize| {
+            let imgs: Vec<&str> = item["subjects"][k]["images"]
+                .as_array()
+                .expect("images")
+                .iter()
+                .filter_map(Value::as_str)
+                .collect();
+            format!(
+                "{}={}",
+                item["subjects"][k]["name"].as_str().expect("name"),
+                imgs.join(",")
+            )
+        };
+        let (a, b) = (subject(0), subject(1));
+        let o = mip(&[
+            "generate",
+            "--model",
+            &s(&model),
+            "--prompt",
+            item["prompt"].as_str().expect("prompt"),
+            "--subject",
+            &a,
+            "--subject",
+            &b,
+            "--steps",
+            "1",
+            "--size",
+            "64x64",
+            "--seed",
+            "420",
+            "--out",
+            item_out,
+        ]);
+        assert!(o.status.success(), "{}", text(&o));
+    }
+
+    let dirs: Vec<&str> = dirs.iter().map(String::as_str).collect();
+    let (c101, model_s) = (s(&data), s(&model));
+    let o = mip(&[
+        &["eval", "--concept101", &c101][..],
+        &dirs,
+        &["--model", &model_s, "--json"],
+    ]
+    .concat());
+    assert!(o.status.success(), "{}", text(&o));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&o)));
+    let combos = r["combinations"].as_array().expect("combinations");
+    assert_eq!(combos.len(), 2);
+    // Per image, plain `mip eval` (these prompts end in their only `.`, so the published caption is the prompt).
+    let o = mip(&[&["eval"][..], &dirs, &["--model", &model_s, "--json"]].concat());
+    assert!(o.status.success(), "{}", text(&o));
+    let per_image: Value = serde_json::from_slice(&o.stdout).expect("json");
+    let images = per_image["images"].as_array().expect("images");
+    assert_eq!(images.len(), 4);
+    for (k, combo) in combos.iter().enumerate() {
+        assert_eq!(combo["images"], 2);
+        let jacket_dir = format!("wearable_jacket{}", k + 1);
+        let mine: Vec<&Value> = images
+            .iter()
+            .filter(|i| {
+                let png = std::path::PathBuf::from(i["image"].as_str().expect("image"));
+                let sidecar: Value =
+                    serde_json::from_slice(&std::fs::read(png.with_extension("json")).expect("sidecar")).expect("json");
+                sidecar["subjects"][1]["arg"]
+                    .as_str()
+                    .is_some_and(|a| a.contains(&jacket_dir))
+            })
+            .collect();
+        assert_eq!(mine.len(), 2);
+        for key in ["clip_t", "clip_i", "dino"] {
+            // The mean of the full (images x references) matrix is the mean of each image's own mean.
+            let want = mine.iter().map(|i| i[key].as_f64().expect(key)).sum::<f64>() / 2.0;
+            let got = combo[key].as_f64().expect(key);
+            assert!((got - want).abs() < 1e-9, "combination {k} {key}: {got} vs {want}");
+        }
+    }
+    let agg = &r["aggregate"];
+    for key in ["clip_t", "clip_i", "dino"] {
+        let want = combos.iter().map(|c| c[key].as_f64().expect(key)).sum::<f64>() / 2.0;
+        assert!((agg[key].as_f64().expect(key) - want).abs() < 1e-12, "{key}");
+    }
+}

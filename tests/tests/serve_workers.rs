@@ -69,7 +69,10 @@ fn encode(url: &str, rt: &tokio::runtime::Runtime) -> (String, CacheTier) {
             subject_key: String::new(),
         };
         let r = c
-            .encode_subjects(EncodeSubjectsRequest { subjects: vec![s], score: false })
+            .encode_subjects(EncodeSubjectsRequest {
+                subjects: vec![s],
+                score: false,
+            })
             .await
             .expect("encode")
             .into_inner();

@@ -3,7 +3,7 @@
 //! images) gives one image; its CLIP-T is scored against the prompt, its CLIP-I and DINO against each subject's
 //! reference images and averaged over the subjects. The aggregates average per prompt, then over prompts. The
 //! evaluation models come from the bundle's `mip.json` (`eval`: the demo bundle has tiny ones) or `--clip` /
-//! `--dino`.
+//! `--dino`. With `--concept101 DATA_ROOT`, the CustomConcept101 protocol instead ([`crate::eval_concept101`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -22,8 +22,8 @@ use crate::device::DeviceArgs;
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Folders of generated images with their JSON sidecars.
-    #[arg(required = true)]
-    dirs: Vec<PathBuf>,
+    #[arg(required_unless_present = "write_manifest")]
+    pub(crate) dirs: Vec<PathBuf>,
     /// `demo` or a model bundle whose mip.json names the evaluation models (`eval`).
     #[arg(long, default_value = "demo")]
     model: String,
@@ -33,18 +33,25 @@ pub struct Args {
     /// The evaluation DINO folder (a transformers ViTModel), instead of the bundle's.
     #[arg(long)]
     dino: Option<PathBuf>,
+    /// The CustomConcept101 protocol on a local copy of its layout (`dataset_multiconcept.json`, `prompts/`,
+    /// `benchmark_dataset/`): each combination's outputs scored against its prompts and both concepts' images.
+    #[arg(long, value_name = "DATA_ROOT")]
+    pub(crate) concept101: Option<PathBuf>,
+    /// With `--concept101`: write the protocol's requests as a `mip submit` manifest (JSONL) and exit.
+    #[arg(long, value_name = "FILE", requires = "concept101")]
+    pub(crate) write_manifest: Option<PathBuf>,
     #[command(flatten)]
     run_on: DeviceArgs,
     /// Print JSON instead of a table.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 /// One image to score, read from its sidecar.
-struct Item {
-    image: PathBuf,
-    prompt: String,
-    subjects: Vec<(String, Vec<PathBuf>)>,
+pub(crate) struct Item {
+    pub(crate) image: PathBuf,
+    pub(crate) prompt: String,
+    pub(crate) subjects: Vec<(String, Vec<PathBuf>)>,
 }
 
 /// A reference path as written in a sidecar: as given when it exists, else relative to the sidecar's folder.
@@ -87,7 +94,8 @@ fn read_item(sidecar: &Path) -> Result<Option<Item>> {
     }))
 }
 
-fn items(dirs: &[PathBuf]) -> Result<Vec<Item>> {
+/// Every image sidecar in `dirs` (none is not an error here).
+pub(crate) fn items(dirs: &[PathBuf]) -> Result<Vec<Item>> {
     let mut out = Vec::new();
     for dir in dirs {
         let mut sidecars: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -100,20 +108,17 @@ fn items(dirs: &[PathBuf]) -> Result<Vec<Item>> {
             out.extend(read_item(&s)?);
         }
     }
-    if out.is_empty() {
-        bail!("no image sidecars (JSON with `image` and `prompt`) in {dirs:?}");
-    }
     Ok(out)
 }
 
 /// The features of one image file (or reference) for both models, as rows.
-struct Features<'a> {
-    clip: &'a ClipEval,
-    dino: &'a DinoEval,
+pub(crate) struct Features<'a> {
+    pub(crate) clip: &'a ClipEval,
+    pub(crate) dino: &'a DinoEval,
 }
 
 impl Features<'_> {
-    fn of(&self, path: &Path) -> Result<(Vec<f32>, Vec<f32>)> {
+    pub(crate) fn of(&self, path: &Path) -> Result<(Vec<f32>, Vec<f32>)> {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         let field = path.display().to_string();
         let rgb = decode_rgb_with(&bytes, &field, DEFAULT_MAX_PIXELS, Alpha::Drop)?;
@@ -127,7 +132,12 @@ impl Features<'_> {
     }
 }
 
-fn models(a: &Args, device: &Device, dtype: candle_core::DType) -> Result<(ClipEval, DinoEval)> {
+pub(crate) fn models(a: &Args) -> Result<(ClipEval, DinoEval)> {
+    let (device, dtype) = a.run_on.resolve()?;
+    load_models(a, &device, dtype)
+}
+
+fn load_models(a: &Args, device: &Device, dtype: candle_core::DType) -> Result<(ClipEval, DinoEval)> {
     let bundle = match (&a.clip, &a.dino) {
         (Some(_), Some(_)) => None,
         _ => crate::model::resolve(&a.model)?.0.eval,
@@ -149,19 +159,19 @@ fn models(a: &Args, device: &Device, dtype: candle_core::DType) -> Result<(ClipE
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let (device, dtype) = a.run_on.resolve()?;
-    let (clip, dino) = models(&a, &device, dtype)?;
+    if a.concept101.is_some() {
+        return crate::eval_concept101::run(&a);
+    }
+    let (clip, dino) = models(&a)?;
     let features = Features {
         clip: &clip,
         dino: &dino,
     };
     let items = items(&a.dirs)?;
-    let bar = ProgressBar::new(items.len() as u64);
-    bar.set_style(
-        ProgressStyle::with_template("scoring [{bar:30}] {pos}/{len} images {elapsed}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("#>-"),
-    );
+    if items.is_empty() {
+        bail!("no image sidecars (JSON with `image` and `prompt`) in {:?}", a.dirs);
+    }
+    let bar = progress(items.len(), a.json);
     let mut refs: BTreeMap<PathBuf, (Vec<f32>, Vec<f32>)> = BTreeMap::new();
     let mut rows = Vec::with_capacity(items.len());
     for item in &items {
@@ -224,6 +234,20 @@ pub fn run(a: Args) -> Result<()> {
         f(&aggregate["dino"])
     );
     Ok(())
+}
+
+/// The scoring progress bar (hidden when output is JSON or not a terminal).
+pub(crate) fn progress(images: usize, json: bool) -> ProgressBar {
+    if !crate::jobs::bars_enabled(json) {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(images as u64);
+    bar.set_style(
+        ProgressStyle::with_template("scoring [{bar:30}] {pos}/{len} images {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("#>-"),
+    );
+    bar
 }
 
 /// Each metric averaged per prompt, then over prompts.

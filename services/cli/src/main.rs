@@ -25,6 +25,7 @@ mod client;
 mod config_cmd;
 mod device;
 mod eval;
+mod eval_concept101;
 mod generate;
 mod jobs;
 mod local;

@@ -245,7 +245,9 @@ mod tests {
         let mut truncated = request(4);
         let png = png();
         truncated.subjects[0].images[0] = png[..png.len() - 8].to_vec();
-        let e = check_requests(&job(vec![truncated]), l, vec![]).await.expect_err("truncated");
+        let e = check_requests(&job(vec![truncated]), l, vec![])
+            .await
+            .expect_err("truncated");
         assert!(e.to_string().contains("requests[0].subjects[0].images[0]"), "{e}");
     }
 
@@ -257,7 +259,9 @@ mod tests {
             ..request(4)
         };
         // No worker reported yet: the job waits for one.
-        check_requests(&job(vec![scored.clone()]), l, vec![]).await.expect("no workers known");
+        check_requests(&job(vec![scored.clone()]), l, vec![])
+            .await
+            .expect("no workers known");
         let plain = vec![worker(20)];
         let e = check_requests(&job(vec![request(4), scored.clone()]), l, plain.clone())
             .await
@@ -269,19 +273,27 @@ mod tests {
             samples: 2,
             ..job(vec![request(4)])
         };
-        let e = check_requests(&best_of, l, plain.clone()).await.expect_err("nobody scores");
+        let e = check_requests(&best_of, l, plain.clone())
+            .await
+            .expect_err("nobody scores");
         assert!(e.to_string().contains("`keep_best`"), "{e}");
         let mut scorer = worker(10);
         scorer.info.as_mut().expect("info").scoring = true;
         let ws = vec![worker(20), scorer];
-        check_requests(&best_of, l, ws.clone()).await.expect("one worker scores");
+        check_requests(&best_of, l, ws.clone())
+            .await
+            .expect("one worker scores");
         // The scoring worker's own limits apply to scored requests: 15 steps suit the other worker only.
-        check_requests(&job(vec![request(15)]), l, ws.clone()).await.expect("unscored");
+        check_requests(&job(vec![request(15)]), l, ws.clone())
+            .await
+            .expect("unscored");
         let scored = GenerationRequest {
             score: true,
             ..request(15)
         };
-        let e = check_requests(&job(vec![scored]), l, ws).await.expect_err("10 steps at most");
+        let e = check_requests(&job(vec![scored]), l, ws)
+            .await
+            .expect_err("10 steps at most");
         assert!(e.to_string().contains("every worker"), "{e}");
     }
 
@@ -301,7 +313,14 @@ mod tests {
         assert_eq!(e.to_string(), "`keep_best` must be in 0..=samples (2), got 3");
         let e = split(&with(2, 0, RankBy::Mean), &cfg).expect_err("no keep_best");
         assert_eq!(e.to_string(), "`rank_by` applies only with keep_best > 0, got mean");
-        let e = split(&SubmitJobRequest { rank_by: 9, ..with(2, 1, RankBy::ClipI) }, &cfg).expect_err("unknown");
+        let e = split(
+            &SubmitJobRequest {
+                rank_by: 9,
+                ..with(2, 1, RankBy::ClipI)
+            },
+            &cfg,
+        )
+        .expect_err("unknown");
         assert!(e.to_string().starts_with("`rank_by` must be RANK_BY_CLIP_I"), "{e}");
     }
 

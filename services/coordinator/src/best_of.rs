@@ -163,10 +163,18 @@ mod tests {
             ..Default::default()
         };
         use TaskStatus::{Done, Failed, Running};
-        let images = vec![image(0, 0.2, 0.9), image(1, 0.7, 0.1), image(2, 0.5, 0.5), image(3, 0.9, 0.0)];
+        let images = vec![
+            image(0, 0.2, 0.9),
+            image(1, 0.7, 0.1),
+            image(2, 0.5, 0.5),
+            image(3, 0.9, 0.0),
+        ];
         // Request 0 ended (its three samples done); request 1 still runs one sample.
         let shown = visible(&spec, &job(&[Done, Done, Done, Done, Running, Done]), images.clone());
-        assert_eq!(shown.iter().map(|i| (i.task_index, i.rank)).collect::<Vec<_>>(), vec![(1, 1)]);
+        assert_eq!(
+            shown.iter().map(|i| (i.task_index, i.rank)).collect::<Vec<_>>(),
+            vec![(1, 1)]
+        );
         let shown = visible(&spec, &job(&[Done, Done, Done, Done, Failed, Done]), images.clone());
         assert_eq!(shown.iter().map(|i| i.task_index).collect::<Vec<_>>(), vec![1, 3]);
         let by_t = SubmitJobRequest {
@@ -175,11 +183,11 @@ mod tests {
             ..spec.clone()
         };
         let shown = KeepBest::of(&by_t).expect("keep").best(images[..3].to_vec());
-        assert_eq!(shown.iter().map(|i| (i.task_index, i.rank)).collect::<Vec<_>>(), vec![(0, 1), (2, 2)]);
-        let plain = SubmitJobRequest {
-            keep_best: 0,
-            ..spec
-        };
+        assert_eq!(
+            shown.iter().map(|i| (i.task_index, i.rank)).collect::<Vec<_>>(),
+            vec![(0, 1), (2, 2)]
+        );
+        let plain = SubmitJobRequest { keep_best: 0, ..spec };
         assert_eq!(visible(&plain, &job(&[Running; 6]), images.clone()).len(), 4);
     }
 

@@ -310,7 +310,12 @@ impl Coordinator {
             return Ok(j.watch());
         }
         let (job, keep) = self.stored_with_images(id).await?;
-        Ok(crate::remote::watch_stored(self.store().clone(), job, keep, self.inner.cfg.ttl))
+        Ok(crate::remote::watch_stored(
+            self.store().clone(),
+            job,
+            keep,
+            self.inner.cfg.ttl,
+        ))
     }
 
     /// Submits one request and waits for its images. `rpc_deadline` (the caller's gRPC timeout) bounds the task

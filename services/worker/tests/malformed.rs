@@ -222,7 +222,10 @@ async fn malformed_requests_name_the_field_and_leave_the_worker_serving() {
 
     // EncodeSubjects applies the same rules.
     let e = c
-        .encode_subjects(EncodeSubjectsRequest { subjects: Vec::new(), score: false })
+        .encode_subjects(EncodeSubjectsRequest {
+            subjects: Vec::new(),
+            score: false,
+        })
         .await
         .expect_err("no subjects");
     assert_eq!(e.code(), Code::InvalidArgument);
@@ -233,7 +236,10 @@ async fn malformed_requests_name_the_field_and_leave_the_worker_serving() {
         subject_key: String::new(),
     };
     let e = c
-        .encode_subjects(EncodeSubjectsRequest { subjects: vec![bad], score: false })
+        .encode_subjects(EncodeSubjectsRequest {
+            subjects: vec![bad],
+            score: false,
+        })
         .await
         .expect_err("undecodable");
     assert_eq!(e.code(), Code::InvalidArgument);

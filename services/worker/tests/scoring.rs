@@ -99,14 +99,20 @@ async fn scores_are_an_evaluation_of_the_returned_png_and_references_are_cached(
     close(s.clip_i.expect("clip_i"), want_i, "clip_i");
     close(s.dino.expect("dino"), want_d, "dino");
     let per_subject_mean = (s.subjects[0].clip_i + s.subjects[1].clip_i) / 2.0;
-    close(s.clip_i.expect("clip_i"), per_subject_mean, "clip_i is the subjects' mean");
+    close(
+        s.clip_i.expect("clip_i"),
+        per_subject_mean,
+        "clip_i is the subjects' mean",
+    );
     assert!(img.timings.as_ref().expect("timings").score_ms > 0.0);
 
     // The PNG carries the very same numbers.
     let text = decode_png_text(&img.png).expect("text chunks");
     let chunk = |k: &str| -> f64 {
         let v = text.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
-        v.unwrap_or_else(|| panic!("no `{k}` chunk in {text:?}")).parse().expect("a number")
+        v.unwrap_or_else(|| panic!("no `{k}` chunk in {text:?}"))
+            .parse()
+            .expect("a number")
     };
     assert_eq!(chunk("clip_t"), s.clip_t);
     assert_eq!(chunk("clip_i"), s.clip_i.expect("clip_i"));
@@ -116,7 +122,10 @@ async fn scores_are_an_evaluation_of_the_returned_png_and_references_are_cached(
     let (_, plain) = generate(&mut ca, task(64, 2, two_subjects())).await;
     let plain = plain.expect("image");
     assert!(plain.scores.is_none());
-    assert!(!decode_png_text(&plain.png).expect("text").iter().any(|(k, _)| k == "clip_t"));
+    assert!(!decode_png_text(&plain.png)
+        .expect("text")
+        .iter()
+        .any(|(k, _)| k == "clip_t"));
     // Scoring does not change the image, only its text chunks.
     let pixels = |png: &[u8]| image::load_from_memory(png).expect("png").to_rgb8();
     assert_eq!(pixels(&plain.png), pixels(&img.png));
@@ -130,7 +139,11 @@ async fn scores_are_an_evaluation_of_the_returned_png_and_references_are_cached(
     let _: () = conn.set(&keys[0], b"junk".to_vec()).await.expect("set");
     let (b, mut cb) = scoring_worker(&redis).await;
     let (_, again) = generate(&mut cb, scored(two_subjects())).await;
-    assert_eq!(scores_of(&again.expect("image")), &s, "the same image scores the same on another worker");
+    assert_eq!(
+        scores_of(&again.expect("image")),
+        &s,
+        "the same image scores the same on another worker"
+    );
     let repaired: Vec<u8> = conn.get(&keys[0]).await.expect("get");
     assert!(repaired.len() > 4, "the corrupt entry was overwritten");
     a.stop().await;
@@ -145,7 +158,12 @@ async fn a_subject_named_by_key_needs_its_reference_features() {
         subjects: vec![subject("cat", vec![image("cat_0.png")])],
         score,
     };
-    let key = c.encode_subjects(encode(false)).await.expect("encode").into_inner().subjects[0]
+    let key = c
+        .encode_subjects(encode(false))
+        .await
+        .expect("encode")
+        .into_inner()
+        .subjects[0]
         .subject_key
         .clone();
     let by_key = || {
@@ -181,7 +199,11 @@ async fn a_worker_without_evaluation_models_refuses_scoring() {
         mip_common::errors::reason_of(&e).as_deref(),
         Some("scoring_unavailable")
     );
-    assert!(e.message().contains("`score`") && e.message().contains("mip.json"), "{}", e.message());
+    assert!(
+        e.message().contains("`score`") && e.message().contains("mip.json"),
+        "{}",
+        e.message()
+    );
     let e = c
         .encode_subjects(EncodeSubjectsRequest {
             subjects: two_subjects(),

@@ -15,7 +15,10 @@ use tonic::transport::Channel;
 
 async fn encode(c: &mut WorkerClient<Channel>, s: Subject) -> EncodedSubject {
     let r = c
-        .encode_subjects(EncodeSubjectsRequest { subjects: vec![s], score: false })
+        .encode_subjects(EncodeSubjectsRequest {
+            subjects: vec![s],
+            score: false,
+        })
         .await
         .expect("encode")
         .into_inner();

@@ -47,7 +47,10 @@ pub fn text_key(text_id: &str, dtype: &str, ids_1: &[u32], ids_2: &[u32]) -> Str
 /// `mip:refs:v1:{evaluation models id}:{digest of the subject key}`: a subject's reference features for scoring,
 /// cached with the subject (the same images give the same subject key).
 pub fn references_key(eval_id: &str, subject_key: &str) -> String {
-    format!("mip:refs:v1:{eval_id}:{}", blake3::hash(subject_key.as_bytes()).to_hex())
+    format!(
+        "mip:refs:v1:{eval_id}:{}",
+        blake3::hash(subject_key.as_bytes()).to_hex()
+    )
 }
 
 /// A short identity (16 hex digits of blake3) of a set of files: their contents in order.

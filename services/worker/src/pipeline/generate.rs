@@ -6,10 +6,10 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 
+use super::image_decode::RgbImage;
 use super::model::{MipPipeline, TextEmbedding};
 use super::noise::Gaussian;
 use super::png::{encode_png, tensor_to_rgb8};
-use super::image_decode::RgbImage;
 use super::precision::{vae_uses_tf32, Tf32Scope};
 use super::request::ValidRequest;
 use super::scheduler::{build_scheduler, SchedulerConfig, SchedulerKind};

@@ -275,7 +275,10 @@ impl WorkerCore {
             .cache
             .get_or_compute(EntryKind::References, &key, valid, || async move {
                 let Some(images) = images else {
-                    return Err(WorkerError::NoReferences { index: i, key: subject_key });
+                    return Err(WorkerError::NoReferences {
+                        index: i,
+                        key: subject_key,
+                    });
                 };
                 let prepared = tokio::task::spawn_blocking(move || {
                     images
