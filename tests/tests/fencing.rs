@@ -109,7 +109,7 @@ async fn a_stale_owner_cannot_overwrite_the_new_owners_state() {
     // B's writes land; the image A recorded while it was the owner stands.
     assert_eq!(
         b.write_result(&fb, &image(0, "b")).await.expect("result"),
-        Recorded::Existing(image(0, "a"))
+        Recorded::Existing(Box::new(image(0, "a")))
     );
     assert_eq!(
         b.write_result(&fb, &image(1, "b")).await.expect("result"),

@@ -72,7 +72,7 @@ impl JobWriter {
         }
         let image = match self.store.write_result(&job.record.fence, &image).await {
             Ok(Recorded::New) => image,
-            Ok(Recorded::Existing(first)) => first,
+            Ok(Recorded::Existing(first)) => *first,
             Ok(Recorded::Fenced) => return self.fenced(job),
             Err(e) => {
                 tracing::warn!(job_id = %job.id, error = %e, "storing a result failed; kept for a re-write");

@@ -124,7 +124,7 @@ impl JobStore for MemoryStore {
         let mut s = self.lock();
         let results = s.results.entry(fence.job_id.clone()).or_default();
         Ok(match results.get(&image.task_index) {
-            Some(first) => Recorded::Existing(first.clone()),
+            Some(first) => Recorded::Existing(Box::new(first.clone())),
             None => {
                 results.insert(image.task_index, image.clone());
                 Recorded::New
@@ -248,7 +248,7 @@ mod tests {
         let again = JobImage { seed: 2, ..img.clone() };
         assert_eq!(
             s.write_result(&f, &again).await.expect("memory store"),
-            Recorded::Existing(img)
+            Recorded::Existing(Box::new(img))
         );
         assert_eq!(s.list_job_ids(0, 10).await.expect("memory store"), ["b", "a"]);
         assert_eq!(s.active_ids().await.expect("memory store"), ["a"]);

@@ -67,7 +67,7 @@ pub enum Recorded {
     /// This image is now the task's image.
     New,
     /// The task had an image already (an earlier attempt's): that one stands.
-    Existing(JobImage),
+    Existing(Box<JobImage>),
     /// Refused: another coordinator owns the job now.
     Fenced,
 }
