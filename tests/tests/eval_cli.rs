@@ -1,24 +1,29 @@
 //! `mip eval` on what `mip generate` wrote: a table per image and the aggregates, `--json` with the same numbers,
 //! each image scored against its prompt and each subject's reference images (the demo bundle's tiny evaluation
-//! models), and a clear error when a bundle has no evaluation models.
+//! models), and a clear error when a bundle has no evaluation models; `mip generate --keep-best` writes the best
+//! sample with the scores `mip eval` finds in its PNG; `--concept101` writes the protocol's manifest and scores
+//! each combination of a small copy of the CustomConcept101 layout.
 
 use mip_tests::process::{fixture_setup, mip, text, tmp};
+use std::path::{Path, PathBuf};
+
 use serde_json::Value;
 
-#[test]
-fn eval_scores_generated_images_as_a_table_and_as_json() {
-    let dir = tmp("eval");
-    let model = dir.join("demo");
-    let out = dir.join("out");
-    let s = |p: &std::path::Path| p.to_str().expect("utf-8").to_owned();
+/// The demo model written to a fresh folder and `mip generate` on it (two subjects, 1 step, 128x128, `extra`):
+/// the model folder, the output folder and the command's output.
+fn demo_generate(name: &str, extra: &[&str]) -> (PathBuf, PathBuf, std::process::Output) {
+    let dir = tmp(name);
+    let (model, out) = (dir.join("demo"), dir.join("out"));
+    let s = |p: &Path| p.to_str().expect("utf-8").to_owned();
     let o = mip(&["model", "demo", "--out", &s(&model)]);
     assert!(o.status.success(), "{}", text(&o));
     let cat = format!("cat={}", s(&model.join("refs/cat.png")));
     let jacket = format!("jacket={}", s(&model.join("refs/jacket.png")));
-    let o = mip(&[
+    let (model_s, out_s) = (s(&model), s(&out));
+    let base = [
         "generate",
         "--model",
-        &s(&model),
+        &model_s,
         "--prompt",
         "a cat wearing a jacket",
         "--subject",
@@ -29,12 +34,18 @@ fn eval_scores_generated_images_as_a_table_and_as_json() {
         "1",
         "--size",
         "128x128",
-        "--samples",
-        "2",
         "--out",
-        &s(&out),
-    ]);
+        &out_s,
+    ];
+    let o = mip(&[&base[..], extra].concat());
+    (model, out, o)
+}
+
+#[test]
+fn eval_scores_generated_images_as_a_table_and_as_json() {
+    let (model, out, o) = demo_generate("eval", &["--samples", "2"]);
     assert!(o.status.success(), "{}", text(&o));
+    let s = |p: &std::path::Path| p.to_str().expect("utf-8").to_owned();
 
     let o = mip(&["eval", &s(&out), "--model", &s(&model), "--json"]);
     assert!(o.status.success(), "{}", text(&o));
@@ -100,39 +111,10 @@ fn a_bundle_without_evaluation_models_is_refused_clearly() {
 
 #[test]
 fn generate_keeps_the_best_sample_and_its_scores_are_what_eval_finds() {
-    let dir = tmp("eval-best");
-    let model = dir.join("demo");
-    let out = dir.join("out");
+    let args = ["--samples", "3", "--keep-best", "1", "--rank-by", "dino", "--json"];
+    let (model, out, o) = demo_generate("eval-best", &args);
+    assert!(o.status.success(), "{}", text(&o));
     let s = |p: &std::path::Path| p.to_str().expect("utf-8").to_owned();
-    let o = mip(&["model", "demo", "--out", &s(&model)]);
-    assert!(o.status.success(), "{}", text(&o));
-    let cat = format!("cat={}", s(&model.join("refs/cat.png")));
-    let jacket = format!("jacket={}", s(&model.join("refs/jacket.png")));
-    let o = mip(&[
-        "generate",
-        "--model",
-        &s(&model),
-        "--prompt",
-        "a cat wearing a jacket",
-        "--subject",
-        &cat,
-        "--subject",
-        &jacket,
-        "--steps",
-        "1",
-        "--size",
-        "128x128",
-        "--samples",
-        "3",
-        "--keep-best",
-        "1",
-        "--rank-by",
-        "dino",
-        "--json",
-        "--out",
-        &s(&out),
-    ]);
-    assert!(o.status.success(), "{}", text(&o));
     let lines: Vec<Value> = String::from_utf8_lossy(&o.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))

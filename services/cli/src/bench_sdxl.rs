@@ -269,7 +269,7 @@ pub fn run(a: &SdxlArgs) -> Result<Value> {
 
     let whole = text_ms + image_ms + a.steps as f64 * merged_ms + vae_ms;
     out.insert(format!("whole_image_ms_{}steps_estimated", a.steps), json!(whole));
-    let score = score_ms(a, &vb)?;
+    let score = score_ms(a)?;
     out.insert("score_ms_1img".into(), json!(score));
     out.insert(
         "score_share_of_whole_image".into(),
@@ -339,10 +339,11 @@ fn unet_and_conds(
 }
 
 /// Scoring one generated image of `a.size` as a scoring request does: both evaluation preprocessings (resize,
-/// crop, normalise to 224²), CLIP ViT-B/32 image and caption features and DINO ViT-S/16 features, with random
-/// weights in their real shapes (`--tiny`: small ones).
-fn score_ms(a: &SdxlArgs, vb: &VarBuilder) -> Result<f64> {
-    let (dev, dt) = (&a.device, a.dtype);
+/// crop, normalise to 224²), CLIP ViT-B/32 image and caption features and DINO ViT-S/16 features, in f32 as the
+/// worker runs them, with random weights in their real shapes (`--tiny`: small ones).
+fn score_ms(a: &SdxlArgs) -> Result<f64> {
+    let (dev, dt) = (&a.device, DType::F32);
+    let vb = VarBuilder::from_backend(Box::new(RandomWeights), dt, dev.clone());
     let (text, vision, dino) = if a.tiny {
         (json!([32, 64, 2, 4]), json!([32, 64, 2, 4]), json!([32, 64, 2, 4]))
     } else {

@@ -355,7 +355,9 @@ impl JobStore for RedisStore {
         let (code, first): (i64, Vec<u8>) = timed(inv.invoke_async(&mut self.conn())).await?;
         match code {
             1 => Ok(Recorded::New),
-            2 => Ok(Recorded::Existing(Box::new(JobImage::decode(first.as_slice()).map_err(err)?))),
+            2 => Ok(Recorded::Existing(Box::new(
+                JobImage::decode(first.as_slice()).map_err(err)?,
+            ))),
             0 => Ok(Recorded::Fenced),
             _ => Err(lost(&fence.job_id)),
         }
