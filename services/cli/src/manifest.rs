@@ -297,4 +297,37 @@ mod tests {
         .expect_err("no images");
         assert!(e.contains("images"), "{e}");
     }
+
+    #[test]
+    fn best_of_items_are_checked_and_named_by_rank() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let png = dir.path().join("cat.png");
+        image::RgbImage::from_pixel(8, 8, image::Rgb([9, 9, 9]))
+            .save(&png)
+            .expect("png");
+        let item = |extra: serde_json::Value| {
+            let mut v = serde_json::json!({"prompt": "a cat", "subjects": [{"name": "cat", "images": ["cat.png"]}]});
+            for (k, x) in extra.as_object().expect("object") {
+                v[k] = x.clone();
+            }
+            prepare(v, dir.path())
+        };
+        let e = item(serde_json::json!({"rank_by": "dino"})).expect_err("no keep_best");
+        assert!(e.contains("`rank_by` applies only with `keep_best`"), "{e}");
+        let e = item(serde_json::json!({"samples": 2, "keep_best": 3})).expect_err("3 of 2");
+        assert!(e.contains("`keep_best` must be in 1..=samples (2), got 3"), "{e}");
+        let e = item(serde_json::json!({"samples": 2, "keep_best": 1, "rank_by": "best"})).expect_err("unknown");
+        assert!(e.contains("clip_i, dino, clip_t or mean"), "{e}");
+        let ready =
+            item(serde_json::json!({"samples": 4, "keep_best": 2, "rank_by": "dino", "score": true})).expect("valid");
+        assert_eq!((ready.job.keep_best, ready.job.rank_by), (2, RankBy::Dino as i32));
+        assert!(ready.job.requests[0].score);
+        assert_eq!(ready.outputs(), 1..3);
+        let kept = JobImage {
+            rank: 1,
+            sample_index: 3,
+            ..Default::default()
+        };
+        assert!(ready.stem(&kept).ends_with("-best1"), "{}", ready.stem(&kept));
+    }
 }

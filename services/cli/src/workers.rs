@@ -158,7 +158,11 @@ fn to_json(url: &str, r: &Result<WorkerInfo, String>) -> Value {
                     "corrupt_entries": c.corrupt_entries,
                     "generations": c.generations,
                     "failed_generations": c.failed_generations,
+                    "reference_hits_memory": c.reference_hits_memory,
+                    "reference_hits_redis": c.reference_hits_redis,
+                    "reference_misses": c.reference_misses,
                 },
+                "scoring": i.scoring,
             })
         }
     }

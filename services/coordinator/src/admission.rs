@@ -56,7 +56,8 @@ fn worker_rules(workers: &[WorkerStatus]) -> Vec<WorkerRules> {
 
 /// Checks every request of a job (on a blocking thread: images are decoded); `workers` is the registry's view.
 /// A scored request (`score`, or every request of a job with `keep_best`) is checked against the workers that can
-/// score; when workers have reported and none can, the job is refused with FAILED_PRECONDITION.
+/// score; when every worker has reported a loaded model and none can score, the job is refused with
+/// FAILED_PRECONDITION.
 pub async fn check_requests(
     req: &SubmitJobRequest,
     limits: Limits,
@@ -64,9 +65,13 @@ pub async fn check_requests(
 ) -> Result<(), CoordinatorError> {
     let all = worker_rules(&workers);
     let scorers: Vec<WorkerRules> = all.iter().copied().filter(|w| w.scoring).collect();
+    // A worker that has not reported a loaded model (still loading, or never reached) may yet score.
+    let all_loaded = workers
+        .iter()
+        .all(|w| w.info.as_ref().is_some_and(|i| !i.model.is_empty()));
     let best_of = req.keep_best > 0;
     if let Some(i) = req.requests.iter().position(|r| r.score || best_of) {
-        if !all.is_empty() && scorers.is_empty() {
+        if !workers.is_empty() && all_loaded && scorers.is_empty() {
             let field = if best_of {
                 "keep_best".to_owned()
             } else {
@@ -215,6 +220,7 @@ mod tests {
         };
         WorkerStatus {
             info: Some(WorkerInfo {
+                model: "fixture".into(),
                 limits: Some(limits.to_proto()),
                 default_width: 64,
                 default_height: 64,
@@ -262,6 +268,12 @@ mod tests {
         check_requests(&job(vec![scored.clone()]), l, vec![])
             .await
             .expect("no workers known");
+        // A worker still loading may yet score.
+        let mut loading = worker(20);
+        loading.info.as_mut().expect("info").model.clear();
+        check_requests(&job(vec![scored.clone()]), l, vec![loading])
+            .await
+            .expect("not known yet");
         let plain = vec![worker(20)];
         let e = check_requests(&job(vec![request(4), scored.clone()]), l, plain.clone())
             .await

@@ -94,14 +94,20 @@ impl Dispatcher {
         let mut outcome = Outcome::Cancelled;
         for attempt in 1..=self.max_attempts {
             let permit = tokio::select! {
-                p = self.acquire(&key, &excluded, job.priority, job.needs_scoring(index)) => Ok(p),
+                p = self.acquire(&key, &excluded, job.priority, job.needs_scoring(index)) => p.map_err(Err),
                 _ = cancel.wait_for(|c| *c) => break,
-                ms = until(job.deadline) => Err(ms),
+                ms = until(job.deadline) => Err(Ok(ms)),
             };
             let permit = match permit {
                 Ok(p) => p,
-                Err(ms) => {
+                Err(Ok(ms)) => {
                     self.expire(&job, index, ms).await;
+                    outcome = Outcome::Failed;
+                    break;
+                }
+                Err(Err(refused)) => {
+                    job.failed(spec.index, &refused, false);
+                    self.writer.persist(&job).await;
                     outcome = Outcome::Failed;
                     break;
                 }
@@ -209,11 +215,23 @@ impl Dispatcher {
     }
 
     /// A slot on the first worker in placement order that has one (and can score, for a task that is scored),
-    /// waiting while none has or while a task of a higher priority waits. The chosen worker remembers the task's subjects, and the placement is counted in
+    /// waiting while none has or while a task of a higher priority waits. A scored task fails with
+    /// FAILED_PRECONDITION once workers have reported and none of them can score. The chosen worker remembers the task's subjects, and the placement is counted in
     /// `mip_coord_affinity_total` (tasks with subjects only).
-    async fn acquire(&self, key: &[u8; 32], excluded: &[WorkerId], priority: i32, scoring: bool) -> Permit {
+    async fn acquire(
+        &self,
+        key: &[u8; 32],
+        excluded: &[WorkerId],
+        priority: i32,
+        scoring: bool,
+    ) -> Result<Permit, Status> {
         let me = Waiting::new(&self.queue.waiting, priority);
         loop {
+            if scoring && self.registry.can_score() == Some(false) {
+                // Admitted before any worker reported, or the scoring workers were replaced: it can never run.
+                let msg = "`score` needs a worker that can score, and no worker has evaluation models";
+                return Err(status(Kind::FailedPrecondition, Some("scoring_unavailable"), msg));
+            }
             let wake = self.registry.changed();
             tokio::pin!(wake);
             wake.as_mut().enable();
@@ -227,7 +245,7 @@ impl Dispatcher {
                         self.metrics.placed(placement::classify(key, &candidates, chosen));
                         permit.remember(key);
                     }
-                    return permit;
+                    return Ok(permit);
                 }
             }
             let _ = tokio::time::timeout(RETRY_PLACEMENT, wake).await;

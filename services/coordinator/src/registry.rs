@@ -233,6 +233,20 @@ impl Registry {
             .collect()
     }
 
+    /// Whether any worker can score: `Some(true)` once one says so, `Some(false)` once every worker in rotation
+    /// has loaded its model (Info names it) and none says so, `None` while that is not known.
+    pub fn can_score(&self) -> Option<bool> {
+        let mut known = true;
+        for w in self.slots() {
+            match lock(&w.info).as_ref() {
+                Some(i) if i.scoring => return Some(true),
+                Some(i) if !i.model.is_empty() => {}
+                _ => known = false,
+            }
+        }
+        (known && !self.is_empty()).then_some(false)
+    }
+
     /// Takes a slot on worker `id` if it is in rotation and below its limit.
     pub fn try_acquire(self: &Arc<Self>, id: WorkerId) -> Option<Permit> {
         let slot = self.slot(id)?;

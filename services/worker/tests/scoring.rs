@@ -137,12 +137,30 @@ async fn scores_are_an_evaluation_of_the_returned_png_and_references_are_cached(
     keys.sort();
     assert_eq!(keys.len(), 2, "{keys:?}");
     let _: () = conn.set(&keys[0], b"junk".to_vec()).await.expect("set");
+    let counters = info(&mut ca).await.counters.expect("counters");
+    let seen = (
+        counters.reference_misses,
+        counters.reference_hits_memory,
+        counters.reference_hits_redis,
+    );
+    assert_eq!(
+        seen,
+        (2, 0, 0),
+        "both subjects' features computed once; the unscored request needs none"
+    );
     let (b, mut cb) = scoring_worker(&redis).await;
     let (_, again) = generate(&mut cb, scored(two_subjects())).await;
     assert_eq!(
         scores_of(&again.expect("image")),
         &s,
         "the same image scores the same on another worker"
+    );
+    let counters = info(&mut cb).await.counters.expect("counters");
+    let seen = (counters.reference_misses, counters.reference_hits_redis);
+    assert_eq!(
+        seen,
+        (1, 1),
+        "one subject's features from Redis, the corrupt one recomputed"
     );
     let repaired: Vec<u8> = conn.get(&keys[0]).await.expect("get");
     assert!(repaired.len() > 4, "the corrupt entry was overwritten");

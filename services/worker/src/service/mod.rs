@@ -483,6 +483,9 @@ impl WorkerService for WorkerCore {
                 corrupt_entries: stats.corrupt,
                 generations: s.generations.load(Ordering::SeqCst),
                 failed_generations: s.failed_generations.load(Ordering::SeqCst),
+                reference_hits_memory: stats.references.hits_memory + stats.references.coalesced,
+                reference_hits_redis: stats.references.hits_redis,
+                reference_misses: stats.references.misses,
             }),
         }
     }
