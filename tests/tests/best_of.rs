@@ -187,17 +187,20 @@ async fn a_scored_job_admitted_before_any_worker_reported_fails_once_none_can_sc
     let (events, done) = watch_all(&mut coord.client, &submitted.job_id).await;
     assert_eq!(done.status, JobStatus::Failed as i32, "{done:?}");
     assert!(done.error.contains("evaluation models"), "{}", done.error);
-    let failures: Vec<_> = events
+    // Both tasks failed for good, without an attempt on the worker (the job may have ended before the watch).
+    assert_eq!(done.failed_tasks, 2);
+    assert!(done
+        .tasks
         .iter()
-        .filter_map(|e| match &e.event {
-            Some(Event::Failed(f)) => Some((f.code.clone(), f.reason.clone(), f.will_retry)),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(failures.len(), 2, "{failures:?}");
-    assert!(failures
-        .iter()
-        .all(|f| *f == ("FailedPrecondition".to_owned(), "scoring_unavailable".to_owned(), false)));
+        .all(|t| t.attempts == 0 && t.error.contains("no worker has evaluation models")));
+    for e in &events {
+        if let Some(Event::Failed(f)) = &e.event {
+            assert_eq!(
+                (f.code.as_str(), f.reason.as_str(), f.will_retry),
+                ("FailedPrecondition", "scoring_unavailable", false)
+            );
+        }
+    }
     coord.stop().await;
     w.stop().await;
 }
