@@ -119,6 +119,20 @@ fn submit_writes_every_image_and_the_other_commands_see_the_jobs() {
         assert_eq!(sidecar["steps"], 2);
         assert_eq!(sidecar["subjects"][0]["name"], "cat");
     }
+    // `mip eval` scores the submitted outputs: their reference images are relative to the manifest, and it runs
+    // from another folder here.
+    let eval_models = mip_worker::testing::eval_fixtures_dir();
+    let o = mip_cmd()
+        .current_dir(std::env::temp_dir())
+        .args(["eval", out.to_str().expect("utf-8"), "--json", "--clip"])
+        .arg(eval_models.join("clip"))
+        .arg("--dino")
+        .arg(eval_models.join("dino"))
+        .output()
+        .expect("mip eval runs");
+    assert!(o.status.success(), "{}", text(&o));
+    let scored: Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(scored["aggregate"]["images"], 6, "{scored}");
 
     // The coordinator's view: 6 jobs done, both workers with counters.
     let jobs = server.jobs();

@@ -1,9 +1,10 @@
 //! `mip eval DIR…`: scores generated images with the published metrics. Every JSON sidecar in the folders (as
-//! `mip generate` writes them: the image's file name, the prompt, and each subject's name with its reference
-//! images) gives one image; its CLIP-T is scored against the prompt, its CLIP-I and DINO against each subject's
-//! reference images and averaged over the subjects. The aggregates average per prompt, then over prompts. The
-//! evaluation models come from the bundle's `mip.json` (`eval`: the demo bundle has tiny ones) or `--clip` /
-//! `--dino`. With `--concept101 DATA_ROOT`, the CustomConcept101 protocol instead ([`crate::eval_concept101`]).
+//! `mip generate` and `mip submit` write them: the image's file name, the prompt, and each subject's name with its
+//! reference images, a submitted one's relative to its manifest) gives one image; its CLIP-T is scored against the
+//! prompt, its CLIP-I and DINO against each subject's reference images and averaged over the subjects. The
+//! aggregates average per prompt, then over prompts. The evaluation models come from the bundle's `mip.json`
+//! (`eval`: the demo bundle has tiny ones) or `--clip` / `--dino`. With `--concept101 DATA_ROOT`, the
+//! CustomConcept101 protocol instead ([`crate::eval_concept101`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -54,14 +55,19 @@ pub(crate) struct Item {
     pub(crate) subjects: Vec<(String, Vec<PathBuf>)>,
 }
 
-/// A reference path as written in a sidecar: as given when it exists, else relative to the sidecar's folder.
-fn resolve(path: &str, dir: &Path) -> PathBuf {
+/// A reference path as written in a sidecar: as given when it exists, else relative to the first of `bases` (the
+/// sidecar's folder, then the folder of the manifest it came from) where it exists.
+fn resolve(path: &str, bases: &[&Path]) -> PathBuf {
     let p = PathBuf::from(path);
     if p.is_absolute() || p.exists() {
-        p
-    } else {
-        dir.join(p)
+        return p;
     }
+    let mut candidates = bases.iter().map(|b| b.join(&p));
+    let first = candidates.next().unwrap_or_else(|| p.clone());
+    std::iter::once(first.clone())
+        .chain(candidates)
+        .find(|c| c.exists())
+        .unwrap_or(first)
 }
 
 fn read_item(sidecar: &Path) -> Result<Option<Item>> {
@@ -71,14 +77,23 @@ fn read_item(sidecar: &Path) -> Result<Option<Item>> {
         return Ok(None);
     };
     let dir = sidecar.parent().unwrap_or(Path::new("."));
+    // `mip submit` outputs name their images as written in the manifest, relative to it.
+    let manifest_dir = v["manifest"]
+        .as_str()
+        .and_then(|m| Path::new(m).parent().map(Path::to_path_buf));
+    let bases: Vec<&Path> = std::iter::once(dir).chain(manifest_dir.as_deref()).collect();
     let mut subjects = Vec::new();
     for s in v["subjects"].as_array().into_iter().flatten() {
         let name = s["name"].as_str().unwrap_or_default().to_owned();
         let images: Vec<PathBuf> = match (s["images"].as_array(), s["arg"].as_str()) {
-            (Some(list), _) => list.iter().filter_map(Value::as_str).map(|p| resolve(p, dir)).collect(),
+            (Some(list), _) => list
+                .iter()
+                .filter_map(Value::as_str)
+                .map(|p| resolve(p, &bases))
+                .collect(),
             (None, Some(arg)) => arg
                 .split_once('=')
-                .map(|(_, imgs)| imgs.split(',').map(|p| resolve(p, dir)).collect())
+                .map(|(_, imgs)| imgs.split(',').map(|p| resolve(p, &bases)).collect())
                 .unwrap_or_default(),
             _ => Vec::new(),
         };

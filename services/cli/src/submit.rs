@@ -215,7 +215,9 @@ async fn run_one(client: &mut Coordinator, a: &Args, entry: &Entry, ready: &Read
     let mut extra = Map::new();
     extra.insert("negative_prompt".into(), json!(ready.item.negative_prompt));
     extra.insert("subjects".into(), json!(ready.item.subjects));
-    extra.insert("manifest".into(), json!(a.manifest));
+    // Absolute, so a reader of the sidecar (`mip eval`) finds the manifest's relative image paths from anywhere.
+    let manifest = std::fs::canonicalize(&a.manifest).unwrap_or_else(|_| a.manifest.clone());
+    extra.insert("manifest".into(), json!(manifest));
     extra.insert("line".into(), json!(entry.line));
     extra.insert("idempotency_key".into(), json!(ready.job.idempotency_key));
     let mut images = Vec::new();
