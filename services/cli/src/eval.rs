@@ -10,11 +10,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
-use mip_worker::eval::metrics::{clip_t, mean, set_similarity};
-use mip_worker::eval::preprocess::{CLIP_EVAL, DINO_EVAL};
-use mip_worker::eval::{ClipEval, DinoEval};
+use mip_worker::eval::metrics::mean;
+use mip_worker::eval::scorer::{EvalPixels, ReferenceFeatures, Scorer};
 use mip_worker::pipeline::image_decode::{decode_rgb_with, Alpha, DEFAULT_MAX_PIXELS};
 use serde_json::{json, Value};
 
@@ -56,18 +55,20 @@ pub(crate) struct Item {
 }
 
 /// A reference path as written in a sidecar: as given when it exists, else relative to the first of `bases` (the
-/// sidecar's folder, then the folder of the manifest it came from) where it exists.
+/// sidecar's folder, then the folder of the manifest it came from) where it exists, else to the first base (so the
+/// error names that path).
 fn resolve(path: &str, bases: &[&Path]) -> PathBuf {
     let p = PathBuf::from(path);
     if p.is_absolute() || p.exists() {
         return p;
     }
-    let mut candidates = bases.iter().map(|b| b.join(&p));
-    let first = candidates.next().unwrap_or_else(|| p.clone());
-    std::iter::once(first.clone())
-        .chain(candidates)
+    let joined: Vec<PathBuf> = bases.iter().map(|b| b.join(&p)).collect();
+    joined
+        .iter()
         .find(|c| c.exists())
-        .unwrap_or(first)
+        .or(joined.first())
+        .cloned()
+        .unwrap_or(p)
 }
 
 fn read_item(sidecar: &Path) -> Result<Option<Item>> {
@@ -126,33 +127,20 @@ pub(crate) fn items(dirs: &[PathBuf]) -> Result<Vec<Item>> {
     Ok(out)
 }
 
-/// The features of one image file (or reference) for both models, as rows.
-pub(crate) struct Features<'a> {
-    pub(crate) clip: &'a ClipEval,
-    pub(crate) dino: &'a DinoEval,
+/// The CLIP and DINO features of one image file (a reference, or a generated image in the Concept101 protocol).
+pub(crate) fn file_features(scorer: &Scorer, path: &Path) -> Result<(Vec<f32>, Vec<f32>)> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let px = EvalPixels::decode(&bytes, &path.display().to_string(), DEFAULT_MAX_PIXELS)?;
+    Ok(scorer.features(&px)?)
 }
 
-impl Features<'_> {
-    pub(crate) fn of(&self, path: &Path) -> Result<(Vec<f32>, Vec<f32>)> {
-        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        let field = path.display().to_string();
-        let rgb = decode_rgb_with(&bytes, &field, DEFAULT_MAX_PIXELS, Alpha::Drop)?;
-        let c = CLIP_EVAL.tensor_of(&rgb, &field)?;
-        let d = DINO_EVAL.tensor_of(&rgb, &field)?;
-        let row = |t: Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1()?) };
-        Ok((
-            row(self.clip.image_features(&c.unsqueeze(0)?)?)?,
-            row(self.dino.features(&d.unsqueeze(0)?)?)?,
-        ))
-    }
-}
-
-pub(crate) fn models(a: &Args) -> Result<(ClipEval, DinoEval)> {
+/// The evaluation models: the bundle's (`eval` in mip.json), or `--clip` / `--dino`.
+pub(crate) fn models(a: &Args) -> Result<Scorer> {
     let (device, dtype) = a.run_on.resolve()?;
     load_models(a, &device, dtype)
 }
 
-fn load_models(a: &Args, device: &Device, dtype: candle_core::DType) -> Result<(ClipEval, DinoEval)> {
+fn load_models(a: &Args, device: &Device, dtype: candle_core::DType) -> Result<Scorer> {
     let bundle = match (&a.clip, &a.dino) {
         (Some(_), Some(_)) => None,
         _ => crate::model::resolve(&a.model)?.0.eval,
@@ -167,21 +155,14 @@ fn load_models(a: &Args, device: &Device, dtype: candle_core::DType) -> Result<(
     };
     let clip_dir = pick(&a.clip, bundle.as_ref().map(|e| e.clip.clone()), "clip")?;
     let dino_dir = pick(&a.dino, bundle.as_ref().map(|e| e.dino.clone()), "dino")?;
-    Ok((
-        ClipEval::load(&clip_dir, device, dtype)?,
-        DinoEval::load(&dino_dir, device, dtype)?,
-    ))
+    Ok(Scorer::load(&clip_dir, &dino_dir, device, dtype)?)
 }
 
 pub fn run(a: Args) -> Result<()> {
     if a.concept101.is_some() {
         return crate::eval_concept101::run(&a);
     }
-    let (clip, dino) = models(&a)?;
-    let features = Features {
-        clip: &clip,
-        dino: &dino,
-    };
+    let scorer = models(&a)?;
     let items = items(&a.dirs)?;
     if items.is_empty() {
         bail!("no image sidecars (JSON with `image` and `prompt`) in {:?}", a.dirs);
@@ -190,31 +171,32 @@ pub fn run(a: Args) -> Result<()> {
     let mut refs: BTreeMap<PathBuf, (Vec<f32>, Vec<f32>)> = BTreeMap::new();
     let mut rows = Vec::with_capacity(items.len());
     for item in &items {
-        let (img_clip, img_dino) = features.of(&item.image)?;
-        let text = clip.text_features(&item.prompt)?.flatten_all()?.to_vec1::<f32>()?;
-        let mut per_subject = Vec::new();
+        let mut subjects = Vec::with_capacity(item.subjects.len());
         for (name, images) in &item.subjects {
-            let mut clip_refs = Vec::new();
-            let mut dino_refs = Vec::new();
             for p in images {
                 if !refs.contains_key(p) {
-                    refs.insert(p.clone(), features.of(p)?);
+                    refs.insert(p.clone(), file_features(&scorer, p)?);
                 }
-                let (c, d) = &refs[p];
-                clip_refs.push(c.clone());
-                dino_refs.push(d.clone());
             }
-            per_subject.push(json!({
-                "name": name,
-                "clip_i": set_similarity(std::slice::from_ref(&img_clip), &clip_refs),
-                "dino": set_similarity(std::slice::from_ref(&img_dino), &dino_refs),
-            }));
+            let features = ReferenceFeatures {
+                clip: images.iter().map(|p| refs[p].0.clone()).collect(),
+                dino: images.iter().map(|p| refs[p].1.clone()).collect(),
+            };
+            subjects.push((name.clone(), features));
         }
-        let avg = |key: &str| mean(per_subject.iter().filter_map(|s| s[key].as_f64()));
+        let bytes = std::fs::read(&item.image).with_context(|| format!("reading {}", item.image.display()))?;
+        let field = item.image.display().to_string();
+        let rgb = decode_rgb_with(&bytes, &field, DEFAULT_MAX_PIXELS, Alpha::Drop)?;
+        // The very computation a worker does for a scored request.
+        let s = scorer.score(&rgb, &item.prompt, &subjects)?;
+        let per_subject: Vec<Value> = s
+            .subjects
+            .iter()
+            .map(|x| json!({"name": x.name, "clip_i": x.clip_i, "dino": x.dino}))
+            .collect();
         rows.push(json!({
             "image": item.image.display().to_string(), "prompt": item.prompt,
-            "clip_t": clip_t(&img_clip, &text), "clip_i": avg("clip_i"), "dino": avg("dino"),
-            "subjects": per_subject,
+            "clip_t": s.clip_t, "clip_i": s.clip_i, "dino": s.dino, "subjects": per_subject,
         }));
         bar.inc(1);
     }

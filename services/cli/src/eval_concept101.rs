@@ -20,7 +20,7 @@ use anyhow::{bail, Context, Result};
 use mip_worker::eval::metrics::{clip_t, mean, set_similarity};
 use serde_json::{json, Value};
 
-use crate::eval::{items, models, progress, Args, Features};
+use crate::eval::{file_features, items, models, progress, Args};
 
 /// Reference image names the published evaluation lists (case as written there).
 const IMAGE_SUFFIXES: [&str; 5] = [".png", ".jpg", ".jpeg", ".tiff", ".JPG"];
@@ -196,11 +196,7 @@ pub fn run(a: &Args) -> Result<()> {
             missing[0]
         );
     }
-    let (clip, dino) = models(a)?;
-    let features = Features {
-        clip: &clip,
-        dino: &dino,
-    };
+    let scorer = models(a)?;
     let bar = progress(plan.iter().map(|(_, i)| i.len()).sum(), a.json);
     let mut refs: BTreeMap<PathBuf, (Vec<f32>, Vec<f32>)> = BTreeMap::new();
     let mut rows = Vec::with_capacity(plan.len());
@@ -209,11 +205,8 @@ pub fn run(a: &Args) -> Result<()> {
         let mut gen_dino = Vec::with_capacity(images.len());
         let mut clip_ts = Vec::with_capacity(images.len());
         for (prompt, path) in &images {
-            let (ic, id) = features.of(path)?;
-            let text = clip
-                .text_features(&published_caption(prompt))?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
+            let (ic, id) = file_features(&scorer, path)?;
+            let text = scorer.text_features(&published_caption(prompt))?;
             clip_ts.push(clip_t(&ic, &text));
             gen_clip.push(ic);
             gen_dino.push(id);
@@ -224,7 +217,7 @@ pub fn run(a: &Args) -> Result<()> {
         for k in &c.concepts {
             for p in &k.images {
                 if !refs.contains_key(p) {
-                    refs.insert(p.clone(), features.of(p)?);
+                    refs.insert(p.clone(), file_features(&scorer, p)?);
                 }
             }
             let rc: Vec<Vec<f32>> = k.images.iter().map(|p| refs[p].0.clone()).collect();

@@ -81,6 +81,14 @@ impl KeepBest {
             .all(|t| ended(t.status))
     }
 
+    /// The requests whose samples have all ended.
+    pub fn ended_requests(&self, job: &Job) -> std::collections::BTreeSet<u32> {
+        (0..job.total_tasks)
+            .map(|t| self.request_of(t))
+            .filter(|r| self.request_ended(job, *r))
+            .collect()
+    }
+
     /// The kept images of one request's `images`, best first, with their `rank` (1 = best).
     pub fn best(&self, mut images: Vec<JobImage>) -> Vec<JobImage> {
         images.sort_by(|a, b| {

@@ -51,14 +51,8 @@ pub fn watch_stored(store: Arc<dyn JobStore>, mut job: Job, keep: Option<KeepBes
     }
     let capacity = (job.total_tasks as usize + 2).max(16);
     let (tx, rx) = broadcast::channel(capacity);
-    let ended = match &keep {
-        Some(k) => (0..job.total_tasks)
-            .map(|t| k.request_of(t))
-            .filter(|r| k.request_ended(&job, *r))
-            .collect(),
-        None => BTreeSet::new(),
-    };
-    tokio::spawn(poll_stored(store, id, seen, keep.map(|k| (k, ended)), tx, ttl));
+    let keep = keep.map(|k| (k, k.ended_requests(&job)));
+    tokio::spawn(poll_stored(store, id, seen, keep, tx, ttl));
     JobWatch {
         replay,
         live: Some(rx),
@@ -105,23 +99,15 @@ async fn poll_once(
     let Some(job) = store.load_job(id, false).await? else {
         return Ok(true);
     };
-    let new: Vec<u32> = match keep {
-        Some(_) => Vec::new(),
-        None => store
-            .result_indices(id)
-            .await?
-            .into_iter()
-            .filter(|i| !seen.contains(i))
-            .collect(),
-    };
     let images = match keep {
-        None => store.load_results(id, &new).await?,
+        None => {
+            let all = store.result_indices(id).await?;
+            let new: Vec<u32> = all.into_iter().filter(|i| !seen.contains(i)).collect();
+            store.load_results(id, &new).await?
+        }
         Some((k, ended)) => {
             // A request's kept images appear once its samples all ended: read the images again when one did.
-            let now: BTreeSet<u32> = (0..job.total_tasks)
-                .map(|t| k.request_of(t))
-                .filter(|r| k.request_ended(&job, *r))
-                .collect();
+            let now = k.ended_requests(&job);
             if now == *ended {
                 Vec::new()
             } else {

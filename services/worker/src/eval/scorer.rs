@@ -153,13 +153,24 @@ impl Scorer {
         })
     }
 
+    /// The CLIP and DINO image features of prepared pixels, one row each.
+    pub fn features(&self, px: &EvalPixels) -> Result<(Vec<f32>, Vec<f32>)> {
+        let batch = |t: &Tensor| t.unsqueeze(0).stage("features");
+        Ok((
+            row(self.clip.image_features(&batch(&px.clip)?)?)?,
+            row(self.dino.features(&batch(&px.dino)?)?)?,
+        ))
+    }
+
+    /// The CLIP text features of a caption (tokenised with truncation).
+    pub fn text_features(&self, caption: &str) -> Result<Vec<f32>> {
+        row(self.clip.text_features(caption)?)
+    }
+
     /// Scores a generated image against its prompt and each subject's references.
     pub fn score(&self, img: &RgbImage, prompt: &str, subjects: &[(String, ReferenceFeatures)]) -> Result<ImageScores> {
-        let px = EvalPixels::of(img, "image")?;
-        let row = |t: Tensor| -> Result<Vec<f32>> { t.flatten_all().and_then(|t| t.to_vec1()).stage("score") };
-        let clip = row(self.clip.image_features(&px.clip.unsqueeze(0).stage("score")?)?)?;
-        let dino = row(self.dino.features(&px.dino.unsqueeze(0).stage("score")?)?)?;
-        let text = row(self.clip.text_features(prompt)?)?;
+        let (clip, dino) = self.features(&EvalPixels::of(img, "image")?)?;
+        let text = self.text_features(prompt)?;
         let per_subject: Vec<SubjectScore> = subjects
             .iter()
             .map(|(name, refs)| SubjectScore {
@@ -175,6 +186,11 @@ impl Scorer {
             subjects: per_subject,
         })
     }
+}
+
+/// A (1, P) feature tensor as a row.
+fn row(t: Tensor) -> Result<Vec<f32>> {
+    t.flatten_all().and_then(|t| t.to_vec1()).stage("features")
 }
 
 #[cfg(test)]
